@@ -1,0 +1,32 @@
+# Set-up and the everyday commands. `make repro` and `make test` work on a fresh machine: they create
+# the virtual environment first if it is missing or older than pyproject.toml.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+# Stage commands in dvc.yaml say `python`: the venv's, whatever the caller's PATH.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install repro test test-fast lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+repro: install  ## the whole pipeline: download, train, evaluate
+	dvc repro
+
+test: install  ## the whole test suite, end-to-end runs included
+	pytest
+
+test-fast: install  ## unit tests only
+	pytest -m "not slow"
+
+lint: install
+	ruff check src tests pipeline
+
+clean:  ## pipeline outputs and the embedded MLflow store (not the DVC cache)
+	rm -rf data models reports metrics.json mlflow.db mlruns mlartifacts

@@ -1,0 +1,230 @@
+"""The variational autoencoder and the terms of its objective.
+
+Two presets share every line below. ``seed`` is the tutorial's model: purely linear layers, an encoder
+whose second half is a raw sigma and a squared-error likelihood, its loss scaled per pixel. ``default``
+is a nonlinear MLP with a log-variance head and a Bernoulli likelihood on logits, its loss the negative
+ELBO in nats per image (Kingma & Welling 2014, eq. 10 and appendix B).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_vae.config import ModelConfig
+
+N_PIXELS = 28 * 28
+# Floor under the decoder's pixel probabilities where the seed model's unbounded output is read as a
+# Bernoulli mean; without it a single pixel outside (0, 1) makes the BCE infinite.
+_PROB_FLOOR = 1e-4
+
+Likelihood = Literal["bernoulli", "gaussian"]
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "tanh": nn.Tanh,
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything needed to rebuild a :class:`VAE`; saved beside its weights."""
+
+    hidden: tuple[int, ...]
+    latent: int
+    activation: str | None
+    likelihood: Likelihood
+    sigma_head: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["hidden"] = list(self.hidden)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Architecture:
+        return cls(**{**values, "hidden": tuple(values["hidden"])})
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Architecture:
+        if cfg.preset == "seed":
+            # The tutorial: Linear 784-256-64-20 (mu and sigma, 10 each), Linear 10-64-256-784,
+            # no nonlinearity anywhere, MSE against the pixels.
+            return cls(hidden=(256, 64), latent=10, activation=None, likelihood="gaussian",
+                       sigma_head=True)
+        return cls(hidden=cfg.hidden, latent=cfg.latent, activation=cfg.activation,
+                   likelihood="bernoulli", sigma_head=False)
+
+
+class VAE(nn.Module):
+    """An MLP VAE with a diagonal Gaussian posterior and a standard normal prior."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        self.encoder = _mlp([N_PIXELS, *arch.hidden, 2 * arch.latent], arch.activation)
+        self.decoder = _mlp([arch.latent, *reversed(arch.hidden), N_PIXELS], arch.activation)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.arch.latent
+
+    @property
+    def loss_scale(self) -> float:
+        """What the summed per-image loss is divided by: pixels for the seed, 1 (nats) otherwise."""
+        return float(N_PIXELS) if self.arch.likelihood == "gaussian" else 1.0
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the posterior's mean and log-variance for images ``x`` of shape (B, 784)."""
+        mu, second = self.encoder(x).chunk(2, dim=-1)
+        if self.arch.sigma_head:
+            # The tutorial's head emits sigma itself and takes log(1e-8 + sigma^2) in its KL; the same
+            # quantity as a log-variance keeps one reparameterisation and one KL for both presets.
+            return mu, torch.log(1e-8 + second.square())
+        return mu, second
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """Draws z = mu + sigma * eps with eps ~ N(0, I), differentiable in mu and sigma."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Returns the decoder's raw output: logits (Bernoulli) or pixel means (Gaussian)."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+    def pixel_means(self, out: torch.Tensor) -> torch.Tensor:
+        """Turns decoder output into grey levels in [0, 1]."""
+        if self.arch.likelihood == "bernoulli":
+            return torch.sigmoid(out)
+        return out.clamp(0.0, 1.0)
+
+    def reconstruction_loss(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The training likelihood term per image: BCE in nats, or the tutorial's squared error."""
+        if self.arch.likelihood == "bernoulli":
+            return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(-1)
+        return (out - x).square().sum(-1)
+
+    def bernoulli_nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-log p(x | z) in nats per image under a Bernoulli likelihood on grey levels.
+
+        This is the measure every preset is compared on; the seed's output is read as pixel
+        probabilities, clamped away from 0 and 1.
+        """
+        if self.arch.likelihood == "bernoulli":
+            return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(-1)
+        p = out.clamp(_PROB_FLOOR, 1.0 - _PROB_FLOOR)
+        return F.binary_cross_entropy(p, x, reduction="none").sum(-1)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per row, in nats.
+
+    Closed form of Kingma & Welling (2014), appendix B:
+    ``-0.5 * sum(1 + log sigma^2 - mu^2 - sigma^2)``.
+    """
+    return 0.5 * (mu.square() + logvar.exp() - logvar - 1.0).sum(-1)
+
+
+@dataclass
+class LossTerms:
+    """One batch's objective and its parts, per image unless named otherwise."""
+
+    loss: torch.Tensor  # scalar that is minimised
+    recon: torch.Tensor  # (B,) training likelihood term
+    kl: torch.Tensor  # (B,) nats
+    out: torch.Tensor  # (B, 784) decoder output
+
+
+def loss_terms(model: VAE, x: torch.Tensor) -> LossTerms:
+    """The negative ELBO of a batch, as the model's preset defines it.
+
+    For the default preset ``loss`` is the mean over the batch of BCE + KL (nats per image). For the
+    seed it is the tutorial's ``MSE(mean) + KL / (batch * 784)``; both are ``mean(recon + kl) / scale``.
+    """
+    out, mu, logvar = model(x)
+    recon = model.reconstruction_loss(out, x)
+    kl = kl_divergence(mu, logvar)
+    loss = (recon + kl).mean() / model.loss_scale
+    return LossTerms(loss=loss, recon=recon, kl=kl, out=out)
+
+
+@torch.no_grad()
+def importance_weighted_log_likelihood(model: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Estimates log p(x) per image with k importance samples (Burda et al. 2015, eq. 8).
+
+    ``log (1/k) sum_i p(x | z_i) p(z_i) / q(z_i | x)`` with z_i ~ q(z | x); a lower bound that
+    tightens as k grows and equals the ELBO's estimate at k = 1.
+    """
+    mu, logvar = model.encode(x)
+    std = torch.exp(0.5 * logvar)
+    log_w = torch.empty(k, x.shape[0], device=x.device)
+    for i in range(k):
+        eps = torch.randn_like(mu)
+        z = mu + std * eps
+        log_px_z = -model.bernoulli_nll(model.decode(z), x)
+        log_pz = _standard_normal_log_prob(z)
+        log_qz = _standard_normal_log_prob(eps) - 0.5 * logvar.sum(-1)
+        log_w[i] = log_px_z + log_pz - log_qz
+    return torch.logsumexp(log_w, dim=0) - math.log(k)
+
+
+def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (z.square() + math.log(2 * math.pi)).sum(-1)
+
+
+def _mlp(widths: list[int], activation: str | None) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if activation is not None and i < len(widths) - 2:
+            layers.append(_ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+def build_model(cfg: ModelConfig) -> VAE:
+    """Builds the VAE that ``model`` in params.yaml describes."""
+    return VAE(Architecture.from_config(cfg))
+
+
+def save_model(model: VAE, path: Path) -> None:
+    """Saves weights and architecture, atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"architecture": model.arch.to_dict(), "state_dict": state}, tmp)
+    tmp.replace(path)
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> VAE:
+    """Loads a model saved by :func:`save_model` without unpickling arbitrary objects.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The file is not a checkpoint of this project.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model = VAE(Architecture.from_dict(ckpt["architecture"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:  # torch raises many types for a foreign file
+        raise ValueError(
+            f"{path}: not an mnist-vae checkpoint (expected a dict with 'architecture' and "
+            f"'state_dict', saved by mnist_vae.model.save_model): {exc}"
+        ) from None
+    return model.to(device).eval()

@@ -1,0 +1,150 @@
+"""The model registry: logging the pyfunc model, versions, aliases and the promotion gate."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+import mnist_vae
+from mnist_vae import serving, tracking
+from mnist_vae.config import EvaluateConfig, Params
+from mnist_vae.evaluate import Evaluation, evaluate_model
+from mnist_vae.model import VAE, load_model
+
+log = logging.getLogger(__name__)
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+GATE_METRIC = "neg_elbo"
+
+
+class ModelNotFoundError(LookupError):
+    """A model reference (name, version, alias, run or file) does not resolve."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promoted: bool
+    reason: str
+    candidate_neg_elbo: float
+    champion_neg_elbo: float | None
+
+
+def log_and_register(
+    model: VAE, params: Params, evaluation: Evaluation, test_data: tuple[np.ndarray, np.ndarray],
+    paths, root: Path,
+) -> str:
+    """Logs the model as an MLflow pyfunc in the active run and registers a new version.
+
+    The version gets its test metrics, git commit, data hash and run link as tags, the alias
+    ``candidate``, and ``champion`` when it passes :func:`promotion_gate`. Returns the version.
+    """
+    from mnist_vae.stages import copy_to_temp_dir
+
+    run = mlflow.active_run()
+    assert run is not None, "log_and_register needs an active MLflow run"
+    name = params.mlflow.registered_model
+    weights_dir = copy_to_temp_dir(paths.model, serving.WEIGHTS_FILE)
+    example = test_data[0][:2].reshape(2, -1).astype(np.float32) / 255.0
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        loader_module="mnist_vae.serving",
+        data_path=str(weights_dir),
+        code_paths=[str(Path(mnist_vae.__file__).parent)],
+        signature=serving.signature(),
+        input_example=example,
+        pip_requirements=_requirements(),
+        registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    tags = {f"test_{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()}
+    tags.update({
+        "git_commit": tracking.git_commit(root),
+        "dvc_data_md5": tracking.file_md5(paths.data),
+        "run_id": run.info.run_id,
+        "run_link": f"runs:/{run.info.run_id}/model",
+        "test_images": str(evaluation.n_images),
+        "preset": params.model.preset,
+    })
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=(
+        f"{params.model.preset} preset, test negative ELBO "
+        f"{evaluation.metrics['neg_elbo']:.2f} nats/image on {evaluation.n_images} test images; "
+        f"run {run.info.run_id}, commit {tags['git_commit']}"))
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    decision = promotion_gate(client, name, version, model, test_data, params.evaluate)
+    mlflow.set_tags({"registry.version": version, "registry.promoted": str(decision.promoted),
+                     "registry.gate_reason": decision.reason})
+    print(f"promotion gate: {decision.reason}")
+    return version
+
+
+def promotion_gate(
+    client: MlflowClient, name: str, version: str, model: VAE,
+    data: tuple[np.ndarray, np.ndarray], cfg: EvaluateConfig,
+) -> GateDecision:
+    """Moves ``champion`` to ``version`` if it beats the current champion on the same test data.
+
+    Both models are measured here, with the same images and the same random draws, so a champion
+    registered under other evaluation settings is still compared fairly.
+    """
+    quick = replace(cfg, iw_samples=1)
+    mine = evaluate_model(model, *data, quick).metrics[GATE_METRIC]
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is None:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return GateDecision(True, f"version {version} is the first champion "
+                            f"(neg. ELBO {mine:.2f})", mine, None)
+    theirs = evaluate_model(load_vae(f"models:/{name}/{current.version}"), *data, quick) \
+        .metrics[GATE_METRIC]
+    if mine < theirs:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return GateDecision(True, f"version {version} promoted to champion: neg. ELBO {mine:.2f} < "
+                            f"{theirs:.2f} of version {current.version}", mine, theirs)
+    return GateDecision(False, f"version {version} stays candidate: neg. ELBO {mine:.2f} is not "
+                        f"better than {theirs:.2f} of champion version {current.version}",
+                        mine, theirs)
+
+
+def load_vae(reference: str) -> VAE:
+    """Loads a VAE from ``models:/name/3``, ``models:/name@alias``, ``runs:/id/model`` or a file.
+
+    Raises:
+        ModelNotFoundError: The reference does not resolve to a model of this project.
+    """
+    if "://" not in reference and not reference.startswith(("models:/", "runs:/")):
+        try:
+            return load_model(Path(reference))
+        except FileNotFoundError as exc:
+            raise ModelNotFoundError(str(exc)) from None
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
+    except (MlflowException, OSError) as exc:
+        raise ModelNotFoundError(f"model {reference!r} not found: {_first_line(exc)}") from None
+    found = sorted(local.rglob(serving.WEIGHTS_FILE)) if local.is_dir() else [local]
+    if not found:
+        raise ModelNotFoundError(f"model {reference!r} holds no {serving.WEIGHTS_FILE}; "
+                                 "is it an mnist-vae model?")
+    return load_model(found[0])
+
+
+def _requirements() -> list[str]:
+    import importlib.metadata as md
+
+    return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "numpy", "pandas", "mlflow")]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

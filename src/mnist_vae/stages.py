@@ -1,0 +1,200 @@
+"""The pipeline's stages as library functions.
+
+``pipeline/*.py`` (DVC), ``MLproject`` entry points and the ``mnist-vae`` CLI all call these, so there
+is one code path from parameters to outputs. Every output is written to a temporary file and renamed,
+so an interrupted stage never leaves a file that passes as complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mnist_vae import tracking
+from mnist_vae.config import Params
+from mnist_vae.data import download_mnist, load_mnist, resolve_mirrors
+from mnist_vae.evaluate import Evaluation, evaluate_model, select, write_figures
+from mnist_vae.model import build_model, load_model, save_model
+from mnist_vae.train import EpochStats, resolve_device, train_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the stages read and write, relative to the project root (as in dvc.yaml)."""
+
+    data: Path = Path("data/mnist.npz")
+    model: Path = Path("models/model.pt")
+    run: Path = Path("models/run.json")
+    history: Path = Path("reports/train_history.csv")
+    metrics: Path = Path("metrics.json")
+    figures: Path = Path("reports/figures")
+
+
+def download(params: Params, paths: Paths = Paths()) -> Path:
+    """Stage ``download``: fetches and verifies MNIST into one ``.npz``."""
+    mirrors = resolve_mirrors(params.data.mirrors, base=tracking.project_root())
+    return download_mnist(paths.data, mirrors, timeout=params.data.timeout)
+
+
+def train(params: Params, paths: Paths = Paths(), progress: bool | None = None) -> str:
+    """Stage ``train``: trains the VAE, logging to MLflow; returns the MLflow run id.
+
+    Checks the tracking server and the dataset before spending any time on training. Inside
+    ``mlflow run`` (``MLFLOW_RUN_ID`` set) it logs into that run.
+    """
+    import mlflow
+
+    root = tracking.project_root()
+    tracking.configure(root)
+    data = load_mnist(paths.data)
+    device = resolve_device(params.train.device)
+    model = build_model(params.model)
+    experiment = tracking.experiment_id(params.mlflow.experiment, root)
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()
+                           if not k.startswith("evaluate.")})
+        mlflow.set_tags({
+            "mlflow.source.git.commit": tracking.git_commit(root),
+            "dvc.data.md5": tracking.file_md5(paths.data),
+            "model.preset": params.model.preset,
+            "train.device_used": str(device),
+            "model.parameters": str(sum(p.numel() for p in model.parameters())),
+        })
+
+        def on_epoch(stats: EpochStats) -> None:
+            mlflow.log_metrics(stats.metrics(), step=stats.epoch)
+
+        history = train_model(model, data.x_train, params.train, on_epoch=on_epoch,
+                              progress=progress)
+        save_model(model, paths.model)
+        _write_atomic(paths.history, _history_csv(history))
+        mlflow.log_artifact(str(paths.history))
+        run_id = run.info.run_id
+        _write_atomic(paths.run, json.dumps({
+            "run_id": run_id,
+            "experiment_id": run.info.experiment_id,
+            "tracking_uri": mlflow.get_tracking_uri(),
+        }, indent=2) + "\n")
+    log.info("train: run %s, final loss %.4f", run_id, history[-1].loss)
+    return run_id
+
+
+def evaluate(params: Params, paths: Paths = Paths()) -> Evaluation:
+    """Stage ``evaluate``: measures the model on the test set, logs it all and registers the model.
+
+    Writes into the MLflow run that ``train`` recorded in ``models/run.json``.
+    """
+    import mlflow
+
+    from mnist_vae import registry
+
+    root = tracking.project_root()
+    tracking.configure(root)
+    run_id = read_run_id(paths.run)
+    data = load_mnist(paths.data)
+    model = load_model(paths.model)
+    images, labels = select(data.x_test, data.y_test, params.evaluate.limit)
+    evaluation = evaluate_model(model, images, labels, params.evaluate)
+    _write_atomic(paths.metrics, json.dumps(evaluation.to_json(), indent=2) + "\n")
+    figures = write_figures(model, images, paths.figures, n=params.evaluate.n_images,
+                            seed=params.evaluate.seed)
+    with mlflow.start_run(run_id=run_id):
+        # Evaluation settings are tags, not params: a re-evaluation with other settings writes into
+        # the same run, and MLflow forbids changing a param's value.
+        mlflow.set_tags({f"evaluate.{k}": str(v) for k, v in asdict(params.evaluate).items()})
+        mlflow.log_metrics(evaluation.mlflow_metrics())
+        mlflow.log_dict(evaluation.to_json(), "metrics.json")
+        for figure in figures:
+            mlflow.log_artifact(str(figure), artifact_path="figures")
+        version = registry.log_and_register(model, params, evaluation, (images, labels), paths,
+                                             root)
+    log.info("evaluate: test neg. ELBO %.2f nats, registered %s version %s",
+             evaluation.metrics["neg_elbo"], params.mlflow.registered_model, version)
+    return evaluation
+
+
+def read_run_id(path: Path) -> str:
+    """The MLflow run id that the train stage wrote."""
+    try:
+        return json.loads(Path(path).read_text())["run_id"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; run the train stage first (dvc repro train)") \
+            from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}: expected JSON with a 'run_id', as the train stage writes") \
+            from None
+
+
+def _history_csv(history: list[EpochStats]) -> str:
+    buffer = io.StringIO()
+    fields = list(asdict(history[0]))
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for stats in history:
+        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v)
+                         for k, v in asdict(stats).items()})
+    return buffer.getvalue()
+
+
+def _param_value(value: object) -> object:
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def copy_to_temp_dir(path: Path, name: str) -> Path:
+    """Copies one file into a fresh temporary folder (MLflow logs folders as model data)."""
+    folder = Path(tempfile.mkdtemp(prefix="mnist-vae-"))
+    shutil.copy2(path, folder / name)
+    return folder
+
+
+STAGES = {"download": download, "train": train, "evaluate": evaluate}
+
+
+def main(stage: str, argv: list[str] | None = None) -> None:
+    """Command line of one stage: ``python pipeline/<stage>.py [--params F] [--set k=v ...]``.
+
+    Known failures (bad params, missing data, unreachable server...) end with one line on stderr
+    and exit code 1, not a traceback.
+    """
+    import argparse
+    import sys
+
+    from mnist_vae.errors import USER_ERRORS
+    from mnist_vae.config import load_params, parse_override
+
+    parser = argparse.ArgumentParser(prog=f"pipeline/{stage}.py", description=STAGES[stage].__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="params file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. --set train.epochs=3 (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        params = load_params(args.params, dict(parse_override(o) for o in args.overrides))
+        STAGES[stage](params)
+    except USER_ERRORS as exc:
+        print(f"error: {stage}: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -51,7 +51,7 @@ def as_batch(model_input: Any) -> np.ndarray:
     try:
         batch = np.asarray(model_input, dtype=np.float32)
     except (TypeError, ValueError):
-        raise _invalid("expected numeric pixel values: a batch of 784 floats in [0, 1] per image")
+        raise _invalid("expected numeric pixel values: a batch of 784 floats in [0, 1] per image") from None
     if batch.ndim == 1:
         batch = batch.reshape(1, -1)
     if batch.ndim == 3 and batch.shape[1:] == (28, 28):

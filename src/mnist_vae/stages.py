@@ -181,8 +181,8 @@ def main(stage: str, argv: list[str] | None = None) -> None:
     import argparse
     import sys
 
-    from mnist_vae.errors import USER_ERRORS
     from mnist_vae.config import load_params, parse_override
+    from mnist_vae.errors import USER_ERRORS
 
     parser = argparse.ArgumentParser(prog=f"pipeline/{stage}.py", description=STAGES[stage].__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),

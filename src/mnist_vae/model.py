@@ -1,6 +1,6 @@
 """The variational autoencoder and the terms of its objective.
 
-Two presets share every line below. ``seed`` is the tutorial's model: purely linear layers, an encoder
+Two presets share every line below. ``seed`` is the tutorial's model: ReLU MLPs, an encoder
 whose second half is a raw sigma and a squared-error likelihood, its loss scaled per pixel. ``default``
 is a nonlinear MLP with a log-variance head and a Bernoulli likelihood on logits, its loss the negative
 ELBO in nats per image (Kingma & Welling 2014, eq. 10 and appendix B).
@@ -58,8 +58,9 @@ class Architecture:
     def from_config(cls, cfg: ModelConfig) -> Architecture:
         if cfg.preset == "seed":
             # The tutorial: Linear 784-256-64-20 (mu and sigma, 10 each), Linear 10-64-256-784,
-            # no nonlinearity anywhere, MSE against the pixels.
-            return cls(hidden=(256, 64), latent=10, activation=None, likelihood="gaussian",
+            # ReLU between hidden layers, raw output compared to the pixels by MSE. (A purely
+            # linear version levels off at a loss of 0.0512, above the tutorial's 0.0477.)
+            return cls(hidden=(256, 64), latent=10, activation="relu", likelihood="gaussian",
                        sigma_head=True)
         return cls(hidden=cfg.hidden, latent=cfg.latent, activation=cfg.activation,
                    likelihood="bernoulli", sigma_head=False)
@@ -194,8 +195,10 @@ def _mlp(widths: list[int], activation: str | None) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def build_model(cfg: ModelConfig) -> VAE:
-    """Builds the VAE that ``model`` in params.yaml describes."""
+def build_model(cfg: ModelConfig, seed: int | None = None) -> VAE:
+    """Builds the VAE that ``model`` in params.yaml describes; ``seed`` fixes its initial weights."""
+    if seed is not None:
+        torch.manual_seed(seed)
     return VAE(Architecture.from_config(cfg))
 
 

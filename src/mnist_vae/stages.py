@@ -57,7 +57,7 @@ def train(params: Params, paths: Paths = Paths(), progress: bool | None = None) 
     tracking.configure(root)
     data = load_mnist(paths.data)
     device = resolve_device(params.train.device)
-    model = build_model(params.model)
+    model = build_model(params.model, seed=params.train.seed)
     experiment = tracking.experiment_id(params.mlflow.experiment, root)
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()

@@ -1,0 +1,140 @@
+"""Moving the ``champion`` alias by hand: listing versions, promoting one, rolling back.
+
+The automatic promotion gate lives in :mod:`mnist_vae.registry`; these are the manual overrides an
+operator needs when the gate's choice is wrong. Each promotion remembers the champion it replaced in
+the registered-model tag ``previous_champion``, so one :func:`rollback` undoes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mnist_vae.registry import CHAMPION, ModelNotFoundError
+
+PREVIOUS_TAG = "previous_champion"
+_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+
+
+class NothingToRollBackError(LookupError):
+    """No earlier champion was recorded, so there is no version to roll back to."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered version, as ``mnist-vae models`` lists it."""
+
+    version: str
+    aliases: tuple[str, ...]
+    created_ms: int
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def list_versions(client: MlflowClient, name: str) -> list[VersionInfo]:
+    """All versions of the registered model ``name``, newest first, each with its aliases.
+
+    Raises:
+        ModelNotFoundError: No model of that name is registered.
+    """
+    aliases = _registered(client, name).aliases or {}
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
+    versions = client.search_model_versions(f"name='{name}'")
+    rows = [
+        VersionInfo(
+            version=str(mv.version),
+            aliases=tuple(sorted(by_version.get(str(mv.version), []))),
+            created_ms=int(mv.creation_timestamp or 0),
+            run_id=mv.run_id or "",
+            tags=dict(mv.tags or {}),
+        )
+        for mv in versions
+    ]
+    return sorted(rows, key=lambda row: int(row.version), reverse=True)
+
+
+def promote(client: MlflowClient, name: str, version: str) -> str | None:
+    """Points ``champion`` at ``version`` and remembers the champion it replaces.
+
+    Promoting the current champion again changes nothing, so a repeated command cannot overwrite the
+    remembered predecessor with the champion itself.
+
+    Returns:
+        The version that was champion before (equal to ``version`` when nothing changed), or None
+        when there was no champion.
+
+    Raises:
+        ModelNotFoundError: ``name`` is not registered or has no such version.
+    """
+    version = str(version)
+    _check_version(client, name, version)
+    previous = champion(client, name)
+    if previous == version:
+        return previous
+    if previous is None:
+        # A tag left from before the alias vanished would send a later rollback somewhere stale.
+        if PREVIOUS_TAG in (_registered(client, name).tags or {}):
+            client.delete_registered_model_tag(name, PREVIOUS_TAG)
+    else:
+        client.set_registered_model_tag(name, PREVIOUS_TAG, previous)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return previous
+
+
+def rollback(client: MlflowClient, name: str) -> str:
+    """Moves ``champion`` back to the version it pointed at before the last :func:`promote`.
+
+    The record is consumed: a second rollback in a row fails rather than flip-flopping.
+
+    Returns:
+        The version that is champion now.
+
+    Raises:
+        NothingToRollBackError: No previous champion is recorded.
+        ModelNotFoundError: ``name`` is not registered, or the recorded version was deleted since.
+    """
+    tags = _registered(client, name).tags or {}
+    previous = tags.get(PREVIOUS_TAG)
+    if not previous:
+        raise NothingToRollBackError(
+            f"registered model {name!r} has no previous champion recorded; nothing to roll back to "
+            f"(promote a version first: mnist-vae promote VERSION)"
+        )
+    _check_version(client, name, previous)
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.delete_registered_model_tag(name, PREVIOUS_TAG)
+    return previous
+
+
+def champion(client: MlflowClient, name: str) -> str | None:
+    """The version the ``champion`` alias points at, or None when it is not set."""
+    aliases = _registered(client, name).aliases or {}
+    version = aliases.get(CHAMPION)
+    return None if version is None else str(version)
+
+
+def _registered(client: MlflowClient, name: str):
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != _NOT_FOUND:
+            raise
+    raise ModelNotFoundError(
+        f"no registered model {name!r}; train and register one with `mnist-vae run`"
+    )
+
+
+def _check_version(client: MlflowClient, name: str, version: str) -> None:
+    if not version.isdigit():
+        raise ModelNotFoundError(f"model version {version!r}: expected a positive integer")
+    _registered(client, name)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code != _NOT_FOUND:
+            raise
+        raise ModelNotFoundError(f"registered model {name!r} has no version {version}") from None

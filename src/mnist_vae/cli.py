@@ -1,0 +1,526 @@
+"""The ``mnist-vae`` command line: one thin command per library function.
+
+Pipeline commands (``download``, ``train``, ``run``) call :mod:`mnist_vae.stages`, the same functions
+that ``dvc repro`` and ``MLproject`` run. The others load a model through
+:func:`mnist_vae.registry.load_vae` and call :mod:`mnist_vae.evaluate`, :mod:`mnist_vae.preprocess`
+or :mod:`mnist_vae.aliases`. Failures a user can fix end with one line ``error: ...`` on stderr and
+exit code 1, never a traceback.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import re
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mnist_vae.config import EvaluateConfig, Params, load_params, parse_override
+
+if TYPE_CHECKING:  # torch and mlflow take seconds to import: commands import them when they run,
+    # so that `mnist-vae --help` answers at once.
+    from mnist_vae.evaluate import Evaluation
+    from mnist_vae.model import VAE
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+app = typer.Typer(
+    name="mnist-vae",
+    help="Train, evaluate and use a variational autoencoder on MNIST, tracked with MLflow.\n\n"
+    "Example: mnist-vae run --set train.epochs=5",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+# (unit, whether lower is better) of the metrics that evaluate_model reports.
+_METRICS: dict[str, tuple[str, bool]] = {
+    "neg_elbo": ("nats/image", True),
+    "recon_bce": ("nats/image", True),
+    "kl": ("nats/image", True),
+    "recon_mse": ("per pixel", True),
+    "psnr": ("dB", False),
+    "nll_iw": ("nats/image", True),
+    "loss_tutorial": ("per pixel", True),
+}
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", help="Params file, sectioned by stage.", show_default=True)
+]
+DataOption = Annotated[
+    Path, typer.Option("--data", help="The MNIST .npz that `mnist-vae download` writes.")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a param for this run, the value read as YAML, e.g. --set train.epochs=3 "
+        "(repeatable).",
+        show_default=False,
+    ),
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Model reference: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
+        "weights file such as models/model.pt. Default: the champion of mlflow.registered_model "
+        "(models:/mnist-vae@champion).",
+        show_default=False,
+    ),
+]
+LimitOption = Annotated[
+    int | None,
+    typer.Option("--limit", help="Evaluate on the first N selected test images (0: all). "
+                 "Default: evaluate.limit.", show_default=False),
+]
+DigitsOption = Annotated[
+    str | None,
+    typer.Option("--digits", help="Only these digits, comma-separated, e.g. 3,8.", show_default=False),
+]
+IwOption = Annotated[
+    int | None,
+    typer.Option("--iw-samples", help="Importance samples K of the log-likelihood estimate nll_iw. "
+                 "Default: evaluate.iw_samples.", show_default=False),
+]
+
+
+def _reports_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Ends a command's user-fixable failures with ``error: <one line>`` and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # typer's own exits; Exit and Abort are RuntimeErrors, caught below otherwise
+        except Exception as exc:
+            if not isinstance(exc, _user_errors()):
+                raise
+            _fail(str(exc))
+
+    return wrapper
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from mlflow.exceptions import MlflowException
+
+    from mnist_vae.aliases import NothingToRollBackError
+    from mnist_vae.errors import USER_ERRORS
+    from mnist_vae.preprocess import ImageError
+
+    # OSError: unwritable output paths and the like; MlflowException: a store that fails mid-way.
+    return (*USER_ERRORS, NothingToRollBackError, ImageError, OSError, MlflowException)
+
+
+def _fail(message: str) -> NoReturn:
+    # typer.echo, not rich: rich would wrap a long message over several lines.
+    one_line = re.sub(r"\s*\n\s*", "; ", message.strip()).replace(":;", ":")
+    typer.echo(f"error: {one_line}", err=True)
+    raise typer.Exit(code=1)
+
+
+def _setup_logging() -> None:
+    """Shows the library's progress lines (one per epoch when stderr is not a terminal)."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("mnist_vae")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=Console(stderr=True), show_time=False, show_path=False))
+    logger.setLevel(logging.INFO)
+
+
+def _params(path: Path, overrides: list[str] | None = None) -> Params:
+    return load_params(path, dict(parse_override(text) for text in overrides or []))
+
+
+def _busy(message: str):
+    """A spinner on stderr for work that takes seconds (nothing is drawn off a terminal)."""
+    return Console(stderr=True).status(message)
+
+
+def _load_model(reference: str) -> "VAE":
+    from mnist_vae import registry, tracking
+
+    # A local weights file needs no tracking store, so a server that is down must not stop it; this
+    # mirrors how load_vae tells references apart.
+    if "://" in reference or reference.startswith(("models:/", "runs:/")):
+        tracking.configure()
+    with _busy(f"loading {reference}"):
+        return registry.load_vae(reference)
+
+
+def _default_model(params: Params, reference: str | None) -> str:
+    from mnist_vae.registry import CHAMPION
+
+    return reference or f"models:/{params.mlflow.registered_model}@{CHAMPION}"
+
+
+def _parse_digits(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) <= 9 for p in parts):
+        _fail(f"--digits: expected comma-separated digits 0-9 such as 3,8, got {text!r}")
+    return sorted({int(p) for p in parts})
+
+
+def _evaluate_config(params: Params, limit: int | None, iw_samples: int | None) -> EvaluateConfig:
+    """``evaluate`` of params.yaml with the command-line values; validated like the file."""
+    changes = {"limit": limit, "iw_samples": iw_samples}
+    return dataclasses.replace(params.evaluate, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+
+
+def _signed(value: float, lower_is_better: bool) -> str:
+    if value == 0 or not math.isfinite(value):
+        return _fmt(value)
+    better = (value < 0) == lower_is_better
+    return f"[{'green' if better else 'red'}]{value:+.4f}[/]"
+
+
+def _metrics_table(evaluation: "Evaluation", title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("unit")
+    for name, value in evaluation.metrics.items():
+        table.add_row(name, _fmt(value), _METRICS.get(name, ("", True))[0])
+    return table
+
+
+def _digits_table(evaluation: "Evaluation", counts: dict[int, int]) -> Table:
+    hardest = evaluation.hardest_digits[:1]
+    table = Table(title="reconstruction MSE per digit (posterior mean)")
+    table.add_column("digit", justify="right")
+    table.add_column("images", justify="right")
+    table.add_column("MSE", justify="right")
+    for digit, mse in sorted(evaluation.per_digit_mse.items()):
+        mark = " (hardest)" if digit in hardest else ""
+        table.add_row(str(digit), str(counts.get(digit, 0)), f"{mse:.5f}{mark}")
+    return table
+
+
+def _test_split(data: Path, limit: int, digits: list[int] | None):
+    from mnist_vae.data import load_mnist
+    from mnist_vae.evaluate import select
+
+    mnist = load_mnist(data)
+    return select(mnist.x_test, mnist.y_test, limit, digits)
+
+
+def _counts(labels) -> dict[int, int]:
+    import numpy as np
+
+    return {d: int(c) for d, c in enumerate(np.bincount(labels, minlength=10)) if c}
+
+
+@app.callback()
+def _main() -> None:
+    _setup_logging()
+
+
+@app.command()
+@_reports_errors
+def download(
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data/mnist.npz"),
+    overrides: SetOption = None,
+) -> None:
+    """Fetch MNIST from the mirrors in data.mirrors, verify its SHA-256 and write one .npz.
+
+    $MNIST_MIRRORS (comma-separated) replaces the configured mirrors.
+
+    Example: mnist-vae download --data data/mnist.npz
+    """
+    from mnist_vae import stages
+
+    out = stages.download(_params(params, overrides), stages.Paths(data=data))
+    Console().print(f"wrote {out}")
+
+
+@app.command()
+@_reports_errors
+def train(
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data/mnist.npz"),
+    overrides: SetOption = None,
+) -> None:
+    """Train the VAE as the train stage does, logging the run to MLflow.
+
+    Writes models/model.pt, models/run.json and reports/train_history.csv.
+
+    Example: mnist-vae train --set train.epochs=3 --set model.latent=16
+    """
+    from mnist_vae import stages, tracking
+
+    resolved = _params(params, overrides)
+    tracking.configure()
+    run_id = stages.train(resolved, stages.Paths(data=data))
+    Console().print(f"trained: MLflow run {run_id}, weights in {stages.Paths().model}")
+
+
+@app.command()
+@_reports_errors
+def run(
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data/mnist.npz"),
+    overrides: SetOption = None,
+) -> None:
+    """The whole pipeline: download (only when the dataset is missing), train, evaluate, register.
+
+    The new model version becomes champion when it beats the current one on the test set.
+
+    Example: mnist-vae run --set train.epochs=5 --set model.hidden=[256,128]
+    """
+    from mnist_vae import stages, tracking
+
+    resolved = _params(params, overrides)
+    tracking.configure()  # an unreachable server fails now, not after the download
+    paths = stages.Paths(data=data)
+    console = Console()
+    if data.is_file():
+        console.print(f"dataset {data} present; not downloading (`mnist-vae download` refetches)")
+    else:
+        stages.download(resolved, paths)
+    run_id = stages.train(resolved, paths)
+    with _busy("evaluating and registering"):
+        evaluation = stages.evaluate(resolved, paths)
+    console.print(_metrics_table(evaluation, f"test metrics of run {run_id}"))
+
+
+@app.command()
+@_reports_errors
+def evaluate(
+    model: Annotated[str, typer.Argument(
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a weights file.",
+        show_default=False)],
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data/mnist.npz"),
+    limit: LimitOption = None,
+    digits: DigitsOption = None,
+    iw_samples: IwOption = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Also write metrics.json and the figures (PNG) into this folder.",
+        show_default=False)] = None,
+) -> None:
+    """Measure a model on the MNIST test set: negative ELBO, IW log-likelihood, MSE, per digit.
+
+    Example: mnist-vae evaluate models:/mnist-vae@champion --digits 3,8 --out reports/champion
+    """
+    from mnist_vae.evaluate import evaluate_model, write_figures
+
+    resolved = _params(params)
+    chosen = _parse_digits(digits)
+    cfg = _evaluate_config(resolved, limit, iw_samples)
+    images, labels = _test_split(data, cfg.limit, chosen)
+    vae = _load_model(model)
+    with _busy(f"evaluating on {len(images)} test images"):
+        evaluation = evaluate_model(vae, images, labels, cfg)
+    console = Console()
+    console.print(_metrics_table(evaluation, f"{model} on {evaluation.n_images} test images"))
+    console.print(_digits_table(evaluation, _counts(labels)))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(evaluation.to_json(), indent=2) + "\n")
+        with _busy("drawing figures"):
+            figures = write_figures(vae, images, out, n=cfg.n_images, seed=cfg.seed)
+        console.print(f"wrote {out / 'metrics.json'}, " + ", ".join(str(f) for f in figures))
+
+
+@app.command()
+@_reports_errors
+def compare(
+    model_a: Annotated[str, typer.Argument(help="The baseline model reference.", show_default=False)],
+    model_b: Annotated[str, typer.Argument(help="The model compared with it.", show_default=False)],
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data/mnist.npz"),
+    limit: LimitOption = None,
+    digits: DigitsOption = None,
+    iw_samples: IwOption = None,
+) -> None:
+    """Evaluate two models on the same images with the same random draws; show B - A.
+
+    Green differences are improvements of B over A.
+
+    Example: mnist-vae compare models:/mnist-vae/1 models:/mnist-vae@champion
+    """
+    from mnist_vae.evaluate import evaluate_model
+
+    resolved = _params(params)
+    chosen = _parse_digits(digits)
+    cfg = _evaluate_config(resolved, limit, iw_samples)
+    images, labels = _test_split(data, cfg.limit, chosen)
+    results = []
+    for reference in (model_a, model_b):
+        vae = _load_model(reference)
+        with _busy(f"evaluating {reference} on {len(images)} test images"):
+            # evaluate_model reseeds torch from cfg.seed, so both models see the same draws.
+            results.append(evaluate_model(vae, images, labels, cfg))
+    a, b = results
+
+    metrics = Table(title=f"A = {model_a}, B = {model_b}, {a.n_images} test images")
+    for name, justify in (("metric", "left"), ("A", "right"), ("B", "right"), ("B - A", "right"),
+                          ("unit", "left")):
+        metrics.add_column(name, justify=justify)
+    for name, value_a in a.metrics.items():
+        unit, lower_is_better = _METRICS.get(name, ("", True))
+        value_b = b.metrics[name]
+        metrics.add_row(name, _fmt(value_a), _fmt(value_b), _signed(value_b - value_a, lower_is_better),
+                        unit)
+
+    per_digit = Table(title="reconstruction MSE per digit")
+    for name in ("digit", "images", "A", "B", "B - A"):
+        per_digit.add_column(name, justify="right")
+    counts = _counts(labels)
+    for digit, mse_a in sorted(a.per_digit_mse.items()):
+        mse_b = b.per_digit_mse[digit]
+        per_digit.add_row(str(digit), str(counts.get(digit, 0)), f"{mse_a:.5f}", f"{mse_b:.5f}",
+                          _signed(mse_b - mse_a, lower_is_better=True))
+    console = Console()
+    console.print(metrics)
+    console.print(per_digit)
+
+
+@app.command()
+@_reports_errors
+def reconstruct(
+    images: Annotated[list[Path], typer.Argument(
+        help="PNG or JPEG pictures of single digits, any size.", metavar="IMAGE",
+        show_default=False)],
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")] = Path(
+        "reconstructions.png"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Reconstruct your own digit pictures: prepared inputs on the top row, reconstructions below.
+
+    Each picture is prepared as MNIST's digits were made:
+
+    - converted to grey, transparent pixels counting as white paper;
+    - inverted when its border is light, since MNIST is a white digit on black;
+    - cropped to the bounding box of the ink, faint background noise dropped;
+    - scaled so that its longer side is 20 pixels, aspect ratio kept;
+    - placed in a 28x28 field with its centre of mass at the centre.
+
+    Example: mnist-vae reconstruct my_seven.png my_three.jpg -o mine.png
+    """
+    import numpy as np
+
+    from mnist_vae.evaluate import reconstruct as decode_means
+    from mnist_vae.images import save_png, stack_panels, to_grid
+    from mnist_vae.preprocess import load_digit
+
+    # Read the pictures first: a bad file fails before the slow model download.
+    prepared = np.stack([load_digit(path) for path in images])
+    vae = _load_model(_default_model(_params(params), model))
+    recon = decode_means(vae, prepared)
+    columns = len(prepared)
+    picture = stack_panels(to_grid(prepared / 255.0, columns=columns), to_grid(recon, columns=columns))
+    Console().print(f"wrote {save_png(picture, out)}")
+
+
+@app.command()
+@_reports_errors
+def sample(
+    number: Annotated[int, typer.Option("--number", "-n", help="How many digits to draw.")] = 64,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")] = Path("samples.png"),
+    model: ModelOption = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the prior draws.")] = 0,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Decode draws from the prior N(0, I) into a grid of new digits.
+
+    Example: mnist-vae sample -n 64 -o grid.png --seed 1
+    """
+    from mnist_vae.evaluate import sample as draw
+    from mnist_vae.images import save_png, to_grid
+
+    if number < 1:
+        _fail(f"--number: expected at least 1 image, got {number}")
+    vae = _load_model(_default_model(_params(params), model))
+    images = draw(vae, number, seed=seed)
+    picture = to_grid(images, columns=math.ceil(math.sqrt(number)))
+    Console().print(f"wrote {save_png(picture, out)}")
+
+
+@app.command()
+@_reports_errors
+def models(params: ParamsOption = Path("params.yaml")) -> None:
+    """List the registered versions of mlflow.registered_model with aliases and test metrics.
+
+    Example: mnist-vae models
+    """
+    from mnist_vae import aliases, tracking
+
+    name = _params(params).mlflow.registered_model
+    tracking.configure()
+    rows = aliases.list_versions(_client(), name)
+    table = Table(title=f"registered model {name}")
+    for column, justify in (("version", "right"), ("aliases", "left"), ("created", "left"),
+                            ("test_neg_elbo", "right"), ("test_nll_iw", "right"),
+                            ("preset", "left"), ("run id", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in rows:
+        created = datetime.fromtimestamp(row.created_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(row.version, ", ".join(row.aliases), created,
+                      row.tags.get("test_neg_elbo", ""), row.tags.get("test_nll_iw", ""),
+                      row.tags.get("preset", ""), row.run_id)
+    Console().print(table)
+
+
+@app.command()
+@_reports_errors
+def promote(
+    version: Annotated[str, typer.Argument(help="The model version to make champion.",
+                                           show_default=False)],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Point the champion alias at VERSION; `mnist-vae rollback` undoes it.
+
+    Example: mnist-vae promote 3
+    """
+    from mnist_vae import aliases, tracking
+
+    name = _params(params).mlflow.registered_model
+    tracking.configure()
+    previous = aliases.promote(_client(), name, version)
+    if previous == version:
+        Console().print(f"{name} version {version} is already champion")
+    else:
+        was = f" (was version {previous})" if previous else ""
+        Console().print(f"{name}: champion is version {version}{was}")
+
+
+@app.command()
+@_reports_errors
+def rollback(params: ParamsOption = Path("params.yaml")) -> None:
+    """Move the champion alias back to the version it pointed at before the last promote.
+
+    Example: mnist-vae rollback
+    """
+    from mnist_vae import aliases, tracking
+
+    name = _params(params).mlflow.registered_model
+    tracking.configure()
+    version = aliases.rollback(_client(), name)
+    Console().print(f"{name}: champion is back at version {version}")
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient()

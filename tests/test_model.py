@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_vae.config import ModelConfig, TrainConfig
+from mnist_vae.model import (
+    Architecture,
+    build_model,
+    importance_weighted_log_likelihood,
+    kl_divergence,
+    load_model,
+    loss_terms,
+    save_model,
+)
+from mnist_vae.train import learning_rate, train_model
+
+from .conftest import tiny_images
+
+
+def test_seed_preset_is_the_tutorial_architecture() -> None:
+    model = build_model(ModelConfig(preset="seed"))
+    layers = [*model.encoder, *model.decoder]
+    linear = [m for m in layers if isinstance(m, torch.nn.Linear)]
+    assert sum(isinstance(m, torch.nn.ReLU) for m in layers) == 4
+    shapes = [(m.in_features, m.out_features) for m in linear]
+    assert shapes == [(784, 256), (256, 64), (64, 20), (10, 64), (64, 256), (256, 784)]
+    assert model.loss_scale == 784
+
+
+@pytest.mark.parametrize("preset", ["default", "seed"])
+def test_shapes(preset: str) -> None:
+    model = build_model(ModelConfig(preset=preset, hidden=(32, 16), latent=5))
+    x = torch.rand(7, 784)
+    out, mu, logvar = model(x)
+    assert out.shape == (7, 784)
+    assert mu.shape == logvar.shape == (7, model.latent_dim)
+    means = model.pixel_means(out)
+    assert means.min() >= 0 and means.max() <= 1
+
+
+def test_kl_matches_closed_form_and_monte_carlo() -> None:
+    mu = torch.tensor([[0.0, 0.0], [1.0, -2.0]])
+    logvar = torch.tensor([[0.0, 0.0], [math.log(0.25), math.log(4.0)]])
+    kl = kl_divergence(mu, logvar)
+    # Per dimension: 0.5 * (sigma^2 + mu^2 - 1 - log sigma^2).
+    expected_row2 = 0.5 * (0.25 + 1 - 1 - math.log(0.25)) + 0.5 * (4 + 4 - 1 - math.log(4))
+    assert kl[0].item() == pytest.approx(0.0, abs=1e-7)
+    assert kl[1].item() == pytest.approx(expected_row2, rel=1e-6)
+    q = torch.distributions.Normal(mu[1], torch.exp(0.5 * logvar[1]))
+    z = q.sample((200_000,))
+    p = torch.distributions.Normal(0.0, 1.0)
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean()
+    assert monte_carlo.item() == pytest.approx(expected_row2, rel=0.02)
+
+
+def test_seed_loss_is_the_tutorial_formula() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="seed"))
+    x = torch.rand(4, 784)
+    torch.manual_seed(1)
+    terms = loss_terms(model, x)
+    torch.manual_seed(1)
+    out, mu, logvar = model(x)
+    sigma2 = logvar.exp() - 1e-8
+    kl = 0.5 * (mu**2 + sigma2 - torch.log(1e-8 + sigma2) - 1).sum() / (4 * 784)
+    expected = torch.nn.functional.mse_loss(out, x) + kl
+    assert terms.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_one_optimisation_step_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=(64,), latent=4))
+    x = torch.from_numpy(tiny_images(64)[0].reshape(64, 784)).float() / 255
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss() -> float:
+        torch.manual_seed(5)  # the same noise before and after the step
+        return loss_terms(model, x).loss
+
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss()
+    assert after.item() < before.item()
+
+
+def test_training_is_deterministic_and_learns() -> None:
+    images, _ = tiny_images(256)
+    cfg = TrainConfig(device="cpu", epochs=3, batch_size=32, lr=3e-3, seed=3)
+    runs = []
+    for _ in range(2):
+        model = build_model(ModelConfig(hidden=(32,), latent=4), seed=cfg.seed)
+        runs.append([s.loss for s in train_model(model, images, cfg, progress=False)])
+    assert runs[0] == runs[1]
+    assert runs[0][-1] < runs[0][0]
+
+
+def test_cosine_schedule_with_warmup() -> None:
+    cfg = TrainConfig(epochs=2, lr=1e-3, schedule="cosine", warmup_epochs=1)
+    assert learning_rate(cfg, 0, 10) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 9, 10) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 19, 10) < 3e-5
+    assert learning_rate(TrainConfig(schedule="constant"), 500, 10) == 1e-3
+
+
+def test_importance_weighting_tightens_the_bound() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=(32,), latent=4))
+    x = torch.from_numpy(tiny_images(32)[0].reshape(32, 784)).float() / 255
+    torch.manual_seed(0)
+    k1 = importance_weighted_log_likelihood(model, x, 1).mean()
+    torch.manual_seed(0)
+    k64 = importance_weighted_log_likelihood(model, x, 64).mean()
+    assert k64 > k1
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    model = build_model(ModelConfig(hidden=(16,), latent=3))
+    save_model(model, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    assert loaded.arch == model.arch == Architecture.from_dict(model.arch.to_dict())
+    x = torch.rand(2, 784)
+    assert torch.equal(loaded.encode(x)[0], model.eval().encode(x)[0])
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_loading_a_foreign_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not an mnist-vae checkpoint"):
+        load_model(tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="no such model file"):
+        load_model(tmp_path / "missing.pt")

@@ -1,0 +1,144 @@
+"""End to end: a real `dvc repro` in a copy of the repo, then what MLflow and DVC recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from .conftest import ROOT, SHARED_MNIST
+
+pytestmark = pytest.mark.slow
+
+# A small budget: enough steps that the model clearly beats the mean image, a minute on 2 cores.
+SMALL = {
+    "model": {"hidden": [256], "latent": 8},
+    "train": {"epochs": 2, "limit": 4000, "batch_size": 32, "lr": 0.002},
+    "evaluate": {"limit": 1000, "iw_samples": 4},
+}
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A fresh copy of the repo (tracked and new files, no outputs), with small params, reproduced."""
+    if not SHARED_MNIST.is_dir():
+        pytest.skip(f"no offline MNIST copy at {SHARED_MNIST}")
+    root = tmp_path_factory.mktemp("e2e") / "project"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in SMALL.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "MNIST_MIRRORS": str(SHARED_MNIST),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_RUN_ID", None)
+    for args in (["git", "init", "-q"], ["git", "add", "-A"],
+                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        _run(args, root, env)
+    _run(["dvc", "repro"], root, env)
+    return root, env
+
+
+def _client(root: Path):
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def test_dvc_records_metrics_and_plots(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], root, env).stdout)
+    values = metrics[""]["data"]["metrics.json"]["data"]
+    assert 0 < values["neg_elbo"] < 400
+    assert values["nll_iw"] <= values["neg_elbo"] + 1.0
+    assert set(values["per_digit_mse"]) == {str(d) for d in range(10)}
+    assert values["n_images"] == 1000
+    for png in ("reconstructions.png", "samples.png", "traversal.png"):
+        assert (root / "reports" / "figures" / png).stat().st_size > 1000
+    history = (root / "reports" / "train_history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,loss,recon,kl") and len(history) == 3
+    _run(["dvc", "plots", "show", "-o", str(root / "plots")], root, env)
+    assert (root / "plots" / "index.html").is_file()
+    status = _run(["dvc", "status"], root, env).stdout
+    assert "up to date" in status
+
+
+def test_mlflow_run_has_epochs_params_tags_and_artifacts(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    root, _ = project
+    client = _client(root)
+    experiment = client.get_experiment_by_name("mnist-vae")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    for metric in ("train_loss", "train_kl", "train_mse_pixel", "train_kl_pixel"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == [1, 2], metric
+    assert run.data.params["train.epochs"] == "2"
+    assert run.data.params["model.hidden"] == "256"
+    assert run.data.metrics["test_neg_elbo"] > 0
+    assert len(run.data.tags["mlflow.source.git.commit"]) >= 40
+    assert run.data.tags["dvc.data.md5"] == yaml.safe_load((root / "dvc.lock").read_text())[
+        "stages"]["download"]["outs"][0]["md5"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert artifacts == {"figures/reconstructions.png", "figures/samples.png", "figures/traversal.png"}
+
+
+def test_registered_model_reconstructs_better_than_the_mean_image(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    import mlflow
+
+    root, _ = project
+    client = _client(root)
+    version = client.get_model_version("mnist-vae", "1")
+    assert str(client.get_model_version_by_alias("mnist-vae", "champion").version) == "1"
+    assert float(version.tags["test_neg_elbo"]) > 0
+    model = mlflow.pyfunc.load_model("models:/mnist-vae/1")
+    data = np.load(root / "data" / "mnist.npz")
+    x = data["x_test"][:256].reshape(256, -1).astype(np.float32) / 255
+    reconstruction = np.asarray(model.predict(x))
+    mean_image = data["x_train"].reshape(60000, -1).mean(0) / 255
+    model_mse = ((reconstruction - x) ** 2).mean()
+    baseline_mse = ((mean_image - x) ** 2).mean()
+    assert reconstruction.shape == x.shape
+    assert model_mse < 0.8 * baseline_mse
+
+
+def test_changing_an_evaluation_knob_does_not_retrain(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    """`dvc exp run -S evaluate...` reruns evaluate only, into the same MLflow run and store."""
+    root, env = project
+    model_before = (root / "models" / "model.pt").read_bytes()
+    result = _run(["dvc", "exp", "run", "-S", "evaluate.iw_samples=2"], root, env)
+    assert "Running stage 'train'" not in result.stdout
+    assert "Running stage 'evaluate'" in result.stdout
+    assert (root / "models" / "model.pt").read_bytes() == model_before
+    client = _client(root)
+    runs = client.search_runs([client.get_experiment_by_name("mnist-vae").experiment_id])
+    assert len(runs) == 1
+    assert {str(v.version) for v in client.search_model_versions("name='mnist-vae'")} == {"1", "2"}

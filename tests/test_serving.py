@@ -138,7 +138,7 @@ def test_each_body_format_reconstructs(server: str, fmt: str) -> None:
     assert response.status_code == 200, response.text
     predictions = np.asarray(response.json()["predictions"], dtype=np.float32)
     assert predictions.shape == (3, 784)
-    assert 0.0 <= predictions.min() and predictions.max() <= 1.0
+    assert predictions.min() >= 0.0 and predictions.max() <= 1.0
 
 
 def test_outputs_latent_score_and_sample(server: str) -> None:

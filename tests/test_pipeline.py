@@ -142,3 +142,19 @@ def test_changing_an_evaluation_knob_does_not_retrain(
     runs = client.search_runs([client.get_experiment_by_name("mnist-vae").experiment_id])
     assert len(runs) == 1
     assert {str(v.version) for v in client.search_model_versions("name='mnist-vae'")} == {"1", "2"}
+
+
+def test_mlproject_train_entry_point(project: tuple[Path, dict[str, str]]) -> None:
+    """`mlflow run . -e train --env-manager local -P epochs=1` trains into the project's store."""
+    root, env = project
+    _run(["mlflow", "run", ".", "-e", "train", "--env-manager", "local", "--experiment-name",
+          "mnist-vae", "-P", "epochs=1", "-P", "limit=1000"], root, env)
+    client = _client(root)
+    runs = client.search_runs([client.get_experiment_by_name("mnist-vae").experiment_id],
+                              order_by=["attribute.start_time DESC"])
+    assert len(runs) == 2
+    newest = runs[0]
+    assert newest.data.params["train.epochs"] == "1"
+    assert newest.data.params["train.limit"] == "1000"
+    assert [m.step for m in client.get_metric_history(newest.info.run_id, "train_kl")] == [1]
+    assert newest.info.status == "FINISHED"

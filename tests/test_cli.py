@@ -135,9 +135,10 @@ def test_run_trained_with_the_override_and_registered_a_champion(project: Path,
 
 
 @pytest.mark.parametrize("reference", ["models:/mnist-vae/1", "models:/mnist-vae@champion",
-                                       "models/model.pt"])
+                                       "runs:/{run_id}/model", "models/model.pt"])
 def test_evaluate_accepts_every_kind_of_reference(project: Path, reference: str) -> None:
-    result = ok("evaluate", reference)
+    run_id = json.loads((project / "models" / "run.json").read_text())["run_id"]
+    result = ok("evaluate", reference.format(run_id=run_id))
     for metric in ("neg_elbo", "nll_iw", "psnr", "hardest"):
         assert metric in result.output
     text = " ".join(result.output.split())  # rich wraps the table's title

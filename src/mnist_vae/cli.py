@@ -53,7 +53,7 @@ _METRICS: dict[str, tuple[str, bool]] = {
 }
 
 ParamsOption = Annotated[
-    Path, typer.Option("--params", help="Params file, sectioned by stage.", show_default=True)
+    Path, typer.Option("--params", help="Params file, sectioned by stage.")
 ]
 DataOption = Annotated[
     Path, typer.Option("--data", help="The MNIST .npz that `mnist-vae download` writes.")
@@ -130,12 +130,17 @@ def _fail(message: str) -> NoReturn:
 
 
 def _setup_logging() -> None:
-    """Shows the library's progress lines (one per epoch when stderr is not a terminal)."""
+    """Shows the library's progress lines (one per epoch when stderr is not a terminal).
+
+    Like ``logging.basicConfig``, it leaves alone a process whose logging is already set up (an
+    embedding program, pytest), and it touches only this package's logger, not MLflow's.
+    """
     from rich.logging import RichHandler
 
     logger = logging.getLogger("mnist_vae")
-    if not any(isinstance(h, RichHandler) for h in logger.handlers):
-        logger.addHandler(RichHandler(console=Console(stderr=True), show_time=False, show_path=False))
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    logger.addHandler(RichHandler(console=Console(stderr=True), show_time=False, show_path=False))
     logger.setLevel(logging.INFO)
 
 
@@ -157,6 +162,12 @@ def _load_model(reference: str) -> "VAE":
         tracking.configure()
     with _busy(f"loading {reference}"):
         return registry.load_vae(reference)
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
 
 
 def _default_model(params: Params, reference: str | None) -> str:
@@ -191,8 +202,8 @@ def _signed(value: float, lower_is_better: bool) -> str:
     return f"[{'green' if better else 'red'}]{value:+.4f}[/]"
 
 
-def _metrics_table(evaluation: "Evaluation", title: str) -> Table:
-    table = Table(title=title)
+def _metrics_table(evaluation: "Evaluation") -> Table:
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("unit")
@@ -298,7 +309,8 @@ def run(
     run_id = stages.train(resolved, paths)
     with _busy("evaluating and registering"):
         evaluation = stages.evaluate(resolved, paths)
-    console.print(_metrics_table(evaluation, f"test metrics of run {run_id}"))
+    console.print(f"test metrics of MLflow run {run_id}:")
+    console.print(_metrics_table(evaluation))
 
 
 @app.command()
@@ -330,7 +342,8 @@ def evaluate(
     with _busy(f"evaluating on {len(images)} test images"):
         evaluation = evaluate_model(vae, images, labels, cfg)
     console = Console()
-    console.print(_metrics_table(evaluation, f"{model} on {evaluation.n_images} test images"))
+    console.print(f"{model} on {evaluation.n_images} test images:", highlight=False)
+    console.print(_metrics_table(evaluation))
     console.print(_digits_table(evaluation, _counts(labels)))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -371,7 +384,7 @@ def compare(
             results.append(evaluate_model(vae, images, labels, cfg))
     a, b = results
 
-    metrics = Table(title=f"A = {model_a}, B = {model_b}, {a.n_images} test images")
+    metrics = Table()
     for name, justify in (("metric", "left"), ("A", "right"), ("B", "right"), ("B - A", "right"),
                           ("unit", "left")):
         metrics.add_column(name, justify=justify)
@@ -390,6 +403,8 @@ def compare(
         per_digit.add_row(str(digit), str(counts.get(digit, 0)), f"{mse_a:.5f}", f"{mse_b:.5f}",
                           _signed(mse_b - mse_a, lower_is_better=True))
     console = Console()
+    console.print(f"A = {model_a}\nB = {model_b}\non the same {a.n_images} test images:",
+                  highlight=False)
     console.print(metrics)
     console.print(per_digit)
 
@@ -468,13 +483,16 @@ def models(params: ParamsOption = Path("params.yaml")) -> None:
     name = _params(params).mlflow.registered_model
     tracking.configure()
     rows = aliases.list_versions(_client(), name)
-    table = Table(title=f"registered model {name}")
-    for column, justify in (("version", "right"), ("aliases", "left"), ("created", "left"),
-                            ("test_neg_elbo", "right"), ("test_nll_iw", "right"),
-                            ("preset", "left"), ("run id", "left")):
-        table.add_column(column, justify=justify, overflow="fold")
+    table = Table(title=f"registered model {name} (test metrics in nats/image)")
+    table.add_column("version", justify="right", no_wrap=True)
+    table.add_column("aliases", min_width=9)
+    table.add_column("created", min_width=10)
+    table.add_column("neg_elbo", justify="right", no_wrap=True)
+    table.add_column("nll_iw", justify="right", no_wrap=True)
+    table.add_column("preset", no_wrap=True)
+    table.add_column("run id", min_width=8, overflow="fold")  # 32 hex digits
     for row in rows:
-        created = datetime.fromtimestamp(row.created_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+        created = datetime.fromtimestamp(row.created_ms / 1000).strftime("%Y-%m-%d %H:%M")
         table.add_row(row.version, ", ".join(row.aliases), created,
                       row.tags.get("test_neg_elbo", ""), row.tags.get("test_nll_iw", ""),
                       row.tags.get("preset", ""), row.run_id)
@@ -518,8 +536,3 @@ def rollback(params: ParamsOption = Path("params.yaml")) -> None:
     version = aliases.rollback(_client(), name)
     Console().print(f"{name}: champion is back at version {version}")
 
-
-def _client() -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient()

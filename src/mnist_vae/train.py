@@ -7,7 +7,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -84,10 +84,6 @@ def train_model(
 ) -> list[EpochStats]:
     """Trains ``model`` in place on uint8 images and returns the per-epoch history.
 
-    The whole training set is moved to the device once, as uint8; each batch is a slice of a
-    shuffled permutation, converted to float there. This avoids a per-sample DataLoader, which on a
-    small MLP costs more than the model itself.
-
     Args:
         model: The VAE to train; moved to the training device.
         images: uint8 array of shape (N, 28, 28) or (N, 784).
@@ -97,6 +93,23 @@ def train_model(
 
     Raises:
         TrainingDivergedError: The loss became NaN or infinite; names the epoch and step.
+    """
+    history = []
+    for stats in train_epochs(model, images, cfg, progress=progress):
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+    return history
+
+
+def train_epochs(
+    model: VAE, images: np.ndarray, cfg: TrainConfig, *, progress: bool | None = False
+) -> Iterator[EpochStats]:
+    """Trains epoch by epoch, yielding each epoch's stats as soon as it ends.
+
+    The whole training set is moved to the device once, as uint8; each batch is a slice of a
+    shuffled permutation, converted to float there. This avoids a per-sample DataLoader, which on a
+    small MLP costs more than the model itself.
     """
     assert images.dtype == np.uint8, f"expected uint8 images, got {images.dtype}"
     device = resolve_device(cfg.device)
@@ -114,7 +127,6 @@ def train_model(
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     log.info("training on %s: %d images, batch %d, %d epochs", device, n, batch, cfg.epochs)
 
-    history: list[EpochStats] = []
     bars = _Bars(cfg.epochs, steps_per_epoch, enabled=_want_progress(progress))
     with bars:
         step = 0
@@ -146,8 +158,8 @@ def train_model(
             loss, recon, kl, mse = (sums / seen).tolist()
             if not math.isfinite(loss):
                 raise TrainingDivergedError(
-                    f"loss became {loss} in epoch {epoch} (steps {step - steps_per_epoch + 1}-{step});"
-                    " lower train.lr or check the data"
+                    f"loss became {loss} in epoch {epoch} "
+                    f"(steps {step - steps_per_epoch + 1}-{step}); lower train.lr or check the data"
                 )
             seconds = time.perf_counter() - start
             stats = EpochStats(
@@ -161,12 +173,9 @@ def train_model(
                 lr=lr,
                 seconds=seconds,
             )
-            history.append(stats)
             bars.end_epoch(stats)
-            if on_epoch is not None:
-                on_epoch(stats)
+            yield stats
     model.eval()
-    return history
 
 
 def _want_progress(progress: bool | None) -> bool:

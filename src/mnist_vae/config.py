@@ -19,7 +19,8 @@ import yaml
 Preset = Literal["default", "seed"]
 Activation = Literal["relu", "silu", "gelu", "elu", "tanh"]
 Device = Literal["auto", "cpu", "cuda"]
-Schedule = Literal["constant", "cosine"]
+Schedule = Literal["constant", "cosine", "burda"]
+Objective = Literal["elbo", "iwae"]
 
 
 class ConfigError(ValueError):
@@ -77,9 +78,13 @@ class TrainConfig:
     seed: int = 0
     limit: int = 0
     threads: int = 0
+    objective: Objective = "elbo"
+    iw_samples: int = 1
+    binarize: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
+        _check(self.iw_samples >= 1, "train.iw_samples", "an integer >= 1", self.iw_samples)
         _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
         _check(0 < self.lr < 1, "train.lr", "a learning rate in (0, 1)", self.lr)
         _check(
@@ -102,6 +107,7 @@ class EvaluateConfig:
     limit: int = 0
     seed: int = 0
     n_images: int = 8
+    binarize: bool = False
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
@@ -137,6 +143,11 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.train.objective == "elbo" or self.model.preset == "default", "train.objective",
+               "elbo with model.preset seed (the IWAE bound needs a Bernoulli likelihood)",
+               self.train.objective)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved parameters as plain YAML-able data (tuples become lists)."""
@@ -233,6 +244,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return tuple(_coerce(v, item, key) for v in value)
     if origin in (typing.Union, types.UnionType):
         raise AssertionError(f"{key}: unions are not supported in params")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")

@@ -78,8 +78,12 @@ def evaluate_model(
     sums = dict.fromkeys(("bce", "kl", "mse", "loss_tutorial", "nll_iw"), 0.0)
     digit_sse = torch.zeros(10, dtype=torch.float64)
     digit_count = torch.zeros(10, dtype=torch.float64)
+    binarizer = torch.Generator(device=device).manual_seed(cfg.seed)
     for start in range(0, len(x_all), cfg.batch_size):
         x = x_all[start : start + cfg.batch_size].to(device).float().div_(255.0)
+        if cfg.binarize:
+            # One fixed stochastic binarisation of the test set, as in Burda et al. (2015).
+            x = torch.bernoulli(x, generator=binarizer)
         y = y_all[start : start + cfg.batch_size]
         mu, logvar = model.encode(x)
         z = model.reparameterize(mu, logvar)

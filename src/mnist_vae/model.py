@@ -149,17 +149,35 @@ class LossTerms:
     out: torch.Tensor  # (B, 784) decoder output
 
 
-def loss_terms(model: VAE, x: torch.Tensor) -> LossTerms:
-    """The negative ELBO of a batch, as the model's preset defines it.
+def loss_terms(model: VAE, x: torch.Tensor, iw_samples: int = 1) -> LossTerms:
+    """The training objective of a batch: the negative ELBO, or the IWAE bound with k samples.
 
     For the default preset ``loss`` is the mean over the batch of BCE + KL (nats per image). For the
     seed it is the tutorial's ``MSE(mean) + KL / (batch * 784)``; both are ``mean(recon + kl) / scale``.
+    With ``iw_samples`` k > 1 (Bernoulli likelihood only) it is minus the importance-weighted bound
+    of Burda et al. (2015), eq. 8, which the ELBO equals at k = 1.
     """
+    if iw_samples > 1:
+        return _iwae_terms(model, x, iw_samples)
     out, mu, logvar = model(x)
     recon = model.reconstruction_loss(out, x)
     kl = kl_divergence(mu, logvar)
     loss = (recon + kl).mean() / model.loss_scale
     return LossTerms(loss=loss, recon=recon, kl=kl, out=out)
+
+
+def _iwae_terms(model: VAE, x: torch.Tensor, k: int) -> LossTerms:
+    assert model.arch.likelihood == "bernoulli", "the IWAE bound needs the Bernoulli likelihood"
+    mu, logvar = model.encode(x)
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn((k, *mu.shape), device=x.device, dtype=mu.dtype)
+    z = mu + std * eps  # (k, B, latent)
+    out = model.decode(z)
+    nll = F.binary_cross_entropy_with_logits(out, x.expand(k, -1, -1), reduction="none").sum(-1)
+    log_w = -nll + _standard_normal_log_prob(z) - (_standard_normal_log_prob(eps)
+                                                   - 0.5 * logvar.sum(-1))
+    bound = torch.logsumexp(log_w, dim=0) - math.log(k)
+    return LossTerms(loss=-bound.mean(), recon=nll[0], kl=kl_divergence(mu, logvar), out=out[0])
 
 
 @torch.no_grad()

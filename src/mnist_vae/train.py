@@ -68,6 +68,14 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "burda":
+        # Burda et al. (2015): 3^i passes at lr * 10^(-i/7) for i = 0..7; epochs beyond the
+        # 3280 of the paper stay at the last rate.
+        epoch, i, end = step // steps_per_epoch, 0, 1
+        while epoch >= end and i < 7:
+            i += 1
+            end += 3**i
+        return cfg.lr * 10 ** (-i / 7)
     if cfg.schedule == "cosine":
         progress = (step - warmup) / max(1, total - warmup)
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -140,7 +148,10 @@ def train_epochs(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 x = data[order[i * batch : (i + 1) * batch]].float().div_(255.0)
-                terms = loss_terms(model, x)
+                if cfg.binarize:
+                    # Dynamic binarisation: a fresh Bernoulli draw of every image at every visit.
+                    x = torch.bernoulli(x, generator=generator)
+                terms = loss_terms(model, x, cfg.iw_samples if cfg.objective == "iwae" else 1)
                 optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 optimizer.step()

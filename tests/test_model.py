@@ -35,7 +35,7 @@ def test_seed_preset_is_the_tutorial_architecture() -> None:
 def test_shapes(preset: str) -> None:
     model = build_model(ModelConfig(preset=preset, hidden=(32, 16), latent=5))
     x = torch.rand(7, 784)
-    out, mu, logvar = model(x)
+    out, mu, logvar, _ = model(x)
     assert out.shape == (7, 784)
     assert mu.shape == logvar.shape == (7, model.latent_dim)
     means = model.pixel_means(out)
@@ -64,7 +64,7 @@ def test_seed_loss_is_the_tutorial_formula() -> None:
     torch.manual_seed(1)
     terms = loss_terms(model, x)
     torch.manual_seed(1)
-    out, mu, logvar = model(x)
+    out, mu, logvar, _ = model(x)
     sigma2 = logvar.exp() - 1e-8
     kl = 0.5 * (mu**2 + sigma2 - torch.log(1e-8 + sigma2) - 1).sum() / (4 * 784)
     expected = torch.nn.functional.mse_loss(out, x) + kl

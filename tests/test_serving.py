@@ -96,13 +96,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, process: subprocess.Popen, log_path: str, timeout: float = 180) -> None:
+def _wait_ready(url: str, process: subprocess.Popen, log_path: str, timeout: float = 180,
+                ping: str = "/ping") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited: {Path(log_path).read_text()[-3000:]}")
+            raise RuntimeError(f"server exited: {Path(log_path).read_text()[-3000:]}")
         try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+            if requests.get(f"{url}{ping}", timeout=2).status_code == 200:
                 return
         except requests.ConnectionError:
             pass

@@ -21,6 +21,7 @@ Activation = Literal["relu", "silu", "gelu", "elu", "tanh"]
 Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["constant", "cosine", "burda"]
 Objective = Literal["elbo", "iwae"]
+Precision = Literal["fp32", "tf32", "bf16"]
 
 
 class ConfigError(ValueError):
@@ -81,9 +82,17 @@ class TrainConfig:
     objective: Objective = "elbo"
     iw_samples: int = 1
     binarize: bool = False
+    nproc: int = 1
+    compile: bool = False
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
+        _check(self.nproc >= 1, "train.nproc", "an integer >= 1 (processes under torchrun)",
+               self.nproc)
+        _check(self.batch_size % self.nproc == 0, "train.batch_size",
+               f"a multiple of train.nproc ({self.nproc}): each process takes an equal shard",
+               self.batch_size)
         _check(self.iw_samples >= 1, "train.iw_samples", "an integer >= 1", self.iw_samples)
         _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
         _check(0 < self.lr < 1, "train.lr", "a learning rate in (0, 1)", self.lr)

@@ -102,9 +102,17 @@ class VAE(nn.Module):
         """Returns the decoder's raw output: logits (Bernoulli) or pixel means (Gaussian)."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, samples: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encodes, draws z and decodes: returns (decoder output, mu, logvar, eps).
+
+        With ``samples`` k > 1, eps and the output get a leading dimension of k posterior draws.
+        """
         mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+        shape = mu.shape if samples == 1 else (samples, *mu.shape)
+        eps = torch.randn(shape, device=mu.device, dtype=mu.dtype)
+        return self.decode(mu + torch.exp(0.5 * logvar) * eps), mu, logvar, eps
 
     def pixel_means(self, out: torch.Tensor) -> torch.Tensor:
         """Turns decoder output into grey levels in [0, 1]."""
@@ -149,30 +157,32 @@ class LossTerms:
     out: torch.Tensor  # (B, 784) decoder output
 
 
-def loss_terms(model: VAE, x: torch.Tensor, iw_samples: int = 1) -> LossTerms:
+def loss_terms(model: nn.Module, x: torch.Tensor, iw_samples: int = 1) -> LossTerms:
     """The training objective of a batch: the negative ELBO, or the IWAE bound with k samples.
 
     For the default preset ``loss`` is the mean over the batch of BCE + KL (nats per image). For the
     seed it is the tutorial's ``MSE(mean) + KL / (batch * 784)``; both are ``mean(recon + kl) / scale``.
     With ``iw_samples`` k > 1 (Bernoulli likelihood only) it is minus the importance-weighted bound
     of Burda et al. (2015), eq. 8, which the ELBO equals at k = 1.
+
+    ``model`` may be a :class:`VAE` or a DistributedDataParallel wrapper of one: the forward pass
+    goes through ``model(...)`` so that DDP sees it.
     """
+    vae: VAE = getattr(model, "module", model)
+    out, mu, logvar, eps = model(x, iw_samples)
     if iw_samples > 1:
-        return _iwae_terms(model, x, iw_samples)
-    out, mu, logvar = model(x)
-    recon = model.reconstruction_loss(out, x)
+        return _iwae_terms(vae, x, out, mu, logvar, eps)
+    recon = vae.reconstruction_loss(out, x)
     kl = kl_divergence(mu, logvar)
-    loss = (recon + kl).mean() / model.loss_scale
+    loss = (recon + kl).mean() / vae.loss_scale
     return LossTerms(loss=loss, recon=recon, kl=kl, out=out)
 
 
-def _iwae_terms(model: VAE, x: torch.Tensor, k: int) -> LossTerms:
+def _iwae_terms(model: VAE, x: torch.Tensor, out: torch.Tensor, mu: torch.Tensor,
+                logvar: torch.Tensor, eps: torch.Tensor) -> LossTerms:
     assert model.arch.likelihood == "bernoulli", "the IWAE bound needs the Bernoulli likelihood"
-    mu, logvar = model.encode(x)
-    std = torch.exp(0.5 * logvar)
-    eps = torch.randn((k, *mu.shape), device=x.device, dtype=mu.dtype)
-    z = mu + std * eps  # (k, B, latent)
-    out = model.decode(z)
+    k = eps.shape[0]
+    z = mu + torch.exp(0.5 * logvar) * eps  # (k, B, latent), the draws the decoder saw
     nll = F.binary_cross_entropy_with_logits(out, x.expand(k, -1, -1), reduction="none").sum(-1)
     log_w = -nll + _standard_normal_log_prob(z) - (_standard_normal_log_prob(eps)
                                                    - 0.5 * logvar.sum(-1))

@@ -7,22 +7,24 @@ so an interrupted stage never leaves a file that passes as complete.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mnist_vae import tracking
+from mnist_vae import distributed, tracking
 from mnist_vae.config import Params
 from mnist_vae.data import download_mnist, load_mnist, resolve_mirrors
 from mnist_vae.evaluate import Evaluation, evaluate_model, select, write_figures
 from mnist_vae.model import build_model, load_model, save_model
-from mnist_vae.train import EpochStats, resolve_device, train_model
+from mnist_vae.train import EpochStats, Trainer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class Paths:
     history: Path = Path("reports/train_history.csv")
     metrics: Path = Path("metrics.json")
     figures: Path = Path("reports/figures")
+    checkpoint: Path = Path("checkpoints/train.pt")
 
 
 def download(params: Params, paths: Paths = Paths()) -> Path:
@@ -49,17 +52,41 @@ def train(params: Params, paths: Paths = Paths(), progress: bool | None = None) 
     """Stage ``train``: trains the VAE, logging to MLflow; returns the MLflow run id.
 
     Checks the tracking server and the dataset before spending any time on training. Inside
-    ``mlflow run`` (``MLFLOW_RUN_ID`` set) it logs into that run.
+    ``mlflow run`` (``MLFLOW_RUN_ID`` set) it logs into that run. At the end of every epoch it saves
+    a checkpoint (model, optimiser, RNG states, history, run id); a run killed part way resumes from
+    it, in the same MLflow run, and ends with the metrics of an uninterrupted run. Ctrl-C or SIGTERM
+    keep the checkpoint and end the MLflow run as KILLED; a NaN loss ends it as FAILED.
     """
     import mlflow
 
+    rank, world = distributed.init()
+    if rank != 0:
+        # Other processes train their shard and nothing else: rank 0 alone logs and writes.
+        return _train_worker(params, paths)
     root = tracking.project_root()
     tracking.configure(root)
     data = load_mnist(paths.data)
     device = resolve_device(params.train.device)
     model = build_model(params.model, seed=params.train.seed)
-    experiment = tracking.experiment_id(params.mlflow.experiment, root)
-    with mlflow.start_run(experiment_id=experiment) as run:
+    trainer = Trainer(model, data.x_train, params.train)
+    fingerprint = _fingerprint(params, paths.data)
+    history: list[EpochStats] = []
+    resumed = _load_checkpoint(paths.checkpoint, fingerprint)
+    if resumed is not None:
+        trainer.load_state_dict(resumed["trainer"])
+        history = [EpochStats(**h) for h in resumed["history"]]
+        log.info("resuming from %s after epoch %d (MLflow run %s)", paths.checkpoint,
+                 trainer.epoch, resumed["run_id"])
+        run = mlflow.start_run(run_id=resumed["run_id"])
+        # The checkpoint is written before an epoch's metrics are logged; a kill in between
+        # leaves metrics to log now.
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id,
+                                                                          "train_loss")}
+        for stats in history:
+            if stats.epoch not in logged:
+                mlflow.log_metrics(stats.metrics(), step=stats.epoch)
+    else:
+        run = mlflow.start_run(experiment_id=tracking.experiment_id(params.mlflow.experiment, root))
         mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()
                            if not k.startswith("evaluate.")})
         mlflow.set_tags({
@@ -68,24 +95,100 @@ def train(params: Params, paths: Paths = Paths(), progress: bool | None = None) 
             "model.preset": params.model.preset,
             "train.device_used": str(device),
             "model.parameters": str(sum(p.numel() for p in model.parameters())),
+            "train.processes": str(world),
         })
-
-        def on_epoch(stats: EpochStats) -> None:
-            mlflow.log_metrics(stats.metrics(), step=stats.epoch)
-
-        history = train_model(model, data.x_train, params.train, on_epoch=on_epoch,
-                              progress=progress)
+    run_id = run.info.run_id
+    try:
+        with _signals_as_interrupt():
+            for stats in trainer.epochs(progress=progress):
+                history.append(stats)
+                _save_checkpoint(paths.checkpoint, {
+                    "fingerprint": fingerprint, "run_id": run_id,
+                    "trainer": trainer.state_dict(), "history": [asdict(h) for h in history],
+                })
+                mlflow.log_metrics(stats.metrics(), step=stats.epoch)
         save_model(model, paths.model)
         _write_atomic(paths.history, _history_csv(history))
         mlflow.log_artifact(str(paths.history))
-        run_id = run.info.run_id
         _write_atomic(paths.run, json.dumps({
             "run_id": run_id,
             "experiment_id": run.info.experiment_id,
             "tracking_uri": mlflow.get_tracking_uri(),
         }, indent=2) + "\n")
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    paths.checkpoint.unlink(missing_ok=True)
     log.info("train: run %s, final loss %.4f", run_id, history[-1].loss)
     return run_id
+
+
+def _train_worker(params: Params, paths: Paths) -> str:
+    """A non-zero rank under torchrun: the same training steps, no store, no files."""
+    data = load_mnist(paths.data)
+    trainer = Trainer(build_model(params.model, seed=params.train.seed), data.x_train, params.train)
+    resumed = _load_checkpoint(paths.checkpoint, _fingerprint(params, paths.data))
+    if resumed is not None:
+        trainer.load_state_dict(resumed["trainer"])
+    for _ in trainer.epochs(progress=False):
+        pass
+    return ""
+
+
+def _fingerprint(params: Params, data_path: Path) -> str:
+    """What a checkpoint must match to be resumed: the model and train params and the data."""
+    import hashlib
+
+    spec = json.dumps({"model": params.to_dict()["model"], "train": params.to_dict()["train"],
+                       "data": tracking.file_md5(data_path)}, sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint to resume from, or None (none, unreadable, or from other params or data)."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a checkpoint we cannot read is one we start over from
+        log.warning("ignoring unreadable checkpoint %s (%s); training from scratch", path, exc)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("ignoring checkpoint %s: it was made with other params or data", path)
+        return None
+    return state
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt():
+    """Turns SIGTERM into KeyboardInterrupt, so both stop training the same, clean way."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def evaluate(params: Params, paths: Paths = Paths()) -> Evaluation:
@@ -194,7 +297,16 @@ def main(stage: str, argv: list[str] | None = None) -> None:
                         datefmt="%H:%M:%S")
     try:
         params = load_params(args.params, dict(parse_override(o) for o in args.overrides))
+        if stage == "train" and params.train.nproc > 1 and not distributed.under_torchrun():
+            sys.exit(distributed.relaunch(params.train.nproc, "pipeline/train.py",
+                                          sys.argv[1:] if argv is None else argv))
         STAGES[stage](params)
     except USER_ERRORS as exc:
         print(f"error: {stage}: {exc}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"error: {stage}: interrupted; the last finished epoch's checkpoint is kept, run "
+              "again to resume", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        distributed.shutdown()

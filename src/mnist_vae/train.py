@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from mnist_vae.config import TrainConfig
+from mnist_vae.distributed import rank_and_world
 from mnist_vae.model import N_PIXELS, VAE, loss_terms
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,11 @@ def resolve_device(name: str) -> torch.device:
     Raises:
         RuntimeError: ``cuda`` was asked for on a machine without a usable GPU.
     """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -113,80 +115,188 @@ def train_model(
 def train_epochs(
     model: VAE, images: np.ndarray, cfg: TrainConfig, *, progress: bool | None = False
 ) -> Iterator[EpochStats]:
-    """Trains epoch by epoch, yielding each epoch's stats as soon as it ends.
+    """Trains epoch by epoch, yielding each epoch's stats as soon as it ends."""
+    trainer = Trainer(model, images, cfg)
+    yield from trainer.epochs(progress=progress)
+
+
+class Trainer:
+    """The training loop with its whole state, so that it can stop and resume at an epoch's end.
 
     The whole training set is moved to the device once, as uint8; each batch is a slice of a
     shuffled permutation, converted to float there. This avoids a per-sample DataLoader, which on a
     small MLP costs more than the model itself.
     """
-    assert images.dtype == np.uint8, f"expected uint8 images, got {images.dtype}"
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    data = torch.from_numpy(images.reshape(len(images), N_PIXELS)).to(device)
-    if cfg.limit:
-        data = data[: cfg.limit]
-    n = len(data)
-    batch = min(cfg.batch_size, n)
-    steps_per_epoch = n // batch  # drop the last partial batch: every step sees a full batch
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    log.info("training on %s: %d images, batch %d, %d epochs", device, n, batch, cfg.epochs)
 
-    bars = _Bars(cfg.epochs, steps_per_epoch, enabled=_want_progress(progress))
-    with bars:
-        step = 0
-        for epoch in range(1, cfg.epochs + 1):
-            start = time.perf_counter()
-            order = torch.randperm(n, generator=generator, device=device)
-            # Sums stay on the device and are read once per epoch: no host sync inside the loop.
-            sums = torch.zeros(4, device=device, dtype=torch.float64)
-            for i in range(steps_per_epoch):
-                lr = learning_rate(cfg, step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = data[order[i * batch : (i + 1) * batch]].float().div_(255.0)
-                if cfg.binarize:
-                    # Dynamic binarisation: a fresh Bernoulli draw of every image at every visit.
-                    x = torch.bernoulli(x, generator=generator)
-                terms = loss_terms(model, x, cfg.iw_samples if cfg.objective == "iwae" else 1)
-                optimizer.zero_grad(set_to_none=True)
-                terms.loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    mse = (model.pixel_means(terms.out) - x).square().mean(-1)
-                    sums += torch.stack([
-                        terms.loss.detach() * batch,
-                        terms.recon.sum(),
-                        terms.kl.sum(),
-                        mse.sum(),
-                    ]).double()
-                step += 1
-                bars.advance_batch()
-            seen = steps_per_epoch * batch
-            loss, recon, kl, mse = (sums / seen).tolist()
-            if not math.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"loss became {loss} in epoch {epoch} "
-                    f"(steps {step - steps_per_epoch + 1}-{step}); lower train.lr or check the data"
-                )
-            seconds = time.perf_counter() - start
-            stats = EpochStats(
-                epoch=epoch,
-                loss=loss,
-                recon=recon,
-                kl=kl,
-                mse_pixel=mse,
-                kl_pixel=kl / N_PIXELS,
-                samples_per_sec=seen / seconds,
-                lr=lr,
-                seconds=seconds,
+    def __init__(self, model: VAE, images: np.ndarray, cfg: TrainConfig) -> None:
+        assert images.dtype == np.uint8, f"expected uint8 images, got {images.dtype}"
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        data = torch.from_numpy(images.reshape(len(images), N_PIXELS)).to(self.device)
+        self.data = data[: cfg.limit] if cfg.limit else data
+        self.batch = min(cfg.batch_size, len(self.data))
+        # Drop the last partial batch: every step sees a full batch.
+        self.steps_per_epoch = len(self.data) // self.batch
+        self.model = model.to(self.device).train()
+        self.rank, self.world = rank_and_world()
+        assert self.batch % self.world == 0, "the global batch must split evenly over processes"
+        # Each process has its own noise; all share the permutation generator's seed below.
+        torch.manual_seed(cfg.seed + self.rank)
+        self.net: torch.nn.Module = model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # Fused Adam: one kernel for all parameters on CUDA; CPU keeps the default (foreach).
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **fused)
+        self.autocast = _precision(cfg.precision, self.device)
+        self.loss_fn = _Compiled(loss_terms, self.device) if cfg.compile else loss_terms
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.epoch = 0  # epochs completed
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly where this one stands."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.epoch, self.step = state["epoch"], state["step"]
+
+    def epochs(self, progress: bool | None = False) -> Iterator[EpochStats]:
+        """Runs the remaining epochs, yielding each one's stats when it ends."""
+        cfg = self.cfg
+        log.info("training on %s: %d images, batch %d, epochs %d-%d", self.device, len(self.data),
+                 self.batch, self.epoch + 1, cfg.epochs)
+        bars = _Bars(cfg.epochs, self.steps_per_epoch, enabled=_want_progress(progress),
+                     done=self.epoch)
+        with bars:
+            while self.epoch < cfg.epochs:
+                stats = self._run_epoch(bars)
+                bars.end_epoch(stats)
+                yield stats
+        self.model.eval()
+
+    def _run_epoch(self, bars: _Bars) -> EpochStats:
+        cfg, model, optimizer, batch = self.cfg, self.model, self.optimizer, self.batch
+        epoch = self.epoch + 1
+        start = time.perf_counter()
+        order = torch.randperm(len(self.data), generator=self.generator, device=self.device)
+        # Sums and the first bad step stay on the device and are read once per epoch: no host
+        # synchronisation inside the loop.
+        sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        k = cfg.iw_samples if cfg.objective == "iwae" else 1
+        lr = cfg.lr
+        for i in range(self.steps_per_epoch):
+            lr = learning_rate(cfg, self.step, self.steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            index = order[i * batch : (i + 1) * batch]
+            if self.world > 1:
+                index = index[self.rank :: self.world]  # this process's shard of the global batch
+            x = self.data[index].float().div_(255.0)
+            if cfg.binarize:
+                # Dynamic binarisation: a fresh Bernoulli draw of every image at every visit.
+                x = torch.bernoulli(x, generator=self.generator)
+            with self.autocast():
+                terms = self.loss_fn(self.net, x, k)
+            optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                mse = (model.pixel_means(terms.out) - x).square().mean(-1)
+                sums += torch.stack([terms.loss.detach() * len(x), terms.recon.sum(),
+                                     terms.kl.sum(), mse.sum()]).double()
+                bad = ~torch.isfinite(terms.loss) & (first_bad < 0)
+                first_bad = torch.where(bad, self.step + 1, first_bad)
+            self.step += 1
+            bars.advance_batch()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+        seen = self.steps_per_epoch * batch
+        loss, recon, kl, mse = (sums / seen).tolist()
+        if first_bad.item() >= 0 or not math.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss became NaN or infinite in epoch {epoch} at step {first_bad.item()} "
+                f"(batch {first_bad.item() - (self.step - self.steps_per_epoch)} of the epoch); "
+                "lower train.lr or check the data"
             )
-            bars.end_epoch(stats)
-            yield stats
-    model.eval()
+        self.epoch = epoch
+        seconds = time.perf_counter() - start
+        return EpochStats(epoch=epoch, loss=loss, recon=recon, kl=kl, mse_pixel=mse,
+                          kl_pixel=kl / N_PIXELS, samples_per_sec=seen / seconds, lr=lr,
+                          seconds=seconds)
+
+
+def _precision(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """Sets up ``train.precision``; returns the context the forward pass runs in.
+
+    tf32 speeds up float32 matrix products on Ampere and newer GPUs; bf16 runs the forward pass under
+    autocast. Where a choice is unavailable it falls back to fp32 with one warning.
+    """
+    if precision == "tf32":
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            log.warning("train.precision tf32 needs CUDA; training in fp32 on %s", device)
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            log.warning("this GPU has no bf16; training in fp32")
+        else:
+            return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+class _Compiled:
+    """``torch.compile`` of the loss (CUDA graphs on a GPU), falling back to eager with one warning."""
+
+    def __init__(self, fn: Callable, device: torch.device) -> None:
+        self.fn = fn
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        try:
+            self.compiled: Callable | None = torch.compile(fn, mode=mode, dynamic=False)
+        except Exception as exc:  # torch.compile itself unavailable on this platform
+            log.warning("torch.compile unavailable (%s); training without it", _first_line(exc))
+            self.compiled = None
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # compilation happens on the first call
+                log.warning("torch.compile failed (%s); training without it", _first_line(exc))
+                self.compiled = None
+        return self.fn(*args)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _want_progress(progress: bool | None) -> bool:
@@ -196,8 +306,8 @@ def _want_progress(progress: bool | None) -> bool:
 class _Bars:
     """Epoch and batch progress bars on a terminal, one log line per epoch otherwise."""
 
-    def __init__(self, epochs: int, steps: int, enabled: bool) -> None:
-        self.epochs, self.steps, self.enabled = epochs, steps, enabled
+    def __init__(self, epochs: int, steps: int, enabled: bool, done: int = 0) -> None:
+        self.epochs, self.steps, self.enabled, self.done = epochs, steps, enabled, done
         self._progress = None
 
     def __enter__(self) -> _Bars:
@@ -215,7 +325,8 @@ class _Bars:
                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False,
             )
             self._progress.start()
-            self._epoch_task = self._progress.add_task("epochs", total=self.epochs, info="")
+            self._epoch_task = self._progress.add_task("epochs", total=self.epochs, info="",
+                                                      completed=self.done)
             self._batch_task = self._progress.add_task("batches", total=self.steps, info="")
         return self
 

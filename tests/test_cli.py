@@ -297,3 +297,33 @@ def assert_one_line_error(result, expected: str, allow_log_lines: bool = False) 
     assert "Traceback" not in result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert expected in lines[0]
+
+
+# --- bench and profile --------------------------------------------------------------------------
+
+def test_bench_prints_rows_a_to_d_writes_json_and_logs_a_run(project: Path) -> None:
+    result = ok("bench", "--device", "cpu", "--chunk", "128", "--max-epochs", "2", "--target", "1000",
+                "--out", "reports/bench.json")
+    rows = json.loads((project / "reports" / "bench.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["a", "b", "c", "d"]
+    assert rows[0]["ratio"] == 1.0
+    for r in rows:
+        assert r["samples_per_sec"] > 0 and r["ratio"] == pytest.approx(
+            r["samples_per_sec"] / rows[0]["samples_per_sec"])
+    assert all(np.isfinite(r["loss_after_budget"]) for r in rows[:3])
+    assert rows[3]["seconds_to_target"] is not None  # any model beats 1000 nats after one epoch
+    assert "tutorial loop" in result.output and "x (a)" in result.output
+    runs = mlflow.search_runs(experiment_names=["mnist-vae-bench"], output_format="list")
+    assert len(runs) == 1 and runs[0].data.metrics["a_ratio"] == 1.0
+
+
+def test_bench_rejects_a_window_smaller_than_a_batch(project: Path) -> None:
+    assert_one_line_error(invoke("bench", "--chunk", "8"), "--chunk: expected at least one batch")
+
+
+def test_profile_lists_and_prints_dvc_arguments(project: Path) -> None:
+    listing = ok("profile").output
+    assert "burda2015-vae:" in listing and "burda2015-iwae:" in listing
+    assert ok("profile", "burda2015-iwae").output.split()[:2] == ["-S", "model.preset=default"]
+    assert_one_line_error(invoke("profile", "burda2016"), "unknown profile 'burda2016'")
+    assert_one_line_error(invoke("train", "--profile", "nope"), "--profile: unknown profile 'nope'")

@@ -68,6 +68,11 @@ SetOption = Annotated[
         show_default=False,
     ),
 ]
+ProfileOption = Annotated[
+    str | None,
+    typer.Option("--profile", help="Apply a named profile's overrides first (`mnist-vae profile` "
+                 "lists them); --set still wins.", show_default=False),
+]
 ModelOption = Annotated[
     str | None,
     typer.Option(
@@ -144,7 +149,13 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _params(path: Path, overrides: list[str] | None = None) -> Params:
+def _params(path: Path, overrides: list[str] | None = None, profile: str | None = None) -> Params:
+    if profile is not None:
+        from mnist_vae.profiles import PROFILES
+
+        if profile not in PROFILES:
+            _fail(f"--profile: unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
+        overrides = [*PROFILES[profile], *(overrides or [])]
     return load_params(path, dict(parse_override(text) for text in overrides or []))
 
 
@@ -268,6 +279,7 @@ def train(
     params: ParamsOption = Path("params.yaml"),
     data: DataOption = Path("data/mnist.npz"),
     overrides: SetOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Train the VAE as the train stage does, logging the run to MLflow.
 
@@ -277,7 +289,7 @@ def train(
     """
     from mnist_vae import stages, tracking
 
-    resolved = _params(params, overrides)
+    resolved = _params(params, overrides, profile)
     tracking.configure()
     run_id = stages.train(resolved, stages.Paths(data=data))
     Console().print(f"trained: MLflow run {run_id}, weights in {stages.Paths().model}")
@@ -289,6 +301,7 @@ def run(
     params: ParamsOption = Path("params.yaml"),
     data: DataOption = Path("data/mnist.npz"),
     overrides: SetOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """The whole pipeline: download (only when the dataset is missing), train, evaluate, register.
 
@@ -298,7 +311,7 @@ def run(
     """
     from mnist_vae import stages, tracking
 
-    resolved = _params(params, overrides)
+    resolved = _params(params, overrides, profile)
     tracking.configure()  # an unreachable server fails now, not after the download
     paths = stages.Paths(data=data)
     console = Console()
@@ -536,3 +549,71 @@ def rollback(params: ParamsOption = Path("params.yaml")) -> None:
     version = aliases.rollback(_client(), name)
     Console().print(f"{name}: champion is back at version {version}")
 
+
+
+@app.command()
+@_reports_errors
+def bench(
+    data: DataOption = Path("data/mnist.npz"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="The JSON to write.")] = Path(
+        "reports/bench.json"),
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    chunk: Annotated[int, typer.Option(
+        "--chunk", help="Training samples per timed window; rows (a)-(c) time 3 windows after one "
+        "warm-up window.")] = 20_000,
+    target: Annotated[float, typer.Option(
+        "--target", help="Row (d): the test negative ELBO (nats/image) to reach.")] = 110.0,
+    max_epochs: Annotated[int, typer.Option(
+        "--max-epochs", help="Row (d): give up after this many epochs.")] = 20,
+    no_mlflow: Annotated[bool, typer.Option(
+        "--no-mlflow", help="Do not log the result to the MLflow experiment mnist-vae-bench.")] = False,
+) -> None:
+    """Measure training speed against the tutorial's loop, side by side on this machine.
+
+    Rows: (a) the tutorial's loop (torchvision MNIST, ToTensor, DataLoader, batch 32); (b) this
+    trainer, seed preset, batch 32; (c) this trainer at its fastest settings; (d) the default
+    preset's training time to a test negative ELBO. Prints a table with each row's ratio to (a),
+    writes JSON and logs an MLflow run. About two minutes on a 2-core CPU.
+
+    Example: mnist-vae bench --device cpu --out reports/bench.json
+    """
+    from mnist_vae import bench as benchmark
+    from mnist_vae.data import load_mnist
+
+    if device not in ("auto", "cpu", "cuda"):
+        _fail(f"--device: expected auto, cpu or cuda, got {device!r}")
+    if chunk < 32:
+        _fail(f"--chunk: expected at least one batch of 32 samples, got {chunk}")
+    settings = benchmark.BenchSettings(chunk=chunk, target_neg_elbo=target, max_epochs_d=max_epochs,
+                                       device=device)
+    mnist = load_mnist(data)
+    logging.getLogger("mnist_vae.train").setLevel(logging.WARNING)  # the table says it all
+    with _busy("benchmarking rows (a)-(d), about two minutes on a 2-core CPU"):
+        result = benchmark.run_benchmark(mnist, settings)
+    console = Console()
+    benchmark.print_table(result, console)
+    console.print(f"wrote {benchmark.write_json(result, out)}")
+    if not no_mlflow:
+        run_id = benchmark.log_to_mlflow(result, out)
+        console.print(f"logged MLflow run {run_id} (experiment mnist-vae-bench)")
+
+
+@app.command()
+@_reports_errors
+def profile(
+    name: Annotated[str | None, typer.Argument(help="A profile; none lists them all.",
+                                               show_default=False)] = None,
+) -> None:
+    """Print a profile's overrides as `dvc exp run` arguments, or list the profiles.
+
+    Example: dvc exp run $(mnist-vae profile burda2015-iwae)
+    """
+    from mnist_vae.profiles import PROFILES, dvc_arguments
+
+    if name is None:
+        for known, items in PROFILES.items():
+            typer.echo(f"{known}: {' '.join(items)}")
+        return
+    if name not in PROFILES:
+        _fail(f"unknown profile {name!r}; expected one of {', '.join(PROFILES)}")
+    typer.echo(dvc_arguments(name))

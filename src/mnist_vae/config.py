@@ -74,6 +74,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    adam_eps: float = 1e-8
     schedule: Schedule = "cosine"
     warmup_epochs: float = 0.0
     seed: int = 0
@@ -96,6 +97,7 @@ class TrainConfig:
         _check(self.iw_samples >= 1, "train.iw_samples", "an integer >= 1", self.iw_samples)
         _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
         _check(0 < self.lr < 1, "train.lr", "a learning rate in (0, 1)", self.lr)
+        _check(0 < self.adam_eps < 1, "train.adam_eps", "Adam's epsilon in (0, 1)", self.adam_eps)
         _check(
             0 <= self.warmup_epochs <= self.epochs,
             "train.warmup_epochs",

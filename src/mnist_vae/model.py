@@ -191,7 +191,9 @@ def _iwae_terms(model: VAE, x: torch.Tensor, out: torch.Tensor, mu: torch.Tensor
 
 
 @torch.no_grad()
-def importance_weighted_log_likelihood(model: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
+def importance_weighted_log_likelihood(
+    model: VAE, x: torch.Tensor, k: int, chunk_rows: int = 1 << 16
+) -> torch.Tensor:
     """Estimates log p(x) per image with k importance samples (Burda et al. 2015, eq. 8).
 
     ``log (1/k) sum_i p(x | z_i) p(z_i) / q(z_i | x)`` with z_i ~ q(z | x); a lower bound that
@@ -200,13 +202,13 @@ def importance_weighted_log_likelihood(model: VAE, x: torch.Tensor, k: int) -> t
     mu, logvar = model.encode(x)
     std = torch.exp(0.5 * logvar)
     log_w = torch.empty(k, x.shape[0], device=x.device)
-    for i in range(k):
-        eps = torch.randn_like(mu)
+    chunk = max(1, chunk_rows // x.shape[0])  # samples decoded at once, to bound memory
+    for start in range(0, k, chunk):
+        eps = torch.randn(min(chunk, k - start), *mu.shape, device=x.device, dtype=mu.dtype)
         z = mu + std * eps
-        log_px_z = -model.bernoulli_nll(model.decode(z), x)
-        log_pz = _standard_normal_log_prob(z)
+        log_px_z = -model.bernoulli_nll(model.decode(z), x.expand(len(eps), -1, -1))
         log_qz = _standard_normal_log_prob(eps) - 0.5 * logvar.sum(-1)
-        log_w[i] = log_px_z + log_pz - log_qz
+        log_w[start : start + len(eps)] = log_px_z + _standard_normal_log_prob(z) - log_qz
     return torch.logsumexp(log_w, dim=0) - math.log(k)
 
 

@@ -80,7 +80,8 @@ def log_and_register(
         f"{evaluation.metrics['neg_elbo']:.2f} nats/image on {evaluation.n_images} test images; "
         f"run {run.info.run_id}, commit {tags['git_commit']}"))
     client.set_registered_model_alias(name, CANDIDATE, version)
-    decision = promotion_gate(client, name, version, model, test_data, params.evaluate)
+    with tracking.store_lock():  # two pipelines finishing at once: one gate decision at a time
+        decision = promotion_gate(client, name, version, model, test_data, params.evaluate)
     mlflow.set_tags({"registry.version": version, "registry.promoted": str(decision.promoted),
                      "registry.gate_reason": decision.reason})
     print(f"promotion gate: {decision.reason}")

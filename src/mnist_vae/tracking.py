@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -75,7 +78,45 @@ def configure(root: Path | None = None) -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if _sqlite_path(uri) is not None:
+        # MLflow creates and migrates a SQLite store's tables on first use; two processes doing
+        # that at once (queued `dvc exp run` jobs) corrupt its schema. One at a time, then.
+        with store_lock(uri):
+            client = mlflow.MlflowClient(uri, uri)
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
     return uri
+
+
+@contextlib.contextmanager
+def store_lock(uri: str | None = None) -> Iterator[None]:
+    """Serialises work on an embedded SQLite store across processes (no-op for a server).
+
+    A server's database handles concurrent clients itself; a SQLite file is shared by every process
+    on the machine, so read-decide-write sequences (creating the schema, the promotion gate) hold an
+    exclusive lock on ``<store>.lock`` beside it.
+    """
+    import mlflow
+
+    path = _sqlite_path(uri or mlflow.get_tracking_uri())
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` URI, or None for other stores (and in-memory SQLite)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri == prefix or ":memory:" in uri:
+        return None
+    return Path(uri[len(prefix):].split("?", 1)[0])
 
 
 def experiment_id(name: str, root: Path | None = None) -> str:

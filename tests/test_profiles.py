@@ -1,0 +1,72 @@
+"""The paper profiles: valid overrides of params.yaml, and a short CPU run of the IWAE setting."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_vae.config import load_params, parse_override
+from mnist_vae.evaluate import evaluate_model
+from mnist_vae.model import build_model
+from mnist_vae.profiles import PROFILES, dvc_arguments, overrides
+from mnist_vae.train import train_model
+
+from .conftest import tiny_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def profile_params(name: str):
+    return load_params(ROOT / "params.yaml", dict(parse_override(o) for o in overrides(name)))
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_profile_is_the_papers_setting(name: str) -> None:
+    params = profile_params(name)
+    assert (params.model.hidden, params.model.latent, params.model.activation) == ((200, 200), 50,
+                                                                                   "tanh")
+    t = params.train
+    assert (t.batch_size, t.lr, t.adam_eps, t.schedule, t.epochs, t.binarize) == (
+        20, 1e-3, 1e-4, "burda", 3280, True)
+    assert (t.objective, t.iw_samples) == (("iwae", 50) if name.endswith("iwae") else ("elbo", 1))
+    assert (params.evaluate.iw_samples, params.evaluate.binarize) == (5000, True)
+
+
+def test_dvc_arguments_round_trip_and_readme_uses_them() -> None:
+    args = dvc_arguments("burda2015-iwae").split()
+    assert args[::2] == ["-S"] * len(overrides("burda2015-iwae"))
+    assert tuple(args[1::2]) == overrides("burda2015-iwae")
+    assert "dvc exp run $(mnist-vae profile burda2015-iwae)" in (ROOT / "README.md").read_text()
+    with pytest.raises(KeyError, match="expected one of burda2015-vae, burda2015-iwae"):
+        overrides("burda2016")
+
+
+def test_short_iwae_profile_trains_and_reports_the_papers_estimator() -> None:
+    """The profile on CPU with a budget of seconds: 2 epochs of 320 images, k = 200 at test."""
+    params = profile_params("burda2015-iwae")
+    train_cfg = replace(params.train, device="cpu", epochs=2, limit=320)
+    images, labels = tiny_images(320, seed=3)
+    model = build_model(params.model, seed=train_cfg.seed)
+    assert [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)][:2] == [200, 200]
+    history = train_model(model, images, train_cfg, progress=False)
+    assert len(history) == 2 and history[1].loss < history[0].loss
+    assert history[0].lr == pytest.approx(1e-3) and history[1].lr == pytest.approx(1e-3 * 10 ** (-1 / 7))
+
+    test_x, test_y = tiny_images(50, seed=4)
+    test_x = test_x // 2  # grey strokes (p about 0.45), which binarisation visibly changes
+    eval_cfg = replace(params.evaluate, iw_samples=200, batch_size=25)
+    metrics = evaluate_model(model, test_x, test_y, eval_cfg).metrics
+    # The importance-weighted bound is tighter than the ELBO: its NLL estimate is lower.
+    assert np.isfinite(metrics["nll_iw"]) and metrics["nll_iw"] < metrics["neg_elbo"]
+    # The scored digits are binarised: grey strokes become 0/1 pixels (so the squared error to
+    # the reconstruction changes), black-and-white ones stay exactly as they are.
+    grey = evaluate_model(model, test_x, test_y, replace(eval_cfg, binarize=False)).metrics
+    assert grey["recon_mse"] != pytest.approx(metrics["recon_mse"], rel=0.05)
+    binary = np.where(test_x > 0, 255, 0).astype(np.uint8)
+    as_is, drawn = (evaluate_model(model, binary, test_y, replace(eval_cfg, binarize=b)).metrics
+                    for b in (False, True))
+    assert as_is == drawn

@@ -62,6 +62,7 @@ def train(params: Params, paths: Paths = Paths(), progress: bool | None = None) 
     rank, world = distributed.init()
     if rank != 0:
         # Other processes train their shard and nothing else: rank 0 alone logs and writes.
+        logging.getLogger("mnist_vae").setLevel(logging.WARNING)
         return _train_worker(params, paths)
     root = tracking.project_root()
     tracking.configure(root)

@@ -3,10 +3,11 @@
 Rows (issue 4): (a) the tutorial's loop as published (torchvision MNIST + ToTensor, a shuffling
 DataLoader with batch 32, the seed model, Adam 1e-3); (b) this project's trainer, seed preset, batch
 32, default settings, and (b2) the same with ``torch.compile``; (c) this project's trainer at its
-fastest settings; (d) the default preset's time to reach a fixed
-test negative ELBO. Speeds are training samples per second after a warm-up, the median of several
-timed windows; each of (a)-(c) also reports its training loss after the same number of samples, so a
-faster row that learns worse shows it.
+fastest settings; (d) the default preset's time to reach a fixed test negative ELBO. Speeds are
+training samples per second after a warm-up, the median of several timed windows; the windows of
+(a)-(c) take turns, so a shared machine whose speed drifts slows all rows alike. Each of (a)-(c) also
+reports its loss after the same number of training samples, so a faster row that learns worse shows
+it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from mnist_vae.config import EvaluateConfig, ModelConfig, TrainConfig
 from mnist_vae.data import MnistData
 from mnist_vae.evaluate import evaluate_model
 from mnist_vae.model import N_PIXELS, build_model, loss_terms
-from mnist_vae.train import resolve_device, train_epochs, train_model
+from mnist_vae.train import resolve_device, train_epochs
 
 
 @dataclass
@@ -67,7 +69,18 @@ def _fixed_loss(model, images: np.ndarray, device: torch.device) -> float:
     return loss
 
 
-def tutorial_loop(data: MnistData, settings: BenchSettings, workdir: Path) -> BenchRow:
+@dataclass
+class _TimedRow:
+    """A row of (a)-(c) being measured: its timed windows come one at a time, so rows interleave."""
+
+    name: str
+    description: str
+    batch_size: int
+    windows: Iterator[float]  # samples per second of each window, the warm-up first
+    final_loss: Callable[[], float]
+
+
+def tutorial_loop(data: MnistData, settings: BenchSettings, workdir: Path) -> _TimedRow:
     """(a): the tutorial's own input pipeline, PIL images through ToTensor and a DataLoader."""
     from torchvision import datasets, transforms
 
@@ -80,40 +93,54 @@ def tutorial_loop(data: MnistData, settings: BenchSettings, workdir: Path) -> Be
     model = build_model(ModelConfig(preset="seed"), seed=0).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     sync = _sync(device)
-    rates, seen, start = [], 0, time.perf_counter()  # rates[0] is the warm-up window
-    while seen < settings.budget:
-        for x, _ in loader:
-            x = x.view(-1, N_PIXELS).to(device)
-            terms = loss_terms(model, x)
-            optimizer.zero_grad()
-            terms.loss.backward()
-            optimizer.step()
-            seen += len(x)
-            if seen % settings.chunk < len(x):
-                sync()
-                now = time.perf_counter()
-                rates.append(settings.chunk / (now - start))
-                start = now
-            if seen >= settings.budget:
-                break
-    rate = statistics.median(rates[1:])
-    return BenchRow("a", "tutorial loop: torchvision MNIST, ToTensor, DataLoader",
-                    32, rate, 60_000 / rate, _fixed_loss(model, data.x_test, device))
+
+    def windows() -> Iterator[float]:
+        seen, start = 0, time.perf_counter()
+        while True:
+            for x, _ in loader:
+                x = x.view(-1, N_PIXELS).to(device)
+                terms = loss_terms(model, x)
+                optimizer.zero_grad()
+                terms.loss.backward()
+                optimizer.step()
+                seen += len(x)
+                if seen % settings.chunk < len(x):
+                    sync()
+                    rate = settings.chunk / (time.perf_counter() - start)
+                    yield rate  # the other rows run their window now: not timed here
+                    start = time.perf_counter()
+
+    return _TimedRow("a", "tutorial loop: torchvision MNIST, ToTensor, DataLoader", 32, windows(),
+                     lambda: _fixed_loss(model, data.x_test, device))
 
 
 def trainer_row(data: MnistData, name: str, description: str, train_cfg: TrainConfig,
-                settings: BenchSettings) -> BenchRow:
-    """(b)/(c): this project's trainer, epochs of ``chunk`` images: a warm-up one, then the timed.
+                settings: BenchSettings) -> _TimedRow:
+    """(b)/(c): this project's trainer, one epoch of ``chunk`` images per window.
 
     The budget in samples is the same as row (a)'s; the first epoch is the warm-up window.
     """
     device = resolve_device(settings.device)
     model = build_model(ModelConfig(preset="seed"), seed=train_cfg.seed)
     cfg = replace(train_cfg, epochs=settings.windows + 1, limit=settings.chunk)
-    history = train_model(model, data.x_train, cfg, progress=False)
-    rate = statistics.median(s.samples_per_sec for s in history[1:])
-    return BenchRow(name, description, cfg.batch_size, rate, 60_000 / rate,
-                    _fixed_loss(model, data.x_test, device))
+    epochs = train_epochs(model, data.x_train, cfg)
+    return _TimedRow(name, description, cfg.batch_size, (s.samples_per_sec for s in epochs),
+                     lambda: _fixed_loss(model, data.x_test, device))
+
+
+def measure_interleaved(rows: list[_TimedRow], settings: BenchSettings) -> list[BenchRow]:
+    """Runs the rows' windows in turn (a, b, c, a, b, c, ...), so that a machine whose speed
+    drifts (a shared VM) slows every row alike and the ratios stay fair."""
+    rates: dict[str, list[float]] = {row.name: [] for row in rows}
+    for _ in range(settings.windows + 1):
+        for row in rows:
+            rates[row.name].append(next(row.windows))
+    results = []
+    for row in rows:
+        rate = statistics.median(rates[row.name][1:])  # the first window is the warm-up
+        results.append(BenchRow(row.name, row.description, row.batch_size, rate, 60_000 / rate,
+                                row.final_loss()))
+    return results
 
 
 def time_to_target(data: MnistData, settings: BenchSettings) -> BenchRow:
@@ -146,12 +173,15 @@ def run_benchmark(data: MnistData, settings: BenchSettings = BenchSettings(),
     # for the larger batch. On a GPU the same settings add CUDA graphs (compile's reduce-overhead).
     fast = fast or replace(base, batch_size=256, lr=3e-3, compile=True)
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [tutorial_loop(data, settings, Path(workdir))]
-    rows.append(trainer_row(data, "b", "this trainer, seed preset", base, settings))
-    rows.append(trainer_row(data, "b2", "row b with torch.compile",
-                            replace(base, compile=True), settings))
-    rows.append(trainer_row(data, "c", f"this trainer, seed, lr {fast.lr:g}"
-                            f"{', compile' if fast.compile else ''}, {fast.precision}", fast, settings))
+        timed = [
+            tutorial_loop(data, settings, Path(workdir)),
+            trainer_row(data, "b", "this trainer, seed preset", base, settings),
+            trainer_row(data, "b2", "row b with torch.compile", replace(base, compile=True),
+                        settings),
+            trainer_row(data, "c", f"this trainer, seed, lr {fast.lr:g}"
+                        f"{', compile' if fast.compile else ''}, {fast.precision}", fast, settings),
+        ]
+        rows = measure_interleaved(timed, settings)
     rows.append(time_to_target(data, settings))
     for row in rows:
         row.ratio = row.samples_per_sec / rows[0].samples_per_sec

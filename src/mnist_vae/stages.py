@@ -24,7 +24,7 @@ from mnist_vae.config import Params
 from mnist_vae.data import download_mnist, load_mnist, resolve_mirrors
 from mnist_vae.evaluate import Evaluation, evaluate_model, select, write_figures
 from mnist_vae.model import build_model, load_model, save_model
-from mnist_vae.train import EpochStats, Trainer, resolve_device
+from mnist_vae.train import EpochStats, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,10 @@ def train(params: Params, paths: Paths = Paths(), progress: bool | None = None) 
         return _train_worker(params, paths)
     root = tracking.project_root()
     tracking.configure(root)
-    data = load_mnist(paths.data)
-    device = resolve_device(params.train.device)
-    model = build_model(params.model, seed=params.train.seed)
-    trainer = Trainer(model, data.x_train, params.train)
-    fingerprint = _fingerprint(params, paths.data)
+    trainer, data_md5, fingerprint, resumed = _prepare_trainer(params, paths)
+    model = trainer.model
     history: list[EpochStats] = []
-    resumed = _load_checkpoint(paths.checkpoint, fingerprint)
     if resumed is not None:
-        trainer.load_state_dict(resumed["trainer"])
         history = [EpochStats(**h) for h in resumed["history"]]
         log.info("resuming from %s after epoch %d (MLflow run %s)", paths.checkpoint,
                  trainer.epoch, resumed["run_id"])
@@ -92,9 +87,9 @@ def train(params: Params, paths: Paths = Paths(), progress: bool | None = None) 
                            if not k.startswith("evaluate.")})
         mlflow.set_tags({
             "mlflow.source.git.commit": tracking.git_commit(root),
-            "dvc.data.md5": tracking.file_md5(paths.data),
+            "dvc.data.md5": data_md5,
             "model.preset": params.model.preset,
-            "train.device_used": str(device),
+            "train.device_used": str(trainer.device),
             "model.parameters": str(sum(p.numel() for p in model.parameters())),
             "train.processes": str(world),
         })
@@ -130,22 +125,31 @@ def train(params: Params, paths: Paths = Paths(), progress: bool | None = None) 
 
 def _train_worker(params: Params, paths: Paths) -> str:
     """A non-zero rank under torchrun: the same training steps, no store, no files."""
-    data = load_mnist(paths.data)
-    trainer = Trainer(build_model(params.model, seed=params.train.seed), data.x_train, params.train)
-    resumed = _load_checkpoint(paths.checkpoint, _fingerprint(params, paths.data))
-    if resumed is not None:
-        trainer.load_state_dict(resumed["trainer"])
+    trainer = _prepare_trainer(params, paths)[0]
     for _ in trainer.epochs(progress=False):
         pass
     return ""
 
 
-def _fingerprint(params: Params, data_path: Path) -> str:
+def _prepare_trainer(params: Params, paths: Paths) -> tuple[Trainer, str, str, dict | None]:
+    """The trainer, restored from the checkpoint when one matches; with the data's MD5, the
+    checkpoint fingerprint and the checkpoint (None when starting afresh)."""
+    data = load_mnist(paths.data)
+    trainer = Trainer(build_model(params.model, seed=params.train.seed), data.x_train, params.train)
+    data_md5 = tracking.file_md5(paths.data)
+    fingerprint = _fingerprint(params, data_md5)
+    resumed = _load_checkpoint(paths.checkpoint, fingerprint)
+    if resumed is not None:
+        trainer.load_state_dict(resumed["trainer"])
+    return trainer, data_md5, fingerprint, resumed
+
+
+def _fingerprint(params: Params, data_md5: str) -> str:
     """What a checkpoint must match to be resumed: the model and train params and the data."""
     import hashlib
 
     spec = json.dumps({"model": params.to_dict()["model"], "train": params.to_dict()["train"],
-                       "data": tracking.file_md5(data_path)}, sort_keys=True)
+                       "data": data_md5}, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()
 
 

@@ -153,8 +153,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # Fused Adam: one pass over all parameters. On a 2-core CPU it trains the seed preset at
         # batch 32 about 1.3x faster than the default (foreach) implementation; on CUDA, one kernel.
-        fused = {"fused": True}
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, **fused)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True)
         self.autocast = _precision(cfg.precision, self.device)
         self.loss_fn = _Compiled(loss_terms, self.device) if cfg.compile else loss_terms
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)

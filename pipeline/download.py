@@ -1,6 +1,6 @@
 """DVC stage `download`: see mnist_vae.stages.download for what it reads and writes."""
 
-from mnist_vae.stages import main
+from mnist_vae.stages.download import main
 
 if __name__ == "__main__":
-    main("download")
+    main()

@@ -121,7 +121,7 @@ def test_bad_input_is_one_clear_line_and_loses_nothing(
 
 
 def test_truncated_idx_file_is_named_with_its_expected_length(tmp_path: Path) -> None:
-    from mnist_vae.data import IdxError, parse_idx
+    from mnist_vae.fetch import IdxError, parse_idx
 
     raw = gzip.decompress((SHARED_MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())
     with pytest.raises(IdxError, match="t10k-labels-idx1-ubyte.*expected"):

@@ -6,6 +6,8 @@ import pytest
 import yaml
 
 from mnist_vae.config import ConfigError, Params, load_params, params_from_dict, parse_override
+from mnist_vae.errors import UserError
+from mnist_vae.profiles import PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,12 +34,32 @@ def test_project_params_file_is_valid() -> None:
         ({"evaluate": {"iw_samples": 0}}, "evaluate.iw_samples: expected an integer >= 1"),
         ({"data": {"mirrors": []}}, "data.mirrors: expected at least one mirror"),
         ({"mlflow": {"experiment": " "}}, "mlflow.experiment: expected a non-empty name"),
+        ({"mlflow": {"experiment": 3}}, "mlflow.experiment: expected a string, got 3"),
+        ({"train": {"binarize": "yes"}}, "train.binarize: expected true or false, got 'yes'"),
+        ({"train": {"epochs": 3.0}}, "train.epochs: expected an integer, got 3.0"),
+        ({"train": {"lr": True}}, "train.lr: expected a number, got True"),
+        ({"train": [1, 2]}, "train: expected a mapping of keys, got [1, 2]"),
+        ({"model": {"hidden": [256, 1.5]}}, "model.hidden: expected an integer, got 1.5"),
+        ({"model": {"hidden": []}}, "model.hidden: expected at least one hidden layer"),
+        ({"evaluate": {"n_images": 33}}, "evaluate.n_images: expected an integer in 1..32, got 33"),
+        ({"train": {"batch_size": 10, "nproc": 3}},
+         "train.batch_size: expected a multiple of train.nproc (3): each process takes an equal shard, "
+         "got 10"),
+        ({"train": {"epochs": 2, "warmup_epochs": 3}},
+         "train.warmup_epochs: expected a number of epochs between 0 and train.epochs, got 3.0"),
+        ({"train": {"objective": "iwae"}, "model": {"preset": "seed"}},
+         "train.objective: expected elbo with model.preset seed"),
     ],
 )
 def test_invalid_values_name_the_key_and_expectation(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         params_from_dict(raw)
     assert message in str(info.value)
+    assert "\n" not in str(info.value) and info.value.__suppress_context__  # one line, no chain
+
+
+def test_config_error_is_a_user_error_and_a_value_error() -> None:
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
 
 
 def test_ints_are_accepted_where_floats_are_expected() -> None:
@@ -48,10 +70,53 @@ def test_ints_are_accepted_where_floats_are_expected() -> None:
 def test_overrides_replace_values(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"train": {"epochs": 2}}))
-    params = load_params(path, dict([parse_override("train.epochs=7"),
-                                     parse_override("model.hidden=[8, 4]")]))
+    params = load_params(path, ["train.epochs=7", "model.hidden=[8, 4]"])
     assert params.train.epochs == 7
     assert params.model.hidden == (8, 4)
+    assert load_params(path, {"train.epochs": 5}).train.epochs == 5  # the dict form tests still use
+
+
+def test_override_values_are_read_as_yaml() -> None:
+    assert parse_override("train.epochs=3") == ("train.epochs", 3)
+    assert parse_override(" model.hidden = [8, 4]") == ("model.hidden", [8, 4])
+    assert parse_override("train.binarize=true") == ("train.binarize", True)
+    assert parse_override("mlflow.experiment=a=b") == ("mlflow.experiment", "a=b")
+    with pytest.raises(ConfigError, match="override 'train.lr=\\[1': the value is not valid YAML"):
+        parse_override("train.lr=[1")
+
+
+def test_a_bad_override_value_is_reported_like_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match=r"^train.epochs: expected an integer, got 'x'$"):
+        load_params(path, ["train.epochs=x"])
+    with pytest.raises(ConfigError, match="train.epoch: unknown key; expected one of adam_eps, "):
+        load_params(path, ["train.epoch=3"])
+
+
+def test_profile_overrides_go_first_and_set_wins(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": 2, "iw_samples": 1}}))
+    assert "train.iw_samples=50" in PROFILES["burda2015-iwae"]
+    params = load_params(path, [*PROFILES["burda2015-iwae"], "train.iw_samples=7"])
+    assert params.train.iw_samples == 7  # --set beats the profile
+    assert params.train.epochs == 3280 and params.model.latent == 50  # the profile beats the file
+    assert params.train.objective == "iwae"
+    assert load_params(path).train.epochs == 2
+
+
+def test_replace_validates_and_leaves_the_original_alone() -> None:
+    params = Params()
+    changed = params.train.replace(epochs=3, limit=64)
+    assert (changed.epochs, changed.limit, params.train.epochs) == (3, 64, 10)
+    with pytest.raises(ConfigError, match=r"^train.epochs: expected an integer >= 1, got 0$"):
+        params.train.replace(epochs=0)
+    with pytest.raises(ConfigError, match="evaluate.iw_sample: unknown key"):
+        params.evaluate.replace(iw_sample=3)
+    with pytest.raises(ConfigError, match="model.hidden: expected positive layer widths"):
+        params.model.replace(hidden=(8, 0))
+    with pytest.raises(ValueError, match="frozen"):
+        params.train.epochs = 3  # type: ignore[misc]
 
 
 def test_bad_override_and_missing_file_are_clear(tmp_path: Path) -> None:
@@ -66,7 +131,11 @@ def test_bad_override_and_missing_file_are_clear(tmp_path: Path) -> None:
 
 def test_defaults_round_trip_through_plain_data() -> None:
     params = Params()
-    assert params_from_dict(params.to_dict()) == params
+    plain = params.to_dict()
+    assert plain["model"]["hidden"] == [512, 256] and isinstance(plain["data"]["mirrors"], list)
+    assert yaml.safe_load(yaml.safe_dump(plain)) == plain
+    assert params_from_dict(plain) == params
+    assert params.flat()["model.hidden"] == [512, 256] and params.flat()["train.lr"] == 1e-3
 
 
 def test_mlproject_defaults_agree_with_params_yaml() -> None:

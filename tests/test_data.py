@@ -1,8 +1,9 @@
-"""Tests for :mod:`mnist_vae.data`: IDX parsing, mirror fall-through, atomic writes, loading.
+"""Tests for :mod:`mnist_vae.fetch` and :mod:`mnist_vae.data`: IDX parsing, mirror fall-through,
+atomic writes, loading.
 
 No test touches the network: mirrors are directories under ``tmp_path``, a refused local port, or a
 throwaway HTTP server on 127.0.0.1. Tiny stand-in files get their digests swapped into
-``mnist_vae.data.SHA256`` (and their sizes into ``SPLITS``) so the real checks run on them.
+``mnist_vae.fetch.SHA256`` (and their sizes into ``SPLITS``) so the real checks run on them.
 """
 
 from __future__ import annotations
@@ -23,19 +24,16 @@ import requests
 from rich.console import Console
 from rich.progress import Progress
 
-from mnist_vae import data
+from mnist_vae import fetch
 from mnist_vae.config import ConfigError
-from mnist_vae.data import (
+from mnist_vae.data import DatasetFormatError, DatasetMissingError, MnistData, load_mnist
+from mnist_vae.fetch import (
     FILES,
     MIRRORS_ENV,
-    DatasetFormatError,
-    DatasetMissingError,
     DownloadError,
     IdxError,
-    MnistData,
     download_mnist,
     fetch_file,
-    load_mnist,
     parse_idx,
     resolve_mirrors,
 )
@@ -63,7 +61,7 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
         "t10k-labels-idx1-ubyte": idx_bytes(np.array([7, 1])),
     }
     monkeypatch.setattr(
-        data, "SHA256", {name: hashlib.sha256(raw).hexdigest() for name, raw in files.items()}
+        fetch, "SHA256", {name: hashlib.sha256(raw).hexdigest() for name, raw in files.items()}
     )
     return files
 
@@ -72,7 +70,7 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
 def tiny_splits(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lets ``download_mnist`` accept the tiny files' sizes instead of 60000/10000."""
     monkeypatch.setattr(
-        data,
+        fetch,
         "SPLITS",
         {
             "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", N_TRAIN),
@@ -191,7 +189,7 @@ def test_checksum_mismatch_falls_through(
     name = "train-labels-idx1-ubyte"
     bad = make_mirror(tmp_path / "bad", {name: idx_bytes(np.array([1, 1, 1]))})
     good = make_mirror(tmp_path / "good", tiny)
-    with caplog.at_level(logging.INFO, logger="mnist_vae.data"):
+    with caplog.at_level(logging.INFO, logger="mnist_vae.fetch"):
         assert fetch_file(name, [str(bad), str(good)]) == tiny[name]
     assert "checksum mismatch" in caplog.text
     assert str(good / f"{name}.gz") in caplog.text
@@ -238,7 +236,7 @@ def test_all_mirrors_failing_lists_each_reason(tiny: dict[str, bytes], tmp_path:
         f"  {REFUSED}: unreachable: connection refused",
     ]
     assert "corrupt or truncated gzip" in lines[3] and lines[3].startswith(f"  {truncated}: ")
-    assert data.SHA256[name] in lines[1]
+    assert fetch.SHA256[name] in lines[1]
 
 
 def test_unreachable_host_is_skipped_for_later_files(
@@ -407,9 +405,9 @@ def test_valid_small_dataset_loads(tmp_path: Path) -> None:
 
 def _stage_main() -> object:
     """What ``python pipeline/download.py ARGS`` runs."""
-    from mnist_vae.stages import main
+    from mnist_vae.stages.download import main
 
-    return lambda argv: main("download", argv)
+    return main
 
 
 def test_stage_writes_data_npz_with_env_mirror(

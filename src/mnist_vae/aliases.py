@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from mnist_vae.errors import UserError
 from mnist_vae.registry import CHAMPION, ModelNotFoundError
 
 PREVIOUS_TAG = "previous_champion"
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 
 
-class NothingToRollBackError(LookupError):
+class NothingToRollBackError(UserError, LookupError):
     """No earlier champion was recorded, so there is no version to roll back to."""
 
 

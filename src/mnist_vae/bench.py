@@ -16,10 +16,9 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,15 +79,24 @@ class _TimedRow:
     final_loss: Callable[[], float]
 
 
-def tutorial_loop(data: MnistData, settings: BenchSettings, workdir: Path) -> _TimedRow:
+def tutorial_loop(data: MnistData, settings: BenchSettings) -> _TimedRow:
     """(a): the tutorial's own input pipeline, PIL images through ToTensor and a DataLoader."""
-    from torchvision import datasets, transforms
+    from PIL import Image
+    from torchvision import transforms
 
-    _write_torchvision_raw(data, workdir)
+    to_tensor = transforms.ToTensor()
+
+    class TutorialMnist(torch.utils.data.Dataset):
+        """Does per sample what ``torchvision.datasets.MNIST.__getitem__`` does, from our arrays."""
+
+        def __len__(self) -> int:
+            return len(data.y_train)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return to_tensor(Image.fromarray(data.x_train[i], mode="L")), int(data.y_train[i])
+
     device = resolve_device(settings.device)
-    dataset = datasets.MNIST(str(workdir), train=True, download=False,
-                             transform=transforms.ToTensor())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True)
+    loader = torch.utils.data.DataLoader(TutorialMnist(), batch_size=32, shuffle=True)
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="seed"), seed=0).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -110,7 +118,7 @@ def tutorial_loop(data: MnistData, settings: BenchSettings, workdir: Path) -> _T
                     yield rate  # the other rows run their window now: not timed here
                     start = time.perf_counter()
 
-    return _TimedRow("a", "tutorial loop: torchvision MNIST, ToTensor, DataLoader", 32, windows(),
+    return _TimedRow("a", "tutorial loop: PIL images, ToTensor, DataLoader", 32, windows(),
                      lambda: _fixed_loss(model, data.x_test, device))
 
 
@@ -122,7 +130,7 @@ def trainer_row(data: MnistData, name: str, description: str, train_cfg: TrainCo
     """
     device = resolve_device(settings.device)
     model = build_model(ModelConfig(preset="seed"), seed=train_cfg.seed)
-    cfg = replace(train_cfg, epochs=settings.windows + 1, limit=settings.chunk)
+    cfg = train_cfg.replace(epochs=settings.windows + 1, limit=settings.chunk)
     epochs = train_epochs(model, data.x_train, cfg)
     return _TimedRow(name, description, cfg.batch_size, (s.samples_per_sec for s in epochs),
                      lambda: _fixed_loss(model, data.x_test, device))
@@ -171,17 +179,16 @@ def run_benchmark(data: MnistData, settings: BenchSettings = BenchSettings(),
     base = TrainConfig(device=settings.device, batch_size=32, lr=1e-3, schedule="constant")
     # The fastest settings measured on a 2-core CPU (README): batch 256 with torch.compile, lr raised
     # for the larger batch. On a GPU the same settings add CUDA graphs (compile's reduce-overhead).
-    fast = fast or replace(base, batch_size=256, lr=3e-3, compile=True)
-    with tempfile.TemporaryDirectory() as workdir:
-        timed = [
-            tutorial_loop(data, settings, Path(workdir)),
-            trainer_row(data, "b", "this trainer, seed preset", base, settings),
-            trainer_row(data, "b2", "row b with torch.compile", replace(base, compile=True),
-                        settings),
-            trainer_row(data, "c", f"this trainer, seed, lr {fast.lr:g}"
-                        f"{', compile' if fast.compile else ''}, {fast.precision}", fast, settings),
-        ]
-        rows = measure_interleaved(timed, settings)
+    fast = fast or base.replace(batch_size=256, lr=3e-3, compile=True)
+    timed = [
+        tutorial_loop(data, settings),
+        trainer_row(data, "b", "this trainer, seed preset", base, settings),
+        trainer_row(data, "b2", "row b with torch.compile", base.replace(compile=True),
+                    settings),
+        trainer_row(data, "c", f"this trainer, seed, lr {fast.lr:g}"
+                    f"{', compile' if fast.compile else ''}, {fast.precision}", fast, settings),
+    ]
+    rows = measure_interleaved(timed, settings)
     rows.append(time_to_target(data, settings))
     for row in rows:
         row.ratio = row.samples_per_sec / rows[0].samples_per_sec
@@ -257,16 +264,3 @@ def _cpu_model() -> str:
 
 def _sync(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def _write_torchvision_raw(data: MnistData, root: Path) -> None:
-    """Writes the verified arrays back as the uncompressed IDX files torchvision.datasets.MNIST reads."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for name, array in (("train-images-idx3-ubyte", data.x_train),
-                        ("train-labels-idx1-ubyte", data.y_train),
-                        ("t10k-images-idx3-ubyte", data.x_test),
-                        ("t10k-labels-idx1-ubyte", data.y_test)):
-        header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-            int(d).to_bytes(4, "big") for d in array.shape)
-        (raw / name).write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())

@@ -7,12 +7,10 @@ or :mod:`mnist_vae.aliases`. Failures a user can fix end with one line ``error: 
 exit code 1, never a traceback.
 """
 
-import dataclasses
 import functools
 import json
 import logging
 import math
-import re
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +20,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mnist_vae.config import EvaluateConfig, Params, load_params, parse_override
+from mnist_vae.config import EvaluateConfig, Params, load_params
+from mnist_vae.errors import UserError
+from mnist_vae.paths import Paths
+from mnist_vae.runner import one_line
 
 if TYPE_CHECKING:  # torch and mlflow take seconds to import: commands import them when they run,
     # so that `mnist-vae --help` answers at once.
@@ -106,31 +107,15 @@ def _reports_errors(command: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
-            raise  # typer's own exits and usage errors; Exit and Abort are RuntimeErrors
-        except Exception as exc:
-            if not isinstance(exc, _user_errors()):
-                raise
+        except UserError as exc:
             _fail(str(exc))
 
     return wrapper
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from mlflow.exceptions import MlflowException
-
-    from mnist_vae.aliases import NothingToRollBackError
-    from mnist_vae.errors import USER_ERRORS
-    from mnist_vae.preprocess import ImageError
-
-    # OSError: unwritable output paths and the like; MlflowException: a store that fails mid-way.
-    return (*USER_ERRORS, NothingToRollBackError, ImageError, OSError, MlflowException)
-
-
 def _fail(message: str) -> NoReturn:
     # typer.echo, not rich: rich would wrap a long message over several lines.
-    one_line = re.sub(r"\s*\n\s*", "; ", message.strip()).replace(":;", ":")
-    typer.echo(f"error: {one_line}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code=1)
 
 
@@ -155,8 +140,8 @@ def _params(path: Path, overrides: list[str] | None = None, profile: str | None 
 
         if profile not in PROFILES:
             _fail(f"--profile: unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
-        overrides = [*PROFILES[profile], *(overrides or [])]
-    return load_params(path, dict(parse_override(text) for text in overrides or []))
+        overrides = [*PROFILES[profile], *(overrides or ())]
+    return load_params(path, overrides or ())
 
 
 def _busy(message: str):
@@ -199,7 +184,7 @@ def _parse_digits(text: str | None) -> list[int] | None:
 def _evaluate_config(params: Params, limit: int | None, iw_samples: int | None) -> EvaluateConfig:
     """``evaluate`` of params.yaml with the command-line values; validated like the file."""
     changes = {"limit": limit, "iw_samples": iw_samples}
-    return dataclasses.replace(params.evaluate, **{k: v for k, v in changes.items() if v is not None})
+    return params.evaluate.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
 def _fmt(value: float) -> str:
@@ -267,9 +252,9 @@ def download(
 
     Example: mnist-vae download --data data/mnist.npz
     """
-    from mnist_vae import stages
+    from mnist_vae.stages import download as stage
 
-    out = stages.download(_params(params, overrides), stages.Paths(data=data))
+    out = stage.run(_params(params, overrides), Paths(data=data))
     Console().print(f"wrote {out}")
 
 
@@ -287,12 +272,13 @@ def train(
 
     Example: mnist-vae train --set train.epochs=3 --set model.latent=16
     """
-    from mnist_vae import stages, tracking
+    from mnist_vae import tracking
+    from mnist_vae.stages import train as stage
 
     resolved = _params(params, overrides, profile)
     tracking.configure()
-    run_id = stages.train(resolved, stages.Paths(data=data))
-    Console().print(f"trained: MLflow run {run_id}, weights in {stages.Paths().model}")
+    run_id = stage.run(resolved, Paths(data=data))
+    Console().print(f"trained: MLflow run {run_id}, weights in {Paths().model}")
 
 
 @app.command()
@@ -309,19 +295,20 @@ def run(
 
     Example: mnist-vae run --set train.epochs=5 --set model.hidden=[256,128]
     """
-    from mnist_vae import stages, tracking
+    from mnist_vae import tracking
+    from mnist_vae.stages import download, evaluate, train
 
     resolved = _params(params, overrides, profile)
     tracking.configure()  # an unreachable server fails now, not after the download
-    paths = stages.Paths(data=data)
+    paths = Paths(data=data)
     console = Console()
     if data.is_file():
         console.print(f"dataset {data} present; not downloading (`mnist-vae download` refetches)")
     else:
-        stages.download(resolved, paths)
-    run_id = stages.train(resolved, paths)
+        download.run(resolved, paths)
+    run_id = train.run(resolved, paths)
     with _busy("evaluating and registering"):
-        evaluation = stages.evaluate(resolved, paths)
+        evaluation = evaluate.run(resolved, paths)
     console.print(f"test metrics of MLflow run {run_id}:")
     console.print(_metrics_table(evaluation))
 
@@ -448,7 +435,7 @@ def reconstruct(
     import numpy as np
 
     from mnist_vae.evaluate import reconstruct as decode_means
-    from mnist_vae.images import save_png, stack_panels, to_grid
+    from mnist_vae.images import image_grid, write_png
     from mnist_vae.preprocess import load_digit
 
     # Read the pictures first: a bad file fails before the slow model download.
@@ -456,8 +443,9 @@ def reconstruct(
     vae = _load_model(_default_model(_params(params), model))
     recon = decode_means(vae, prepared)
     columns = len(prepared)
-    picture = stack_panels(to_grid(prepared / 255.0, columns=columns), to_grid(recon, columns=columns))
-    Console().print(f"wrote {save_png(picture, out)}")
+    written = write_png(out, image_grid(prepared / 255.0, columns=columns),
+                        image_grid(recon, columns=columns))
+    Console().print(f"wrote {written}")
 
 
 @app.command()
@@ -474,14 +462,14 @@ def sample(
     Example: mnist-vae sample -n 64 -o grid.png --seed 1
     """
     from mnist_vae.evaluate import sample as draw
-    from mnist_vae.images import save_png, to_grid
+    from mnist_vae.images import image_grid, write_png
 
     if number < 1:
         _fail(f"--number: expected at least 1 image, got {number}")
     vae = _load_model(_default_model(_params(params), model))
     images = draw(vae, number, seed=seed)
-    picture = to_grid(images, columns=math.ceil(math.sqrt(number)))
-    Console().print(f"wrote {save_png(picture, out)}")
+    written = write_png(out, image_grid(images, columns=math.ceil(math.sqrt(number))))
+    Console().print(f"wrote {written}")
 
 
 @app.command()

@@ -1,20 +1,23 @@
 """Typed view of ``params.yaml``.
 
 Every knob of the pipeline lives in ``params.yaml``, one section per stage. This module turns that
-file into frozen dataclasses that validate on construction: an unknown key, a value of the wrong type
-or one out of range raises :class:`ConfigError` naming the dotted key and what was expected.
+file into frozen pydantic models that validate on construction: an unknown key, a value of the wrong
+type or one out of range raises :class:`ConfigError` naming the dotted key and what was expected.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
+
+from mnist_vae.errors import UserError
 
 Preset = Literal["default", "seed"]
 Activation = Literal["relu", "silu", "gelu", "elu", "tanh"]
@@ -24,27 +27,31 @@ Objective = Literal["elbo", "iwae"]
 Precision = Literal["fp32", "tf32", "bf16"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class _Frozen(BaseModel):
+    # strict: ints reject floats and bools, bools accept only true/false (floats still take ints).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes``, validated like the file (``model_copy(update=...)`` is not)."""
+        section = [name for name, f in Params.model_fields.items() if f.annotation is type(self)]
+        return _validate(type(self), {**self.model_dump(), **changes}, tuple(section))
+
+
+class DataConfig(_Frozen):
     """Where the ``download`` stage fetches MNIST from."""
 
-    mirrors: tuple[str, ...] = (
-        "https://ossci-datasets.s3.amazonaws.com/mnist/",
-        "http://yann.lecun.com/exdb/mnist/",
-    )
-    timeout: float = 30.0
-
-    def __post_init__(self) -> None:
-        _check(len(self.mirrors) > 0, "data.mirrors", "at least one mirror", self.mirrors)
-        _check(self.timeout > 0, "data.timeout", "a positive number of seconds", self.timeout)
+    # Lax (strict=False) only to take a YAML list for the tuple; the items stay strict.
+    mirrors: tuple[str, ...] = Field(
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        strict=False, min_length=1, description="at least one mirror")
+    timeout: float = Field(30.0, gt=0, description="a positive number of seconds")
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Frozen):
     """The VAE's architecture.
 
     ``preset: seed`` is the tutorial's model (linear layers 784-256-64-20 and 10-64-256-784, a raw
@@ -55,130 +62,108 @@ class ModelConfig:
     """
 
     preset: Preset = "default"
-    hidden: tuple[int, ...] = (512, 256)
-    latent: int = 32
+    hidden: tuple[int, ...] = Field((512, 256), strict=False, min_length=1,
+                                    description="at least one hidden layer")
+    latent: int = Field(32, gt=0, description="a positive integer")
     activation: Activation = "silu"
 
-    def __post_init__(self) -> None:
-        _check(len(self.hidden) > 0, "model.hidden", "at least one hidden layer", self.hidden)
-        for width in self.hidden:
-            _check(width > 0, "model.hidden", "positive layer widths", self.hidden)
-        _check(self.latent > 0, "model.latent", "a positive integer", self.latent)
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, hidden: tuple[int, ...]) -> tuple[int, ...]:
+        _check(all(width > 0 for width in hidden), "model.hidden", "positive layer widths", hidden)
+        return hidden
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Frozen):
     """How the ``train`` stage optimises the model."""
 
     device: Device = "auto"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    adam_eps: float = 1e-8
+    epochs: int = Field(10, ge=1, description="an integer >= 1")
+    batch_size: int = Field(128, ge=1, description="an integer >= 1")
+    lr: float = Field(1e-3, gt=0, lt=1, description="a learning rate in (0, 1)")
+    adam_eps: float = Field(1e-8, gt=0, lt=1, description="Adam's epsilon in (0, 1)")
     schedule: Schedule = "cosine"
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    limit: int = 0
-    threads: int = 0
+    warmup_epochs: float = Field(0.0, ge=0,
+                                description="a number of epochs between 0 and train.epochs")
+    seed: int = Field(0, ge=0, description="an integer >= 0")
+    limit: int = Field(0, ge=0, description="0 (all 60000 images) or a positive count")
+    validation: int = Field(10_000, ge=0, le=50_000, description=(
+        "a number of images in 0..50000 (the last ones of the 60000 held out; 0: none)"))
+    threads: Literal["auto"] | int = Field("auto", union_mode="left_to_right", description=(
+        "auto (share the cores with concurrent trainings), 0 (torch's default) or a thread count"))
     objective: Objective = "elbo"
-    iw_samples: int = 1
+    iw_samples: int = Field(1, ge=1, description="an integer >= 1")
     binarize: bool = False
-    nproc: int = 1
+    nproc: int = Field(1, ge=1, description="an integer >= 1 (processes under torchrun)")
     compile: bool = False
     precision: Precision = "fp32"
 
-    def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
-        _check(self.nproc >= 1, "train.nproc", "an integer >= 1 (processes under torchrun)",
-               self.nproc)
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Self:
         _check(self.batch_size % self.nproc == 0, "train.batch_size",
                f"a multiple of train.nproc ({self.nproc}): each process takes an equal shard",
                self.batch_size)
-        _check(self.iw_samples >= 1, "train.iw_samples", "an integer >= 1", self.iw_samples)
-        _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
-        _check(0 < self.lr < 1, "train.lr", "a learning rate in (0, 1)", self.lr)
-        _check(0 < self.adam_eps < 1, "train.adam_eps", "Adam's epsilon in (0, 1)", self.adam_eps)
-        _check(
-            0 <= self.warmup_epochs <= self.epochs,
-            "train.warmup_epochs",
-            "a number of epochs between 0 and train.epochs",
-            self.warmup_epochs,
-        )
-        _check(self.seed >= 0, "train.seed", "an integer >= 0", self.seed)
-        _check(self.limit >= 0, "train.limit", "0 (all 60000 images) or a positive count", self.limit)
-        _check(self.threads >= 0, "train.threads", "0 (torch's default) or a thread count", self.threads)
+        _check(self.threads == "auto" or self.threads >= 0, "train.threads",
+               "auto (share the cores with concurrent trainings), 0 (torch's default) or a thread "
+               "count", self.threads)
+        _check(self.warmup_epochs <= self.epochs, "train.warmup_epochs",
+               "a number of epochs between 0 and train.epochs", self.warmup_epochs)
+        return self
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Frozen):
     """What the ``evaluate`` stage measures on the test set."""
 
-    batch_size: int = 1000
-    iw_samples: int = 64
-    limit: int = 0
-    seed: int = 0
-    n_images: int = 8
+    batch_size: int = Field(1000, ge=1, description="an integer >= 1")
+    iw_samples: int = Field(64, ge=1, description="an integer >= 1")
+    limit: int = Field(0, ge=0, description="0 (all 10000 images) or a positive count")
+    seed: int = Field(0, ge=0, description="an integer >= 0")
+    n_images: int = Field(8, ge=1, le=32, description="an integer in 1..32")
     binarize: bool = False
 
-    def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
-        _check(self.iw_samples >= 1, "evaluate.iw_samples", "an integer >= 1", self.iw_samples)
-        _check(self.limit >= 0, "evaluate.limit", "0 (all 10000 images) or a positive count", self.limit)
-        _check(self.seed >= 0, "evaluate.seed", "an integer >= 0", self.seed)
-        _check(1 <= self.n_images <= 32, "evaluate.n_images", "an integer in 1..32", self.n_images)
 
-
-@dataclass(frozen=True)
-class MlflowConfig:
+class MlflowConfig(_Frozen):
     """Where runs and models are recorded. The tracking URI itself comes from the environment."""
 
-    experiment: str = "mnist-vae"
-    registered_model: str = "mnist-vae"
-
-    def __post_init__(self) -> None:
-        _check(bool(self.experiment.strip()), "mlflow.experiment", "a non-empty name", self.experiment)
-        _check(
-            bool(self.registered_model.strip()),
-            "mlflow.registered_model",
-            "a non-empty name",
-            self.registered_model,
-        )
+    experiment: str = Field("mnist-vae", pattern=r"\S", description="a non-empty name")
+    registered_model: str = Field("mnist-vae", pattern=r"\S", description="a non-empty name")
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(_Frozen):
     """The whole of ``params.yaml``."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _iwae_needs_bernoulli(self) -> Self:
         _check(self.train.objective == "elbo" or self.model.preset == "default", "train.objective",
                "elbo with model.preset seed (the IWAE bound needs a Bernoulli likelihood)",
                self.train.objective)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved parameters as plain YAML-able data (tuples become lists)."""
-        return _plain(dataclasses.asdict(self))
+        return self.model_dump(mode="json")
 
     def flat(self) -> dict[str, Any]:
         """The resolved parameters as ``{"section.key": value}``, as MLflow logs them."""
-        out: dict[str, Any] = {}
-        for section, values in self.to_dict().items():
-            for key, value in values.items():
-                out[f"{section}.{key}"] = value
-        return out
+        return {f"{section}.{key}": value
+                for section, values in self.to_dict().items() for key, value in values.items()}
 
 
-def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+def load_params(path: Path | str = "params.yaml",
+                overrides: Sequence[str] | Mapping[str, Any] = ()) -> Params:
     """Reads and validates a params file.
 
     Args:
         path: The YAML file, sectioned by stage.
-        overrides: Dotted keys to replace after reading, e.g. ``{"train.epochs": 3}``.
+        overrides: ``section.key=value`` strings (the value read as YAML), in order, later ones
+            winning: a profile's (:mod:`mnist_vae.profiles`) then ``--set``'s. A mapping
+            ``{"section.key": value}`` is also taken (tests build them).
 
     Raises:
         ConfigError: The file is missing or malformed, or a value is invalid.
@@ -194,11 +179,13 @@ def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    for dotted, value in (overrides or {}).items():
+    pairs = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    for dotted, value in pairs:
         section, _, key = dotted.partition(".")
         if not key:
             raise ConfigError(f"override {dotted!r}: expected 'section.key=value'")
-        raw.setdefault(section, {})
+        if raw.get(section) is None:  # an empty section in the file
+            raw[section] = {}
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: expected a mapping")
         raw[section][key] = value
@@ -207,15 +194,7 @@ def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
 
 def params_from_dict(raw: dict[str, Any]) -> Params:
     """Builds :class:`Params` from nested plain data, validating every key."""
-    sections = {f.name: f for f in dataclasses.fields(Params)}
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r}: expected one of {sorted(sections)}")
-    built = {}
-    for name, fld in sections.items():
-        cls = fld.default_factory  # type: ignore[misc]
-        built[name] = _build(cls, raw.get(name) or {}, name)
-    return Params(**built)
+    return _validate(Params, {section: values or {} for section, values in raw.items()}, ())
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -223,65 +202,60 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
         raise ConfigError(f"override {text!r}: expected 'section.key=value'")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
 
 
-def _build(cls: type, values: Any, section: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{section}.{unknown[0]}: unknown key; expected one of {', '.join(sorted(fields))}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(values[name], hints[name], f"{section}.{name}") for name in values}
-    return cls(**kwargs)
+_M = TypeVar("_M", bound=BaseModel)
+_TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+               "string_type": "a string", "model_type": "a mapping of keys"}
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Checks ``value`` against a type hint, converting lists to tuples and ints to floats."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    if origin is tuple:
-        item = typing.get_args(hint)[0]
-        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
-        return tuple(_coerce(v, item, key) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        raise AssertionError(f"{key}: unions are not supported in params")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise AssertionError(f"{key}: no coercion for type {hint!r}")
+def _validate(cls: type[_M], raw: dict[str, Any], section: tuple[str, ...]) -> _M:
+    """``cls.model_validate`` with pydantic's first error reworded as our one-line ConfigError."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise _config_error(exc.errors()[0], section) from None
+
+
+def _config_error(error: ErrorDetails, section: tuple[str, ...]) -> ConfigError:
+    own = error.get("ctx", {}).get("error")
+    if isinstance(own, ConfigError):  # raised by a validator below, already worded
+        return own
+    # The location down to the field: list indices and union members' tags after it are dropped.
+    loc: list[str] = []
+    owner: Any = Params
+    for part in (*section, *error["loc"]):
+        fields = getattr(owner, "model_fields", {})
+        if not isinstance(part, str) or (part not in fields and error["type"] != "extra_forbidden"):
+            break
+        loc.append(part)
+        if part not in fields:
+            break
+        if len(loc) < len(section) + len(error["loc"]) and \
+                isinstance(fields[part].annotation, type) and \
+                issubclass(fields[part].annotation, BaseModel):
+            owner = fields[part].annotation
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden" and len(loc) == 1:
+        return ConfigError(f"unknown section {key!r}: expected one of {sorted(Params.model_fields)}")
+    if error["type"] == "extra_forbidden":
+        return ConfigError(f"{key}: unknown key; expected one of {', '.join(sorted(owner.model_fields))}")
+    field = owner.model_fields[loc[-1]]
+    if typing.get_origin(field.annotation) in (typing.Union, types.UnionType):
+        expected = field.description
+    elif error["type"] == "literal_error":
+        expected = f"one of {', '.join(typing.get_args(field.annotation))}"
+    elif error["type"] == "tuple_type":
+        expected = f"a list of {typing.get_args(field.annotation)[0].__name__}"
+    else:
+        expected = _TYPE_WORDS.get(error["type"]) or field.description or error["msg"]
+    return ConfigError(f"{key}: expected {expected}, got {error['input']!r}")
 
 
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value

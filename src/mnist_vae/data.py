@@ -1,102 +1,33 @@
-"""Fetching MNIST and reading it back.
+"""Reading the prepared MNIST archive that the ``download`` stage writes (see :mod:`mnist_vae.fetch`).
 
-The ``download`` stage pulls the four IDX files of the MNIST database from a list of mirrors,
-checks each against its pinned SHA-256, parses the IDX format and writes the whole dataset as one
-compressed ``.npz``. Every other stage reads that archive through :func:`load_mnist`.
-
-A mirror is one of:
-
-* an ``http://`` or ``https://`` URL prefix holding ``<name>.gz``;
-* a ``file://`` URL or a local directory holding ``<name>.gz`` or, failing that, ``<name>``.
-
-The digests are of the *uncompressed* files, so a mirror may recompress the data as it likes.
+Every stage after ``download`` reads ``data/mnist.npz`` through :func:`load_mnist`, and this module
+imports nothing of the downloader, so those stages do not depend on it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import hashlib
-import logging
-import math
-import os
-import re
-import socket
-import sys
-import tempfile
 import zipfile
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
-from urllib.request import url2pathname
 
 import numpy as np
-import requests
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from mnist_vae.config import ConfigError
-
-log = logging.getLogger(__name__)
-
-FILES: tuple[str, ...] = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-# Digests of the uncompressed official files. Read at call time (never copied), so tests can swap in
-# digests of tiny stand-in files.
-SHA256: dict[str, str] = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
-
-MIRRORS_ENV = "MNIST_MIRRORS"
+from mnist_vae.errors import UserError
 
 IMAGE_SIDE = 28
 N_CLASSES = 10
-# Split name -> (images file, labels file, number of examples) of the official distribution.
-SPLITS: dict[str, tuple[str, str, int]] = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60_000),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
-}
 NPZ_KEYS: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")
 
 MAKE_DATASET_HINT = "create it with `dvc repro download` (or `mnist-vae download`)"
 
-_IDX_UBYTE = 0x08
-_GZIP_MAGIC = b"\x1f\x8b"
-_CHUNK = 1 << 16
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
-
-class DownloadError(RuntimeError):
-    """No mirror delivered a file with the expected checksum."""
-
-
-class IdxError(ValueError):
-    """Bytes are not a well-formed IDX file of unsigned bytes, or the files disagree."""
-
-
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(UserError, FileNotFoundError):
     """The prepared ``.npz`` does not exist yet."""
 
 
-class DatasetFormatError(ValueError):
-    """The prepared ``.npz`` exists but does not hold MNIST as :func:`download_mnist` writes it."""
+class DatasetFormatError(UserError, ValueError):
+    """The prepared ``.npz`` exists but does not hold MNIST as the ``download`` stage writes it."""
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays would be elementwise, hence ambiguous
@@ -108,215 +39,19 @@ class MnistData:
     x_test: np.ndarray
     y_test: np.ndarray
 
-
-class _MirrorFailure(Exception):
-    """Why one mirror could not supply one file; ``unreachable`` marks connection failures."""
-
-    def __init__(self, reason: str, *, unreachable: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.unreachable = unreachable
-
-
-def resolve_mirrors(
-    configured: Sequence[str],
-    environ: Mapping[str, str] | None = None,
-    base: Path | None = None,
-) -> list[str]:
-    """Decides which mirrors to try, in order.
-
-    ``$MNIST_MIRRORS`` (comma-separated) replaces the configured list when it holds any entry, so an
-    offline machine can point at a local copy without editing ``params.yaml``.
-
-    Args:
-        configured: Mirrors from ``params.yaml`` (``data.mirrors``).
-        environ: The environment to read; ``os.environ`` when omitted.
-        base: Directory that relative local paths are resolved against; the working directory
-            when omitted.
-
-    Returns:
-        URLs unchanged, local directories as absolute paths.
-
-    Raises:
-        ConfigError: A mirror uses a scheme other than http, https or file.
-    """
-    environ = os.environ if environ is None else environ
-    from_env = [m.strip() for m in environ.get(MIRRORS_ENV, "").split(",")]
-    from_env = [m for m in from_env if m]
-    source = f"${MIRRORS_ENV}" if from_env else "data.mirrors"
-    chosen = from_env or [m.strip() for m in configured if m.strip()]
-    base = Path.cwd() if base is None else base
-
-    resolved = []
-    for mirror in chosen:
-        match = _SCHEME.match(mirror)
-        if match is None:
-            path = Path(mirror).expanduser()
-            resolved.append(str(path if path.is_absolute() else (base / path).resolve()))
-        elif match.group(1).lower() in ("http", "https", "file"):
-            resolved.append(mirror)
-        else:
-            raise ConfigError(
-                f"{source}: unsupported mirror {mirror!r}; expected an http(s):// URL prefix, "
-                "a file:// URL or a local directory"
-            )
-    return resolved
-
-
-def fetch_file(
-    name: str,
-    mirrors: Sequence[str],
-    timeout: float = 30.0,
-    progress: Progress | None = None,
-    *,
-    unreachable: set[str] | None = None,
-) -> bytes:
-    """Fetches one MNIST file, trying mirrors in order until one passes the checksum.
-
-    Args:
-        name: One of :data:`FILES`.
-        mirrors: As returned by :func:`resolve_mirrors`.
-        timeout: Seconds to wait for a connection, and between bytes, per HTTP request.
-        progress: A running rich progress display that HTTP downloads add a bar to; none if omitted.
-        unreachable: Hosts that refused or timed out so far. Hosts failing here are added and hosts
-            already in it are skipped; share one set across the files of a download so that an
-            offline machine waits out the timeout once, not once per file.
-
-    Returns:
-        The uncompressed file, whose SHA-256 equals ``SHA256[name]``.
-
-    Raises:
-        ValueError: ``name`` is not an MNIST file.
-        DownloadError: No mirror delivered it; the message gives each mirror's reason on a line.
-    """
-    if name not in SHA256:
-        raise ValueError(f"{name!r}: not an MNIST file; expected one of {', '.join(SHA256)}")
-    unreachable = set() if unreachable is None else unreachable
-
-    failures: list[str] = []
-    for mirror in mirrors:
-        host = _http_host(mirror)
-        if host is not None and host in unreachable:
-            failures.append(f"  {mirror}: skipped: unreachable earlier")
-            continue
-        try:
-            if host is not None:
-                data, where = _fetch_http(mirror, name, timeout, progress)
-            else:
-                data, where = _fetch_local(mirror, name)
-            _verify(data, name)
-        except _MirrorFailure as failure:
-            if failure.unreachable and host is not None:
-                unreachable.add(host)
-            log.warning("%s: %s: %s", name, mirror, failure.reason)
-            failures.append(f"  {mirror}: {failure.reason}")
-            continue
-        log.info("%s: %d bytes from %s", name, len(data), where)
-        return data
-
-    if not failures:
-        raise DownloadError(f"{name}: no mirrors configured (data.mirrors or ${MIRRORS_ENV})")
-    raise DownloadError(
-        f"{name}: no mirror delivered a file with the expected SHA-256; tried, in order:\n"
-        + "\n".join(failures)
-    )
-
-
-def parse_idx(raw: bytes, name: str) -> np.ndarray:
-    """Parses an IDX file of unsigned bytes (the format of the MNIST distribution).
-
-    Layout: two zero bytes, a type code (0x08 for uint8), the number of dimensions, one big-endian
-    uint32 per dimension, then the values in C order.
-
-    Args:
-        raw: The uncompressed file.
-        name: The file's name, for error messages.
-
-    Returns:
-        A writable uint8 array of the stored shape.
-
-    Raises:
-        IdxError: The header is malformed or the data is not exactly as long as the header says.
-    """
-    if len(raw) < 4:
-        raise IdxError(f"{name}: expected a 4-byte IDX magic number, got {len(raw)} bytes in all")
-    if raw[0] != 0 or raw[1] != 0:
-        raise IdxError(
-            f"{name}: expected an IDX magic number starting with two zero bytes, "
-            f"got {raw[:4].hex()}"
-        )
-    if raw[2] != _IDX_UBYTE:
-        raise IdxError(
-            f"{name}: expected IDX type code 0x{_IDX_UBYTE:02x} (unsigned byte), got 0x{raw[2]:02x}"
-        )
-    ndim = raw[3]
-    if ndim == 0:
-        raise IdxError(f"{name}: expected at least one dimension, got 0")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise IdxError(
-            f"{name}: expected a {header}-byte header for {ndim} dimensions, got {len(raw)} bytes"
-        )
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = math.prod(dims)  # Python ints, so a hostile header cannot overflow the check
-    got = len(raw) - header
-    if got != expected:
-        shape = "x".join(map(str, dims))
-        raise IdxError(
-            f"{name}: expected {expected} bytes of data after the header (shape {shape}), got {got}"
-        )
-    # Copy so callers get an ordinary writable array rather than a read-only view of ``raw``.
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
-
-
-def download_mnist(
-    out: Path,
-    mirrors: Sequence[str],
-    timeout: float = 30.0,
-    progress: bool | None = None,
-) -> Path:
-    """Fetches, verifies and parses the four MNIST files and writes them as one ``.npz``.
-
-    The archive holds uint8 arrays ``x_train`` (60000, 28, 28), ``y_train`` (60000,),
-    ``x_test`` (10000, 28, 28) and ``y_test`` (10000,). It is written to a temporary file next to
-    ``out`` and renamed over it, so a failed run leaves any previous ``out`` as it was.
-
-    Args:
-        out: Where to write the archive; its parent directory is created.
-        mirrors: As returned by :func:`resolve_mirrors`.
-        timeout: Seconds per HTTP connection attempt and between received bytes.
-        progress: Show progress bars on stderr; when None, only if stderr is a terminal. Without
-            bars, one log line per file says where it came from.
-
-    Returns:
-        ``out``.
-
-    Raises:
-        DownloadError: A file could not be fetched from any mirror.
-        IdxError: A file verified but does not hold the expected shapes or labels (only possible
-            with digests other than the official ones).
-        OSError: The archive could not be written.
-    """
-    out = Path(out)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    unreachable: set[str] = set()
-
-    arrays: dict[str, np.ndarray] = {}
-    with _progress_display(progress) as display:
-        for name in FILES:
-            raw = fetch_file(name, mirrors, timeout, display, unreachable=unreachable)
-            arrays[name] = parse_idx(raw, name)
-            del raw  # the parsed copy is all we need; keep peak memory at one copy per file
-
-    data = _check_splits(arrays)
-    _write_npz_atomically(out, data)
-    log.info("wrote %s (%d training, %d test images)", out, len(data.y_train), len(data.y_test))
-    return out
+    def split(self, validation: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The training split without its last ``validation`` images, and those images:
+        ``(x_train, y_train, x_val, y_val)``. The validation split is the same whatever the seed,
+        so every model of a sweep is chosen on the same images."""
+        if not 0 <= validation < len(self.x_train):
+            raise ConfigError(f"train.validation: expected fewer images than the "
+                              f"{len(self.x_train)} of the training split, got {validation}")
+        cut = len(self.x_train) - validation
+        return self.x_train[:cut], self.y_train[:cut], self.x_train[cut:], self.y_train[cut:]
 
 
 def load_mnist(path: Path) -> MnistData:
-    """Reads the archive written by :func:`download_mnist`.
+    """Reads the archive written by :func:`mnist_vae.fetch.download_mnist`.
 
     Args:
         path: The ``.npz`` file, usually ``data/mnist.npz``.
@@ -367,176 +102,3 @@ def load_mnist(path: Path) -> MnistData:
                 f"{path}: expected y_{split} in 0..{N_CLASSES - 1}, got {int(y.max())}"
             )
     return MnistData(**arrays)
-
-
-def _http_host(mirror: str) -> str | None:
-    """``scheme://host:port`` of an http(s) mirror, the key for remembering unreachable hosts."""
-    parts = urlsplit(mirror)
-    if parts.scheme.lower() in ("http", "https"):
-        return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
-    return None
-
-
-def _fetch_http(
-    mirror: str, name: str, timeout: float, progress: Progress | None
-) -> tuple[bytes, str]:
-    url = f"{mirror.rstrip('/')}/{name}.gz"
-    try:
-        response = requests.get(url, timeout=timeout, stream=True)
-    except requests.ConnectionError as exc:  # includes ConnectTimeout: no byte was exchanged
-        raise _MirrorFailure(_unreachable_reason(exc, timeout), unreachable=True) from None
-    except requests.RequestException as exc:
-        raise _MirrorFailure(f"request failed: {_first_line(exc)}") from None
-
-    with response:
-        if response.status_code != 200:
-            raise _MirrorFailure(f"HTTP {response.status_code} {response.reason} for {url}")
-        # requests transparently undoes a Content-Encoding, in which case the body is no longer
-        # gzip even though the file name ends in .gz.
-        encoded = "gzip" in response.headers.get("Content-Encoding", "").lower()
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() and not encoded else None
-        task = progress.add_task(name, total=total) if progress is not None else None
-        chunks = []
-        try:
-            for chunk in response.iter_content(_CHUNK):
-                chunks.append(chunk)
-                if task is not None:
-                    progress.advance(task, len(chunk))
-        except requests.RequestException as exc:
-            # The host answered, so this is a broken transfer, not an unreachable host.
-            raise _MirrorFailure(f"transfer of {url} failed: {_first_line(exc)}") from None
-        finally:
-            if task is not None:
-                progress.remove_task(task)
-    body = b"".join(chunks)
-    return (body if encoded else _gunzip(body, url)), url
-
-
-def _fetch_local(mirror: str, name: str) -> tuple[bytes, str]:
-    if _SCHEME.match(mirror):
-        parts = urlsplit(mirror)
-        if parts.netloc not in ("", "localhost"):
-            raise _MirrorFailure(
-                f"expected a file:// URL on this machine, got host {parts.netloc!r}"
-            )
-        directory = Path(url2pathname(parts.path))
-    else:
-        directory = Path(mirror).expanduser()
-    if not directory.is_dir():
-        raise _MirrorFailure(f"directory {directory} not found")
-
-    compressed = directory / f"{name}.gz"
-    plain = directory / name
-    try:
-        if compressed.is_file():
-            return _gunzip(compressed.read_bytes(), str(compressed)), str(compressed)
-        if plain.is_file():
-            return plain.read_bytes(), str(plain)
-    except OSError as exc:
-        raise _MirrorFailure(f"could not read: {exc}") from None
-    raise _MirrorFailure(f"neither {compressed.name} nor {plain.name} in {directory}")
-
-
-def _gunzip(data: bytes, where: str) -> bytes:
-    if not data.startswith(_GZIP_MAGIC):
-        raise _MirrorFailure(f"{where}: expected gzip data, got bytes starting {data[:4].hex()}")
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; truncation: EOF
-        raise _MirrorFailure(f"{where}: corrupt or truncated gzip ({exc})") from None
-
-
-def _verify(data: bytes, name: str) -> None:
-    expected = SHA256[name]
-    got = hashlib.sha256(data).hexdigest()
-    if got != expected:
-        raise _MirrorFailure(
-            f"checksum mismatch: expected SHA-256 {expected}, got {got} ({len(data)} bytes)"
-        )
-
-
-def _unreachable_reason(exc: requests.ConnectionError, timeout: float) -> str:
-    """A short cause for a failed connection (requests nests the socket error several levels)."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return f"unreachable: no connection within {timeout:g} s"
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        err = stack.pop()
-        if id(err) in seen:
-            continue
-        seen.add(id(err))
-        if isinstance(err, socket.gaierror):
-            return f"unreachable: host name lookup failed ({err.strerror or err})"
-        if isinstance(err, ConnectionRefusedError):
-            return "unreachable: connection refused"
-        if isinstance(err, TimeoutError):
-            return f"unreachable: no connection within {timeout:g} s"
-        if isinstance(err, OSError) and err.strerror:
-            return f"unreachable: {err.strerror}"
-        nested = [err.__cause__, err.__context__, getattr(err, "reason", None), *err.args]
-        stack.extend(e for e in nested if isinstance(e, BaseException))
-    return f"unreachable: {_first_line(exc)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-@contextlib.contextmanager
-def _progress_display(enabled: bool) -> Iterator[Progress | None]:
-    if not enabled:
-        yield None
-        return
-    display = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    with display:
-        yield display
-
-
-def _check_splits(arrays: Mapping[str, np.ndarray]) -> MnistData:
-    """Checks that the parsed files have the official shapes and label range."""
-    out: dict[str, np.ndarray] = {}
-    for split, (images_name, labels_name, n) in SPLITS.items():
-        images, labels = arrays[images_name], arrays[labels_name]
-        if images.shape != (n, IMAGE_SIDE, IMAGE_SIDE):
-            raise IdxError(
-                f"{images_name}: expected shape ({n}, {IMAGE_SIDE}, {IMAGE_SIDE}), "
-                f"got {images.shape}"
-            )
-        if labels.shape != (n,):
-            raise IdxError(f"{labels_name}: expected shape ({n},), got {labels.shape}")
-        if int(labels.max()) >= N_CLASSES:
-            raise IdxError(
-                f"{labels_name}: expected labels in 0..{N_CLASSES - 1}, got {int(labels.max())}"
-            )
-        out[f"x_{split}"], out[f"y_{split}"] = images, labels
-    return MnistData(**out)
-
-
-def _write_npz_atomically(out: Path, data: MnistData) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as ``out`` so that os.replace is a rename within one filesystem, hence atomic.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    tmp = Path(tmp_name)
-    try:
-        # Writing through the file object stops numpy from appending ".npz" to the temp name.
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **{key: getattr(data, key) for key in NPZ_KEYS})
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp makes the file private to its owner; the dataset is not secret.
-        tmp.chmod(0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

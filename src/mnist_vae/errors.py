@@ -1,22 +1,12 @@
-"""The failures a user can cause and fix, reported as one line instead of a traceback."""
+"""The base class of failures a user can fix.
+
+Each module defines its own subclasses where it raises them (``ConfigError`` in ``config``,
+``DownloadError`` in ``fetch``...). The stage scripts, the CLI and MLproject turn exactly these into one
+line on stderr and exit code 1; every other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
-from mnist_vae.config import ConfigError
-from mnist_vae.data import DatasetMissingError, DownloadError, IdxError
-from mnist_vae.registry import ModelNotFoundError
-from mnist_vae.tracking import TrackingUnavailableError
-from mnist_vae.train import TrainingDivergedError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    DatasetMissingError,
-    DownloadError,
-    IdxError,
-    ModelNotFoundError,
-    TrackingUnavailableError,
-    TrainingDivergedError,
-    FileNotFoundError,
-    ValueError,
-    RuntimeError,
-)
+class UserError(Exception):
+    """Something the user can fix: bad params, missing data, an unknown model, a full disk..."""

@@ -10,8 +10,13 @@ import numpy as np
 import torch
 
 from mnist_vae.config import EvaluateConfig
-from mnist_vae.images import save_png, stack_panels, to_grid
+from mnist_vae.errors import UserError
+from mnist_vae.images import image_grid, write_png
 from mnist_vae.model import N_PIXELS, VAE, importance_weighted_log_likelihood, kl_divergence
+
+
+class NoImagesError(UserError, ValueError):
+    """The selection of test images is empty."""
 
 
 @dataclass
@@ -70,7 +75,7 @@ def evaluate_model(
     weighted estimate of -log p(x) with ``cfg.iw_samples`` samples.
     """
     if len(images) == 0:
-        raise ValueError("no test images to evaluate (check evaluate.limit and the digit filter)")
+        raise NoImagesError("no test images to evaluate (check evaluate.limit and the digit filter)")
     model = model.to(device).eval()
     torch.manual_seed(cfg.seed)
     x_all = torch.from_numpy(images.reshape(len(images), N_PIXELS))
@@ -168,11 +173,11 @@ def write_figures(
     out_dir = Path(out_dir)
     originals = images[: 2 * n]
     recon = reconstruct(model, originals, device)
-    panels = stack_panels(to_grid(originals / 255.0, columns=n), to_grid(recon, columns=n))
-    paths = [save_png(panels, out_dir / "reconstructions.png")]
-    paths.append(save_png(to_grid(sample(model, 64, seed, device), columns=8),
-                          out_dir / "samples.png"))
+    paths = [write_png(out_dir / "reconstructions.png", image_grid(originals / 255.0, columns=n),
+                       image_grid(recon, columns=n))]
+    paths.append(write_png(out_dir / "samples.png",
+                           image_grid(sample(model, 64, seed, device), columns=8)))
     steps = 11
-    paths.append(save_png(to_grid(latent_traversal(model, images[0], steps=steps, device=device),
-                                  columns=steps), out_dir / "traversal.png"))
+    traversal = latent_traversal(model, images[0], steps=steps, device=device)
+    paths.append(write_png(out_dir / "traversal.png", image_grid(traversal, columns=steps)))
     return paths

@@ -1,48 +1,31 @@
-"""Image grids as PNG files, drawn with Pillow (no plotting stack needed)."""
+"""Image grids as PNG files, drawn with torchvision's ``make_grid`` and ``save_image``."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
+from torchvision.utils import make_grid, save_image
 
-_PAD = 2
+from mnist_vae.atomic import atomic_open
+
+_PAD = 2  # grey pixels between cells, and white ones between stacked grids
+_SCALE = 3  # nearest-neighbour enlargement: 28-pixel digits are too small to judge on screen
 
 
-def to_grid(images: np.ndarray, columns: int, scale: int = 3) -> Image.Image:
+def image_grid(images: np.ndarray | torch.Tensor, columns: int) -> torch.Tensor:
     """Tiles images of shape (N, 28, 28) or (N, 784), grey levels in [0, 1], into one picture."""
-    images = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28)
-    rows = max(1, -(-len(images) // columns))
-    cell = 28 + _PAD
-    canvas = np.ones((rows * cell + _PAD, columns * cell + _PAD), dtype=np.float32) * 0.5
-    for i, img in enumerate(images):
-        r, c = divmod(i, columns)
-        top, left = _PAD + r * cell, _PAD + c * cell
-        canvas[top : top + 28, left : left + 28] = img
-    pixels = (np.clip(canvas, 0.0, 1.0) * 255).round().astype(np.uint8)
-    picture = Image.fromarray(pixels, mode="L")
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    batch = torch.as_tensor(images, dtype=torch.float32).cpu().reshape(-1, 1, 28, 28)
+    return make_grid(batch, nrow=columns, padding=_PAD, pad_value=0.5)
 
 
-def stack_panels(*panels: Image.Image, gap: int = 6) -> Image.Image:
-    """Puts pictures one above the other, e.g. originals above their reconstructions."""
-    width = max(p.width for p in panels)
-    height = sum(p.height for p in panels) + gap * (len(panels) - 1)
-    out = Image.new("L", (width, height), color=255)
-    top = 0
-    for panel in panels:
-        out.paste(panel, (0, top))
-        top += panel.height + gap
-    return out
-
-
-def save_png(picture: Image.Image, path: Path) -> Path:
-    """Writes a PNG atomically: a reader never sees half an image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    picture.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+def write_png(path: Path, *grids: torch.Tensor) -> Path:
+    """Writes grids of equal width one above the other (e.g. originals above their reconstructions),
+    enlarged, as one PNG; atomically, so a reader never sees half an image."""
+    white = torch.ones(3, _PAD, grids[0].shape[2])
+    picture = torch.cat([part for g in grids for part in (white, g)][1:], dim=1)
+    picture = torch.nn.functional.interpolate(picture[None], scale_factor=_SCALE, mode="nearest")[0]
+    with atomic_open(path) as fh:
+        save_image(picture, fh, format="png")
+    return Path(path)

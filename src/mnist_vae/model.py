@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_vae.atomic import atomic_write
 from mnist_vae.config import ModelConfig
+from mnist_vae.errors import UserError
 
 N_PIXELS = 28 * 28
 # Floor under the decoder's pixel probabilities where the seed model's unbounded output is read as a
@@ -33,6 +35,10 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "elu": nn.ELU,
     "tanh": nn.Tanh,
 }
+
+
+class ModelFileError(UserError):
+    """A model file is missing or is not one that :func:`save_model` wrote."""
 
 
 @dataclass(frozen=True)
@@ -234,29 +240,25 @@ def build_model(cfg: ModelConfig, seed: int | None = None) -> VAE:
 
 def save_model(model: VAE, path: Path) -> None:
     """Saves weights and architecture, atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"architecture": model.arch.to_dict(), "state_dict": state}, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda fh: torch.save({"architecture": model.arch.to_dict(), "state_dict": state}, fh))
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> VAE:
     """Loads a model saved by :func:`save_model` without unpickling arbitrary objects.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: The file is not a checkpoint of this project.
+        ModelFileError: ``path`` does not exist or is not a model saved by :func:`save_model`.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model file")
+        raise ModelFileError(f"{path}: no such model file")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         model = VAE(Architecture.from_dict(ckpt["architecture"]))
         model.load_state_dict(ckpt["state_dict"])
     except Exception as exc:  # torch raises many types for a foreign file
-        raise ValueError(
+        raise ModelFileError(
             f"{path}: not an mnist-vae checkpoint (expected a dict with 'architecture' and "
             f"'state_dict', saved by mnist_vae.model.save_model): {exc}"
         ) from None

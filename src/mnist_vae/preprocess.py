@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mnist_vae.errors import UserError
+
 SIDE = 28
 BOX = 20
 # Pixels fainter than this fraction of the brightest stroke are background noise (JPEG ringing,
@@ -23,7 +25,7 @@ _INK_FRACTION = 0.2
 _WORKING_SIDE = 1024
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """A file is not a readable image, or holds no digit."""
 
 

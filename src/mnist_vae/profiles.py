@@ -25,6 +25,7 @@ _BURDA2015 = (
     "train.schedule=burda",
     "train.warmup_epochs=0",
     "train.epochs=3280",
+    "train.validation=0",  # the paper trains on all 60000 images
     "train.binarize=true",
     "evaluate.binarize=true",
     "evaluate.iw_samples=5000",

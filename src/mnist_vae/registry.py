@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -14,6 +16,7 @@ from mlflow.exceptions import MlflowException
 import mnist_vae
 from mnist_vae import serving, tracking
 from mnist_vae.config import EvaluateConfig, Params
+from mnist_vae.errors import UserError
 from mnist_vae.evaluate import Evaluation, evaluate_model
 from mnist_vae.model import VAE, load_model
 
@@ -24,7 +27,7 @@ CHAMPION = "champion"
 GATE_METRIC = "neg_elbo"
 
 
-class ModelNotFoundError(LookupError):
+class ModelNotFoundError(UserError, LookupError):
     """A model reference (name, version, alias, run or file) does not resolve."""
 
 
@@ -36,21 +39,31 @@ class GateDecision:
     champion_neg_elbo: float | None
 
 
+@dataclass(frozen=True, eq=False)
+class GateData:
+    """The images the promotion gate compares models on, and what they are (for its reason)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    what: str
+
+
 def log_and_register(
     model: VAE, params: Params, evaluation: Evaluation, test_data: tuple[np.ndarray, np.ndarray],
-    paths, root: Path,
+    gate_data: GateData, paths, root: Path,
 ) -> str:
     """Logs the model as an MLflow pyfunc in the active run and registers a new version.
 
     The version gets its test metrics, git commit, data hash and run link as tags, the alias
-    ``candidate``, and ``champion`` when it passes :func:`promotion_gate`. Returns the version.
+    ``candidate``, and ``champion`` when it passes :func:`promotion_gate` on ``gate_data`` (the
+    validation split: the test set is reported, never used to choose). Returns the version.
     """
-    from mnist_vae.stages import copy_to_temp_dir
-
     run = mlflow.active_run()
     assert run is not None, "log_and_register needs an active MLflow run"
     name = params.mlflow.registered_model
-    weights_dir = copy_to_temp_dir(paths.model, serving.WEIGHTS_FILE)
+    # MLflow logs a folder as the model's data: one holding just the weights.
+    weights_dir = Path(tempfile.mkdtemp(prefix="mnist-vae-"))
+    shutil.copy2(paths.model, weights_dir / serving.WEIGHTS_FILE)
     example = test_data[0][:2].reshape(2, -1).astype(np.float32) / 255.0
     info = mlflow.pyfunc.log_model(
         name="model",
@@ -62,12 +75,18 @@ def log_and_register(
         pip_requirements=_requirements(),
         registered_model_name=name,
     )
+    shutil.rmtree(weights_dir, ignore_errors=True)
+    # The test metrics go to the run and to the logged model, measured on the logged test split.
+    test_md5 = tracking.file_md5(paths.data)
+    test_set = tracking.log_dataset(*test_data, "mnist-test", paths.data, test_md5,
+                                    context="testing")
+    mlflow.log_metrics(evaluation.mlflow_metrics(), model_id=info.model_id, dataset=test_set)
     version = str(info.registered_model_version)
     client = MlflowClient()
     tags = {f"test_{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()}
     tags.update({
         "git_commit": tracking.git_commit(root),
-        "dvc_data_md5": tracking.file_md5(paths.data),
+        "dvc_data_md5": test_md5,
         "run_id": run.info.run_id,
         "run_link": f"runs:/{run.info.run_id}/model",
         "test_images": str(evaluation.n_images),
@@ -81,7 +100,7 @@ def log_and_register(
         f"run {run.info.run_id}, commit {tags['git_commit']}"))
     client.set_registered_model_alias(name, CANDIDATE, version)
     with tracking.store_lock():  # two pipelines finishing at once: one gate decision at a time
-        decision = promotion_gate(client, name, version, model, test_data, params.evaluate)
+        decision = promotion_gate(client, name, version, model, gate_data, params.evaluate)
     mlflow.set_tags({"registry.version": version, "registry.promoted": str(decision.promoted),
                      "registry.gate_reason": decision.reason})
     print(f"promotion gate: {decision.reason}")
@@ -90,15 +109,16 @@ def log_and_register(
 
 def promotion_gate(
     client: MlflowClient, name: str, version: str, model: VAE,
-    data: tuple[np.ndarray, np.ndarray], cfg: EvaluateConfig,
+    data: GateData, cfg: EvaluateConfig,
 ) -> GateDecision:
-    """Moves ``champion`` to ``version`` if it beats the current champion on the same test data.
+    """Moves ``champion`` to ``version`` if it beats the current champion on ``data``.
 
     Both models are measured here, with the same images and the same random draws, so a champion
     registered under other evaluation settings is still compared fairly.
     """
-    quick = replace(cfg, iw_samples=1)
-    mine = evaluate_model(model, *data, quick).metrics[GATE_METRIC]
+    quick = cfg.replace(iw_samples=1, limit=0)
+    images, labels = data.images, data.labels
+    mine = evaluate_model(model, images, labels, quick).metrics[GATE_METRIC]
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -106,16 +126,16 @@ def promotion_gate(
     if current is None:
         client.set_registered_model_alias(name, CHAMPION, version)
         return GateDecision(True, f"version {version} is the first champion "
-                            f"(neg. ELBO {mine:.2f})", mine, None)
-    theirs = evaluate_model(load_vae(f"models:/{name}/{current.version}"), *data, quick) \
+                            f"(neg. ELBO {mine:.2f} on {data.what})", mine, None)
+    theirs = evaluate_model(load_vae(f"models:/{name}/{current.version}"), images, labels, quick) \
         .metrics[GATE_METRIC]
     if mine < theirs:
         client.set_registered_model_alias(name, CHAMPION, version)
         return GateDecision(True, f"version {version} promoted to champion: neg. ELBO {mine:.2f} < "
-                            f"{theirs:.2f} of version {current.version}", mine, theirs)
+                            f"{theirs:.2f} of version {current.version} on {data.what}", mine, theirs)
     return GateDecision(False, f"version {version} stays candidate: neg. ELBO {mine:.2f} is not "
-                        f"better than {theirs:.2f} of champion version {current.version}",
-                        mine, theirs)
+                        f"better than {theirs:.2f} of champion version {current.version} on "
+                        f"{data.what}", mine, theirs)
 
 
 def load_vae(reference: str) -> VAE:

@@ -116,12 +116,16 @@ def _load_pyfunc(data_path: str) -> ServedVAE:
 
 
 def signature():
-    """Input: float32 (B, 784) in [0, 1]. Params: ``output``, ``n`` (sample count) and ``seed``."""
+    """Input: float32 (B, 784) in [0, 1]. Params: ``output``, ``n`` (sample count) and ``seed``.
+
+    The declared output is the default one, ``reconstruction``: float32 (B, 784) in [0, 1].
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, N_PIXELS))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, N_PIXELS))]),
         params=ParamSchema([
             ParamSpec("output", "string", "reconstruction"),
             ParamSpec("n", "long", 16),

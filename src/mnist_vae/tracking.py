@@ -3,34 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
+import json
 import os
+import secrets
 import subprocess
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import requests
+from filelock import FileLock
+
+from mnist_vae.config import Params
+from mnist_vae.errors import UserError
+from mnist_vae.paths import project_root
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
-# DVC runs queued or --temp experiments in a copy of the repo under this folder; their runs belong
-# in the project's store, not in a throw-away copy's.
-_DVC_EXP_DIR = (".dvc", "tmp", "exps")
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UserError):
     """The MLflow tracking server cannot be reached."""
-
-
-def project_root(cwd: Path | None = None) -> Path:
-    """The project's root: the working directory, or the repo that a DVC temp experiment copies."""
-    cwd = (cwd or Path.cwd()).resolve()
-    parts = cwd.parts
-    n = len(_DVC_EXP_DIR)
-    for i in range(len(parts) - n):
-        if parts[i : i + n] == _DVC_EXP_DIR:
-            return Path(*parts[:i])
-    return cwd
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -103,12 +99,8 @@ def store_lock(uri: str | None = None) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path.with_name(path.name + ".lock")):
+        yield
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -154,3 +146,55 @@ def file_md5(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def redacted(uri: str) -> str:
+    """``uri`` without a password, should one be written into it (``https://user:pw@host``)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def log_dataset(images: np.ndarray, labels: np.ndarray, name: str, source: Path, file_md5: str,
+                context: str):
+    """Logs a split as an input of the active run, its digest that of the DVC-tracked file and split.
+
+    The digest names the file (its MD5, as in dvc.lock) and the rows taken from it, so the run page
+    shows which data, exactly, a model saw.
+    """
+    import mlflow
+
+    digest = hashlib.md5(f"{file_md5}:{name}:{len(images)}".encode()).hexdigest()[:8]
+    with warnings.catch_warnings():
+        # MLflow registers two local-file source classes under one name and warns that a path
+        # "can be interpreted in multiple ways"; both record the same path.
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        dataset = mlflow.data.from_numpy(images.reshape(len(images), -1), targets=labels,
+                                         source=str(Path(source).resolve()), name=name,
+                                         digest=digest)
+    mlflow.log_input(dataset, context=context)
+    return dataset
+
+
+# What DVC passes to a stage command run by `dvc exp run`, tagged on the run so that a row of
+# `dvc exp show` and a run in `mlflow ui` are found from each other.
+_DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev"}
+
+
+def run_name(params: Params) -> str:
+    """The experiment's name under ``dvc exp run``; else ``<preset>-<params hash>-<time>-<random>``.
+
+    Never drawn from Python's ``random``: seeded training would give every run the same name.
+    """
+    name = os.environ.get("DVC_EXP_NAME", "").strip()
+    if name:
+        return name
+    digest = hashlib.sha256(json.dumps(params.to_dict(), sort_keys=True).encode()).hexdigest()[:7]
+    return f"{params.model.preset}-{digest}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def dvc_tags() -> dict[str, str]:
+    return {tag: os.environ[var] for var, tag in _DVC_ENV_TAGS.items() if os.environ.get(var)}

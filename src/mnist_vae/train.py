@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -15,8 +14,10 @@ import numpy as np
 import torch
 
 from mnist_vae.config import TrainConfig
+from mnist_vae.cores import Threads
 from mnist_vae.distributed import rank_and_world
-from mnist_vae.model import N_PIXELS, VAE, loss_terms
+from mnist_vae.errors import UserError
+from mnist_vae.model import N_PIXELS, VAE, kl_divergence, loss_terms
 
 log = logging.getLogger(__name__)
 
@@ -34,33 +35,43 @@ class EpochStats:
     samples_per_sec: float
     lr: float
     seconds: float
+    threads: int = 0  # torch CPU threads used in this epoch
+    val_neg_elbo: float | None = None  # nats/image on the validation split (None: no split)
 
     def metrics(self) -> dict[str, float]:
-        """The stats as MLflow metric names."""
-        return {f"train_{k}": v for k, v in asdict(self).items() if k != "epoch"}
+        """The stats as MLflow metric names (``val_neg_elbo``, the rest ``train_*``)."""
+        out = {f"train_{k}": v for k, v in asdict(self).items()
+               if k not in ("epoch", "val_neg_elbo")}
+        if self.val_neg_elbo is not None:
+            out["val_neg_elbo"] = self.val_neg_elbo
+        return out
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError):
     """The loss became NaN or infinite."""
+
+
+class DeviceError(UserError):
+    """The device asked for cannot train: none present, or out of memory."""
 
 
 def resolve_device(name: str) -> torch.device:
     """Maps ``train.device`` (auto, cpu, cuda) to a torch device.
 
     Raises:
-        RuntimeError: ``cuda`` was asked for on a machine without a usable GPU.
+        DeviceError: ``cuda`` was asked for on a machine without a usable GPU.
     """
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
+        raise DeviceError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
     if name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
+    """Seeds torch (all devices). Python's ``random`` and NumPy's global generator are left alone:
+    other libraries draw from them (MLflow names its runs with ``random``), and training uses only
+    torch's generators."""
     torch.manual_seed(seed)
 
 
@@ -113,10 +124,11 @@ def train_model(
 
 
 def train_epochs(
-    model: VAE, images: np.ndarray, cfg: TrainConfig, *, progress: bool | None = False
+    model: VAE, images: np.ndarray, cfg: TrainConfig, *, progress: bool | None = False,
+    validation: np.ndarray | None = None,
 ) -> Iterator[EpochStats]:
     """Trains epoch by epoch, yielding each epoch's stats as soon as it ends."""
-    trainer = Trainer(model, images, cfg)
+    trainer = Trainer(model, images, cfg, validation=validation)
     yield from trainer.epochs(progress=progress)
 
 
@@ -128,15 +140,18 @@ class Trainer:
     small MLP costs more than the model itself.
     """
 
-    def __init__(self, model: VAE, images: np.ndarray, cfg: TrainConfig) -> None:
+    def __init__(self, model: VAE, images: np.ndarray, cfg: TrainConfig,
+                 validation: np.ndarray | None = None) -> None:
+        """``images`` are the training images, ``validation`` the held-out ones (uint8 both)."""
         assert images.dtype == np.uint8, f"expected uint8 images, got {images.dtype}"
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.threads = Threads(cfg.threads)
         seed_everything(cfg.seed)
         data = torch.from_numpy(images.reshape(len(images), N_PIXELS)).to(self.device)
         self.data = data[: cfg.limit] if cfg.limit else data
+        self.validation = None if validation is None or len(validation) == 0 else \
+            torch.from_numpy(validation.reshape(len(validation), N_PIXELS)).to(self.device)
         self.batch = min(cfg.batch_size, len(self.data))
         # Drop the last partial batch: every step sees a full batch.
         self.steps_per_epoch = len(self.data) // self.batch
@@ -190,9 +205,14 @@ class Trainer:
                  self.batch, self.epoch + 1, cfg.epochs)
         bars = _Bars(cfg.epochs, self.steps_per_epoch, enabled=_want_progress(progress),
                      done=self.epoch)
-        with bars:
+        with bars, contextlib.closing(self.threads):
             while self.epoch < cfg.epochs:
-                stats = self._run_epoch(bars)
+                try:
+                    stats = self._run_epoch(bars)
+                except torch.OutOfMemoryError:
+                    raise DeviceError(
+                        f"out of memory on {self.device} training batches of {self.batch}; lower "
+                        "train.batch_size (or train.iw_samples), or train on another device") from None
                 bars.end_epoch(stats)
                 yield stats
         self.model.eval()
@@ -200,6 +220,7 @@ class Trainer:
     def _run_epoch(self, bars: _Bars) -> EpochStats:
         cfg, model, optimizer, batch = self.cfg, self.model, self.optimizer, self.batch
         epoch = self.epoch + 1
+        threads = self.threads.update()
         start = time.perf_counter()
         order = torch.randperm(len(self.data), generator=self.generator, device=self.device)
         # Sums and the first bad step stay on the device and are read once per epoch: no host
@@ -249,7 +270,32 @@ class Trainer:
         seconds = time.perf_counter() - start
         return EpochStats(epoch=epoch, loss=loss, recon=recon, kl=kl, mse_pixel=mse,
                           kl_pixel=kl / N_PIXELS, samples_per_sec=seen / seconds, lr=lr,
-                          seconds=seconds)
+                          seconds=seconds, threads=threads, val_neg_elbo=self.validate())
+
+    @torch.no_grad()
+    def validate(self, batch: int = 1000) -> float | None:
+        """Negative ELBO in nats/image on the validation split (BCE on grey levels plus KL, one
+        posterior sample, as the evaluate stage measures the test set); None without a split.
+
+        Its noise comes from a generator of its own, so validating leaves training's random
+        stream, and hence its result, as it would be without.
+        """
+        if self.validation is None:
+            return None
+        self.model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for chunk in self.validation.split(batch):
+            x = chunk.float().div_(255.0)
+            if self.cfg.binarize:
+                x = torch.bernoulli(x, generator=generator)
+            mu, logvar = self.model.encode(x)
+            z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator,
+                                                           device=self.device)
+            nll = self.model.bernoulli_nll(self.model.decode(z), x) + kl_divergence(mu, logvar)
+            total += nll.sum().double()
+        self.model.train()
+        return total.item() / len(self.validation)
 
 
 def _precision(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:

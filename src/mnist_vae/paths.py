@@ -1,0 +1,37 @@
+"""Where the stages read and write, and where the project's root is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# DVC runs queued or --temp experiments in a copy of the repo under this folder; their runs belong
+# in the project's store, not in a throw-away copy's.
+_DVC_EXP_DIR = (".dvc", "tmp", "exps")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The stages' files, relative to the project root (as in dvc.yaml)."""
+
+    data: Path = Path("data/mnist.npz")
+    model: Path = Path("models/model.pt")
+    run: Path = Path("models/run.json")
+    history: Path = Path("reports/train_history.csv")
+    metrics: Path = Path("metrics.json")
+    figures: Path = Path("reports/figures")
+    checkpoint: Path = Path("checkpoints/train.pt")
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The project's root: the working directory, or the repo that a DVC temp experiment copies."""
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    n = len(_DVC_EXP_DIR)
+    for i in range(len(parts) - n):
+        if parts[i : i + n] == _DVC_EXP_DIR:
+            return Path(*parts[:i])
+    return cwd
+
+
+DEFAULT_PATHS = Paths()

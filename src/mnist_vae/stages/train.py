@@ -1,0 +1,168 @@
+"""Stage ``train``: trains the VAE on ``data/mnist.npz``, logging to MLflow.
+
+Writes ``models/model.pt``, ``models/run.json`` (the MLflow run that ``evaluate`` continues) and
+``reports/train_history.csv``. At the end of every epoch it saves a checkpoint (model, optimiser, RNG
+states, history, run id); a run killed part way resumes from it, in the same MLflow run, and ends
+with the metrics of an uninterrupted run. Ctrl-C or SIGTERM keep the checkpoint and end the MLflow
+run as KILLED; a NaN loss ends it as FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import signal
+import sys
+from dataclasses import asdict
+
+from mnist_vae import checkpoint, distributed, runner, tracking
+from mnist_vae.atomic import atomic_write
+from mnist_vae.config import Params
+from mnist_vae.data import MnistData, load_mnist
+from mnist_vae.model import build_model, save_model
+from mnist_vae.paths import DEFAULT_PATHS, Paths, project_root
+from mnist_vae.train import EpochStats, Trainer
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = None) -> str:
+    """Trains the VAE; returns the MLflow run id.
+
+    Checks the tracking server and the dataset before spending any time on training. Inside
+    ``mlflow run`` (``MLFLOW_RUN_ID`` set) it logs into that run.
+    """
+    import mlflow
+
+    rank, world = distributed.init()
+    data = load_mnist(paths.data)
+    if rank != 0:
+        # Other processes train their shard and nothing else: rank 0 alone logs and writes.
+        logging.getLogger("mnist_vae").setLevel(logging.WARNING)
+        for _ in _prepare(params, paths, data)[0].epochs(progress=False):
+            pass
+        return ""
+    root = project_root()
+    tracking.configure(root)
+    trainer, data_md5, fingerprint, resumed = _prepare(params, paths, data)
+    history: list[EpochStats] = []
+    if resumed is not None:
+        history = [EpochStats(**h) for h in resumed["history"]]
+        log.info("resuming from %s after epoch %d (MLflow run %s)", paths.checkpoint,
+                 trainer.epoch, resumed["run_id"])
+        run = mlflow.start_run(run_id=resumed["run_id"])
+        # The checkpoint is written before an epoch's metrics are logged; a kill in between
+        # leaves metrics to log now.
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id,
+                                                                          "train_loss")}
+        for stats in history:
+            if stats.epoch not in logged:
+                mlflow.log_metrics(stats.metrics(), step=stats.epoch)
+    else:
+        run = mlflow.start_run(experiment_id=tracking.experiment_id(params.mlflow.experiment, root),
+                               run_name=tracking.run_name(params), tags=tracking.dvc_tags())
+        mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()
+                           if not k.startswith("evaluate.")})
+        mlflow.set_tags({
+            "mlflow.source.git.commit": tracking.git_commit(root),
+            "dvc.data.md5": data_md5,
+            "model.preset": params.model.preset,
+            "train.device_used": str(trainer.device),
+            "model.parameters": str(sum(p.numel() for p in trainer.model.parameters())),
+            "train.processes": str(world),
+        })
+        x_train, y_train, x_val, y_val = data.split(params.train.validation)
+        tracking.log_dataset(x_train, y_train, "mnist-train", paths.data, data_md5,
+                             context="training")
+        if len(x_val):
+            tracking.log_dataset(x_val, y_val, "mnist-validation", paths.data, data_md5,
+                                 context="validation")
+    run_id = run.info.run_id
+    try:
+        with _signals_as_interrupt():
+            for stats in trainer.epochs(progress=progress):
+                history.append(stats)
+                checkpoint.save(paths.checkpoint, {
+                    "fingerprint": fingerprint, "run_id": run_id,
+                    "trainer": trainer.state_dict(), "history": [asdict(h) for h in history],
+                })
+                mlflow.log_metrics(stats.metrics(), step=stats.epoch)
+        save_model(trainer.model, paths.model)
+        atomic_write(paths.history, _history_csv(history))
+        mlflow.log_artifact(str(paths.history))
+        atomic_write(paths.run, json.dumps({
+            "run_id": run_id,
+            "experiment_id": run.info.experiment_id,
+            "tracking_uri": tracking.redacted(mlflow.get_tracking_uri()),
+        }, indent=2) + "\n")
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    paths.checkpoint.unlink(missing_ok=True)
+    log.info("train: run %s, final loss %.4f", run_id, history[-1].loss)
+    return run_id
+
+
+def _prepare(params: Params, paths: Paths, data: MnistData) -> tuple[Trainer, str, str, dict | None]:
+    """The trainer, restored from the checkpoint when one matches; with the data's MD5, the
+    checkpoint fingerprint and the checkpoint (None when starting afresh)."""
+    x_train, _, x_val, _ = data.split(params.train.validation)
+    trainer = Trainer(build_model(params.model, seed=params.train.seed), x_train, params.train,
+                      validation=x_val)
+    data_md5 = tracking.file_md5(paths.data)
+    plain = params.to_dict()
+    fingerprint = checkpoint.fingerprint(plain["model"], plain["train"], data_md5)
+    resumed = checkpoint.load(paths.checkpoint, fingerprint)
+    if resumed is not None:
+        trainer.load_state_dict(resumed["trainer"])
+    return trainer, data_md5, fingerprint, resumed
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt():
+    """Turns SIGTERM into KeyboardInterrupt, so both stop training the same, clean way."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _history_csv(history: list[EpochStats]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(asdict(history[0])), lineterminator="\n")
+    writer.writeheader()
+    for stats in history:
+        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v)
+                         for k, v in asdict(stats).items()})
+    return buffer.getvalue()
+
+
+def _param_value(value: object) -> object:
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
+def main(argv: list[str] | None = None) -> None:
+    with runner.reporting("train"):
+        params = runner.parse_args("train", argv, __doc__)
+        if params.train.nproc > 1 and not distributed.under_torchrun():
+            sys.exit(distributed.relaunch(params.train.nproc, "pipeline/train.py",
+                                          sys.argv[1:] if argv is None else argv))
+        try:
+            run(params)
+        finally:
+            distributed.shutdown()

@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,team]'
 	touch $@
 
 repro: install  ## the whole pipeline: download, train, evaluate
@@ -22,8 +22,8 @@ repro: install  ## the whole pipeline: download, train, evaluate
 test: install  ## the whole test suite, end-to-end runs included
 	pytest
 
-test-fast: install  ## unit tests only
-	pytest -m "not slow"
+test-fast: install  ## unit tests only (tests/unit: no real processes, under 30 s on 2 cores)
+	pytest tests/unit
 
 lint: install
 	ruff check src tests pipeline

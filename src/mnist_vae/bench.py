@@ -190,10 +190,38 @@ def run_benchmark(data: MnistData, settings: BenchSettings = BenchSettings(),
     ]
     rows = measure_interleaved(timed, settings)
     rows.append(time_to_target(data, settings))
+    rows.extend(concurrent_rows(data, settings))
     for row in rows:
         row.ratio = row.samples_per_sec / rows[0].samples_per_sec
     return {"machine": machine(settings.device), "settings": asdict(settings),
             "rows": [asdict(r) for r in rows]}
+
+
+def _speed_of_one_training(images: np.ndarray, threads: int | str, device: str) -> float:
+    """Images/s of the default preset's second epoch over ``images`` (the first warms up)."""
+    cfg = TrainConfig(device=device, epochs=2, threads=threads, validation=0)
+    epochs = list(train_epochs(build_model(ModelConfig(), seed=0), images, cfg))
+    return epochs[-1].samples_per_sec
+
+
+def concurrent_rows(data: MnistData, settings: BenchSettings) -> list[BenchRow]:
+    """(e1) one default-preset training alone, (e2) two at once with ``train.threads: auto`` and
+    (e0) two at once with torch's default threads (what two trainings did before ``auto``);
+    aggregate images/s. Each training is a process of its own, as under ``dvc queue start -j 2``."""
+    import multiprocessing
+
+    images = data.x_train[: settings.chunk]
+    context = multiprocessing.get_context("spawn")
+    runs = [("e1", "default preset, one training alone (threads auto)", 1, "auto"),
+            ("e2", "default preset, two trainings at once (threads auto), together", 2, "auto"),
+            ("e0", "default preset, two at once with torch's default threads, together", 2, 0)]
+    rows = []
+    for name, description, n, threads in runs:
+        with context.Pool(n) as pool:
+            rates = pool.starmap(_speed_of_one_training, [(images, threads, settings.device)] * n)
+        rate = sum(rates)
+        rows.append(BenchRow(name, description, TrainConfig().batch_size, rate, 60_000 / rate))
+    return rows
 
 
 def machine(device: str = "auto") -> dict[str, str]:

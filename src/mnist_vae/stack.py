@@ -678,7 +678,8 @@ def serve_forever(workdir: Path | None = None) -> None:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous_int = signal.getsignal(signal.SIGINT)
+    # Both set explicitly: a process started in the background by a shell inherits SIGINT ignored.
+    previous_int = signal.signal(signal.SIGINT, interrupt)
     previous_term = signal.signal(signal.SIGTERM, interrupt)
     stack = Stack(workdir)
     try:
@@ -687,8 +688,9 @@ def serve_forever(workdir: Path | None = None) -> None:
             print(f"export {name}={shlex.quote(value)}")
         sys.stdout.flush()
         print(f"team stack up: MLflow {stack.tracking_uri} (user {stack.admin_username}), "
-              f"S3 {stack.s3_endpoint_url} bucket {stack.bucket}; logs in {stack.workdir}; "
-              "Ctrl-C stops it", file=sys.stderr, flush=True)
+              f"S3 {stack.s3_endpoint_url} bucket {stack.bucket}; logs in {stack.workdir}"
+              f"{' (removed at exit)' if workdir is None else ''}; Ctrl-C stops it",
+              file=sys.stderr, flush=True)
         while True:
             stack.check()
             time.sleep(1.0)

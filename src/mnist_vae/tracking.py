@@ -66,6 +66,78 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         )
 
 
+class TrackingAuthError(UserError):
+    """The tracking server refused the credentials (401) or the action (403)."""
+
+
+USER_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+@contextlib.contextmanager
+def server_errors(action: str) -> Iterator[None]:
+    """Turns a server's 401 and 403 into one-line :class:`TrackingAuthError`, naming the user and
+    ``action`` (e.g. "log runs in experiment 'mnist-vae'"); other failures keep their traceback."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        error = auth_error(exc, action)
+        if error is None:
+            raise
+        raise error from None
+
+
+class ArtifactStoreError(UserError):
+    """The artifact store (S3 behind a tracking server, or a local folder) refused a file."""
+
+
+@contextlib.contextmanager
+def artifact_errors() -> Iterator[None]:
+    """Reports a failed upload of artifacts in one line; auth errors and bugs pass through."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if auth_error(exc, "") is not None or exc.error_code not in _STORE_FAILURES:
+            raise
+        import mlflow
+
+        raise ArtifactStoreError(
+            f"the artifact store of {redacted(mlflow.get_tracking_uri())} failed: "
+            f"{_first_line(str(exc))}; nothing was registered and the previous outputs are kept, "
+            "run again when it is back") from None
+
+
+# What a tracking server answers when its artifact store (S3) is down behind it.
+_STORE_FAILURES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "BAD_REQUEST", "ENDPOINT_NOT_FOUND"}
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def auth_error(exc: Exception, action: str) -> TrackingAuthError | None:
+    """The one-line error for an MLflow 401 or 403, or None for any other failure."""
+    import mlflow
+
+    code = getattr(exc, "error_code", None)
+    uri = redacted(mlflow.get_tracking_uri())
+    user = os.environ.get(USER_ENV, "").strip()
+    if code == "UNAUTHENTICATED":
+        who = f"user {user!r} (wrong password?)" if user else "an anonymous client"
+        return TrackingAuthError(
+            f"authentication failed at {uri} for {who}: set {USER_ENV} and {PASSWORD_ENV} to an "
+            "account of that server")
+    if code == "PERMISSION_DENIED":
+        return TrackingAuthError(
+            f"user {user or '(anonymous)'} may not {action} at {uri} (HTTP 403); ask the "
+            "server's admin for that permission, or use an account that has it")
+    return None
+
+
 def configure(root: Path | None = None) -> str:
     """Points MLflow (tracking and registry) at the project's store, checks it, returns the URI."""
     import mlflow
@@ -74,6 +146,10 @@ def configure(root: Path | None = None) -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        # Credentials are checked now, before any work: a 401 here is a one-line error.
+        with server_errors("read experiments"):
+            mlflow.MlflowClient(uri, uri).search_experiments(max_results=1)
     if _sqlite_path(uri) is not None:
         # MLflow creates and migrates a SQLite store's tables on first use; two processes doing
         # that at once (queued `dvc exp run` jobs) corrupt its schema. One at a time, then.
@@ -115,12 +191,14 @@ def experiment_id(name: str, root: Path | None = None) -> str:
     """The id of the named experiment, created (with artifacts beside the store) if missing."""
     import mlflow
 
-    found = mlflow.get_experiment_by_name(name)
+    with server_errors(f"read experiment {name!r}"):
+        found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     location = artifact_location(mlflow.get_tracking_uri(), root)
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        with server_errors(f"create experiment {name!r}"):
+            return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
         # Another process created it between our lookup and create.
         return mlflow.get_experiment_by_name(name).experiment_id

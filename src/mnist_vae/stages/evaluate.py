@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 from mnist_vae import registry, runner, tracking
@@ -28,7 +30,11 @@ class RunRecordError(UserError):
 
 
 def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
-    """Evaluates, logs and registers; returns the test measurements."""
+    """Evaluates, logs and registers; returns the test measurements.
+
+    ``metrics.json`` and the figures are replaced only once everything is logged and registered: a
+    store that fails half way leaves the previous ones, and no version, behind.
+    """
     import mlflow
 
     root = project_root()
@@ -38,21 +44,38 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
     model = load_model(paths.model)
     images, labels = select(data.x_test, data.y_test, params.evaluate.limit)
     evaluation = evaluate_model(model, images, labels, params.evaluate)
-    atomic_write(paths.metrics, json.dumps(evaluation.to_json(), indent=2) + "\n")
-    figures = write_figures(model, images, paths.figures, n=params.evaluate.n_images,
-                            seed=params.evaluate.seed)
-    with mlflow.start_run(run_id=run_id):
-        # Evaluation settings are tags, not params: a re-evaluation with other settings writes into
-        # the same run, and MLflow forbids changing a param's value.
-        mlflow.set_tags({f"evaluate.{k}": str(v) for k, v in params.to_dict()["evaluate"].items()})
-        mlflow.log_dict(evaluation.to_json(), "metrics.json")
-        for figure in figures:
-            mlflow.log_artifact(str(figure), artifact_path="figures")
-        version = registry.log_and_register(model, params, evaluation, (images, labels),
-                                             _gate_data(data, params), paths, root)
+    paths.figures.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=paths.figures.parent, prefix=".figures-") as scratch:
+        figures = write_figures(model, images, Path(scratch), n=params.evaluate.n_images,
+                                seed=params.evaluate.seed)
+        with tracking.server_errors(f"log into run {run_id}"), mlflow.start_run(run_id=run_id):
+            # Evaluation settings are tags, not params: a re-evaluation with other settings
+            # writes into the same run, and MLflow forbids changing a param's value.
+            mlflow.set_tags({f"evaluate.{k}": str(v)
+                             for k, v in params.to_dict()["evaluate"].items()})
+            name = params.mlflow.registered_model
+            with tracking.artifact_errors(), \
+                    tracking.server_errors(f"register versions of model {name!r}"):
+                mlflow.log_dict(evaluation.to_json(), "metrics.json")
+                for figure in figures:
+                    mlflow.log_artifact(str(figure), artifact_path="figures")
+                version = registry.log_and_register(model, params, evaluation, (images, labels),
+                                                     _gate_data(data, params), paths, root)
+        atomic_write(paths.metrics, json.dumps(evaluation.to_json(), indent=2) + "\n")
+        _replace_folder(Path(scratch), paths.figures)
     log.info("evaluate: test neg. ELBO %.2f nats, registered %s version %s",
              evaluation.metrics["neg_elbo"], params.mlflow.registered_model, version)
     return evaluation
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Moves ``new``'s files into ``target``, replacing it; each file by an atomic rename."""
+    target.mkdir(parents=True, exist_ok=True)
+    for stale in target.iterdir():
+        if not (new / stale.name).exists() and stale.is_file():
+            stale.unlink()
+    for item in new.iterdir():
+        os.replace(item, target / item.name)
 
 
 def _gate_data(data: MnistData, params: Params) -> registry.GateData:

@@ -53,7 +53,8 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
         history = [EpochStats(**h) for h in resumed["history"]]
         log.info("resuming from %s after epoch %d (MLflow run %s)", paths.checkpoint,
                  trainer.epoch, resumed["run_id"])
-        run = mlflow.start_run(run_id=resumed["run_id"])
+        with tracking.server_errors(f"log into run {resumed['run_id']}"):
+            run = mlflow.start_run(run_id=resumed["run_id"])
         # The checkpoint is written before an epoch's metrics are logged; a kill in between
         # leaves metrics to log now.
         logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id,
@@ -62,8 +63,10 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
             if stats.epoch not in logged:
                 mlflow.log_metrics(stats.metrics(), step=stats.epoch)
     else:
-        run = mlflow.start_run(experiment_id=tracking.experiment_id(params.mlflow.experiment, root),
-                               run_name=tracking.run_name(params), tags=tracking.dvc_tags())
+        experiment = params.mlflow.experiment
+        with tracking.server_errors(f"log runs in experiment {experiment!r}"):
+            run = mlflow.start_run(experiment_id=tracking.experiment_id(experiment, root),
+                                   run_name=tracking.run_name(params), tags=tracking.dvc_tags())
         mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()
                            if not k.startswith("evaluate.")})
         mlflow.set_tags({

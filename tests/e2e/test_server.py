@@ -5,44 +5,33 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from .test_crash import _project
-from .test_serving import _free_port, _stop, _wait_ready
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory):
+def tracking_server(tmp_path_factory: pytest.TempPathFactory, venv_bin: Path,
+                    http_server: Callable) -> Iterator[tuple[str, Path]]:
     root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server",
-         "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
-         "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, process, log.name, ping="/health")
+    with http_server([str(venv_bin / "mlflow"), "server",
+                      "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
+                      "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")],
+                     root / "server.log", ping="/health") as url:
         yield url, root
-    finally:
-        _stop(process)
-        log.close()
 
 
 def test_pipeline_against_a_tracking_server_then_serve(
-    tracking_server: tuple[str, Path], tmp_path: Path
+    tracking_server: tuple[str, Path], tmp_path: Path, venv_bin: Path, http_server: Callable,
+    make_project: Callable[..., dict[str, str]],
 ) -> None:
     url, server_root = tracking_server
-    env = {**_project(tmp_path, n_train=512), "MLFLOW_TRACKING_URI": url}
+    env = {**make_project(tmp_path, n_train=512), "MLFLOW_TRACKING_URI": url}
     for stage in ("train", "evaluate"):
         result = subprocess.run([sys.executable, f"pipeline/{stage}.py", "--set",
                                  "train.epochs=2", "--set", "evaluate.iw_samples=2"],
@@ -74,21 +63,11 @@ def test_pipeline_against_a_tracking_server_then_serve(
     tags = {t["key"]: t["value"] for t in version["tags"]}
     assert float(tags["test_neg_elbo"]) > 0 and tags["run_id"] == run["info"]["run_id"]
 
-    port = _free_port()
-    serve_log = (tmp_path / "serve.log").open("w")
-    serve = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-         "models:/mnist-vae/1", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, cwd=tmp_path, stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}", serve, serve_log.name)
+    serve = [str(venv_bin / "mlflow"), "models", "serve", "-m", "models:/mnist-vae/1",
+             "--env-manager", "local"]
+    with http_server(serve, tmp_path / "serve.log", env=env, cwd=tmp_path) as served:
         x = np.load(tmp_path / "data" / "mnist.npz")["x_test"][:2].reshape(2, -1) / 255.0
-        response = requests.post(f"http://127.0.0.1:{port}/invocations",
-                                 data=json.dumps({"inputs": x.tolist()}),
+        response = requests.post(f"{served}/invocations", data=json.dumps({"inputs": x.tolist()}),
                                  headers={"Content-Type": "application/json"}, timeout=30)
         assert response.status_code == 200, response.text
         assert np.asarray(response.json()["predictions"]).shape == (2, 784)
-    finally:
-        _stop(serve)
-        serve_log.close()

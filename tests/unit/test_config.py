@@ -1,3 +1,5 @@
+"""Tests for :mod:`mnist_vae.config`: params.yaml is validated on load, every error names its key."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,11 +11,9 @@ from mnist_vae.config import ConfigError, Params, load_params, params_from_dict,
 from mnist_vae.errors import UserError
 from mnist_vae.profiles import PROFILES
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def test_project_params_file_is_valid() -> None:
-    params = load_params(ROOT / "params.yaml")
+def test_project_params_file_is_valid(repo_root: Path) -> None:
+    params = load_params(repo_root / "params.yaml")
     assert params.model.preset == "default"
     assert params.flat()["train.epochs"] == params.train.epochs
 
@@ -138,10 +138,10 @@ def test_defaults_round_trip_through_plain_data() -> None:
     assert params.flat()["model.hidden"] == [512, 256] and params.flat()["train.lr"] == 1e-3
 
 
-def test_mlproject_defaults_agree_with_params_yaml() -> None:
+def test_mlproject_defaults_agree_with_params_yaml(repo_root: Path) -> None:
     """MLproject repeats params.yaml's defaults (MLflow needs them); they must not drift."""
-    mlproject = yaml.safe_load((ROOT / "MLproject").read_text())
-    params = load_params(ROOT / "params.yaml").flat()
+    mlproject = yaml.safe_load((repo_root / "MLproject").read_text())
+    params = load_params(repo_root / "params.yaml").flat()
     keys = {"preset": "model.preset", "epochs": "train.epochs", "batch_size": "train.batch_size",
             "lr": "train.lr", "seed": "train.seed", "iw_samples": "evaluate.iw_samples"}
     checked = 0

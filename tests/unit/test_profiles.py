@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mnist_vae.config import load_params, parse_override
+from mnist_vae.config import Params, load_params
 from mnist_vae.evaluate import evaluate_model
 from mnist_vae.model import build_model
 from mnist_vae.profiles import PROFILES, dvc_arguments, overrides
 from mnist_vae.train import train_model
 
-from .conftest import tiny_images
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def profile_params(name: str):
-    return load_params(ROOT / "params.yaml", dict(parse_override(o) for o in overrides(name)))
+@pytest.fixture
+def profile_params(repo_root: Path) -> Callable[[str], Params]:
+    """``profile_params(name)``: params.yaml with the profile's overrides, as `--profile` applies them."""
+    return lambda name: load_params(repo_root / "params.yaml", overrides(name))
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
-def test_profile_is_the_papers_setting(name: str) -> None:
+def test_profile_is_the_papers_setting(name: str, profile_params: Callable[[str], Params]) -> None:
     params = profile_params(name)
     assert (params.model.hidden, params.model.latent, params.model.activation) == ((200, 200), 50,
                                                                                    "tanh")
@@ -36,19 +34,21 @@ def test_profile_is_the_papers_setting(name: str) -> None:
     assert (params.evaluate.iw_samples, params.evaluate.binarize) == (5000, True)
 
 
-def test_dvc_arguments_round_trip_and_readme_uses_them() -> None:
+def test_dvc_arguments_round_trip_and_readme_uses_them(repo_root: Path) -> None:
     args = dvc_arguments("burda2015-iwae").split()
     assert args[::2] == ["-S"] * len(overrides("burda2015-iwae"))
     assert tuple(args[1::2]) == overrides("burda2015-iwae")
-    assert "dvc exp run $(mnist-vae profile burda2015-iwae)" in (ROOT / "README.md").read_text()
+    assert "dvc exp run $(mnist-vae profile burda2015-iwae)" in (repo_root / "README.md").read_text()
     with pytest.raises(KeyError, match="expected one of burda2015-vae, burda2015-iwae"):
         overrides("burda2016")
 
 
-def test_short_iwae_profile_trains_and_reports_the_papers_estimator() -> None:
+def test_short_iwae_profile_trains_and_reports_the_papers_estimator(
+    profile_params: Callable[[str], Params], tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]],
+) -> None:
     """The profile on CPU with a budget of seconds: 2 epochs of 320 images, k = 200 at test."""
     params = profile_params("burda2015-iwae")
-    train_cfg = replace(params.train, device="cpu", epochs=2, limit=320)
+    train_cfg = params.train.replace(device="cpu", epochs=2, limit=320)
     images, labels = tiny_images(320, seed=3)
     model = build_model(params.model, seed=train_cfg.seed)
     assert [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)][:2] == [200, 200]
@@ -58,15 +58,15 @@ def test_short_iwae_profile_trains_and_reports_the_papers_estimator() -> None:
 
     test_x, test_y = tiny_images(50, seed=4)
     test_x = test_x // 2  # grey strokes (p about 0.45), which binarisation visibly changes
-    eval_cfg = replace(params.evaluate, iw_samples=200, batch_size=25)
+    eval_cfg = params.evaluate.replace(iw_samples=200, batch_size=25)
     metrics = evaluate_model(model, test_x, test_y, eval_cfg).metrics
     # The importance-weighted bound is tighter than the ELBO: its NLL estimate is lower.
     assert np.isfinite(metrics["nll_iw"]) and metrics["nll_iw"] < metrics["neg_elbo"]
     # The scored digits are binarised: grey strokes become 0/1 pixels (so the squared error to
     # the reconstruction changes), black-and-white ones stay exactly as they are.
-    grey = evaluate_model(model, test_x, test_y, replace(eval_cfg, binarize=False)).metrics
+    grey = evaluate_model(model, test_x, test_y, eval_cfg.replace(binarize=False)).metrics
     assert grey["recon_mse"] != pytest.approx(metrics["recon_mse"], rel=0.05)
     binary = np.where(test_x > 0, 255, 0).astype(np.uint8)
-    as_is, drawn = (evaluate_model(model, binary, test_y, replace(eval_cfg, binarize=b)).metrics
+    as_is, drawn = (evaluate_model(model, binary, test_y, eval_cfg.replace(binarize=b)).metrics
                     for b in (False, True))
     assert as_is == drawn

@@ -1,14 +1,20 @@
+"""Tests for :mod:`mnist_vae.model`: architectures, the loss terms, the bounds, saving and loading."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from mnist_vae.config import ModelConfig, TrainConfig
+from mnist_vae.errors import UserError
 from mnist_vae.model import (
     Architecture,
+    ModelFileError,
     build_model,
     importance_weighted_log_likelihood,
     kl_divergence,
@@ -18,7 +24,7 @@ from mnist_vae.model import (
 )
 from mnist_vae.train import learning_rate, train_model
 
-from .conftest import tiny_images
+TinyImages = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 def test_seed_preset_is_the_tutorial_architecture() -> None:
@@ -71,7 +77,7 @@ def test_seed_loss_is_the_tutorial_formula() -> None:
     assert terms.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_one_optimisation_step_lowers_the_loss() -> None:
+def test_one_optimisation_step_lowers_the_loss(tiny_images: TinyImages) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(hidden=(64,), latent=4))
     x = torch.from_numpy(tiny_images(64)[0].reshape(64, 784)).float() / 255
@@ -90,7 +96,7 @@ def test_one_optimisation_step_lowers_the_loss() -> None:
     assert after.item() < before.item()
 
 
-def test_training_is_deterministic_and_learns() -> None:
+def test_training_is_deterministic_and_learns(tiny_images: TinyImages) -> None:
     images, _ = tiny_images(256)
     cfg = TrainConfig(device="cpu", epochs=3, batch_size=32, lr=3e-3, seed=3)
     runs = []
@@ -109,7 +115,7 @@ def test_cosine_schedule_with_warmup() -> None:
     assert learning_rate(TrainConfig(schedule="constant"), 500, 10) == 1e-3
 
 
-def test_importance_weighting_tightens_the_bound() -> None:
+def test_importance_weighting_tightens_the_bound(tiny_images: TinyImages) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(hidden=(32,), latent=4))
     x = torch.from_numpy(tiny_images(32)[0].reshape(32, 784)).float() / 255
@@ -127,12 +133,14 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert loaded.arch == model.arch == Architecture.from_dict(model.arch.to_dict())
     x = torch.rand(2, 784)
     assert torch.equal(loaded.encode(x)[0], model.eval().encode(x)[0])
-    assert not list(tmp_path.glob(".*tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
 
 
 def test_loading_a_foreign_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not an mnist-vae checkpoint"):
+    with pytest.raises(ModelFileError, match=r"x\.pt: not an mnist-vae checkpoint") as foreign:
         load_model(tmp_path / "x.pt")
-    with pytest.raises(FileNotFoundError, match="no such model file"):
+    with pytest.raises(ModelFileError, match=r"missing\.pt: no such model file") as missing:
         load_model(tmp_path / "missing.pt")
+    # User errors: the stages and the CLI print them as one line.
+    assert isinstance(foreign.value, UserError) and isinstance(missing.value, UserError)

@@ -1,0 +1,119 @@
+"""The trainer's fast-path switches: each one works or falls back with one warning, never a crash."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_vae.config import ModelConfig, TrainConfig
+from mnist_vae.cores import available_cores
+from mnist_vae.errors import UserError
+from mnist_vae.model import build_model
+from mnist_vae.train import DeviceError, Trainer, learning_rate, resolve_device, train_model
+
+Losses = Callable[[TrainConfig], list[float]]
+
+
+@pytest.fixture(scope="module")
+def images(tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    return tiny_images(128)[0]
+
+
+@pytest.fixture
+def losses(images: np.ndarray) -> Losses:
+    """``losses(cfg)``: the per-epoch training loss of a tiny model trained with ``cfg``."""
+    def train(cfg: TrainConfig) -> list[float]:
+        model = build_model(ModelConfig(hidden=(32,), latent=4), seed=cfg.seed)
+        return [s.loss for s in train_model(model, images, cfg, progress=False)]
+
+    return train
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(
+    losses: Losses, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor: no C++ compiler\nmore detail")
+        return run
+
+    cfg = TrainConfig(device="cpu", epochs=2, batch_size=32, seed=1)
+    eager = losses(cfg)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with caplog.at_level(logging.WARNING, logger="mnist_vae.train"):
+        compiled = losses(TrainConfig(device="cpu", epochs=2, batch_size=32, seed=1, compile=True))
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert warnings == ["torch.compile failed (inductor: no C++ compiler); training without it"]
+    assert compiled == eager
+
+
+def test_tf32_without_cuda_warns_and_trains_in_fp32(
+    losses: Losses, caplog: pytest.LogCaptureFixture
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("tf32 is used on CUDA; the fallback only happens without it")
+    with caplog.at_level(logging.WARNING, logger="mnist_vae.train"):
+        tf32 = losses(TrainConfig(device="cpu", epochs=2, batch_size=32, precision="tf32"))
+    assert any("tf32 needs CUDA" in r.getMessage() for r in caplog.records)
+    assert tf32 == losses(TrainConfig(device="cpu", epochs=2, batch_size=32))
+
+
+def test_bf16_autocast_trains(losses: Losses) -> None:
+    history = losses(TrainConfig(device="cpu", epochs=3, batch_size=32, lr=3e-3, precision="bf16"))
+    assert all(torch.isfinite(torch.tensor(history)))
+    assert history[-1] < history[0]
+
+
+def test_iwae_objective_and_dynamic_binarisation_train(losses: Losses) -> None:
+    history = losses(TrainConfig(device="cpu", epochs=3, batch_size=32, lr=3e-3, objective="iwae",
+                                 iw_samples=5, binarize=True))
+    assert history[-1] < history[0]
+
+
+def test_burda_schedule_steps_down_after_3_to_the_i_passes() -> None:
+    cfg = TrainConfig(epochs=3280, lr=1e-3, schedule="burda")
+    per_epoch = 10
+    rates = [learning_rate(cfg, epoch * per_epoch, per_epoch) for epoch in (0, 1, 3, 4, 12, 13, 3279)]
+    expected = [1e-3 * 10 ** (-i / 7) for i in (0, 1, 1, 2, 2, 3, 7)]
+    assert rates == pytest.approx(expected)
+
+
+def test_validation_split_is_scored_each_epoch_without_changing_training(
+    images: np.ndarray, tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]]
+) -> None:
+    cfg = TrainConfig(device="cpu", epochs=3, batch_size=32, lr=3e-3, seed=2)
+    held_out = tiny_images(64, seed=9)[0]
+
+    def run(validation: np.ndarray | None) -> list:
+        model = build_model(ModelConfig(hidden=(32,), latent=4), seed=cfg.seed)
+        return list(Trainer(model, images, cfg, validation=validation).epochs())
+
+    with_split, without = run(held_out), run(None)
+    scores = [s.val_neg_elbo for s in with_split]
+    assert all(score is not None and np.isfinite(score) and score > 0 for score in scores)
+    assert scores[-1] < scores[0], "the model learns the bars, also on images it never saw"
+    assert [s.val_neg_elbo for s in without] == [None] * 3
+    # Validating draws from a generator of its own: training goes exactly as without it.
+    assert [s.loss for s in with_split] == [s.loss for s in without]
+    assert "val_neg_elbo" in with_split[0].metrics() and "val_neg_elbo" not in without[0].metrics()
+
+
+def test_threads_auto_takes_a_share_of_the_cores(images: np.ndarray) -> None:
+    cfg = TrainConfig(device="cpu", epochs=1, batch_size=32)
+    assert cfg.threads == "auto"
+    model = build_model(ModelConfig(hidden=(8,), latent=2), seed=0)
+    (stats,) = train_model(model, images, cfg, progress=False)
+    assert 1 <= stats.threads <= available_cores()
+
+
+def test_cuda_without_a_gpu_is_a_user_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceError, match="train.device is 'cuda' but no CUDA device") as info:
+        resolve_device("cuda")
+    assert isinstance(info.value, UserError)
+    assert resolve_device("auto") == torch.device("cpu")

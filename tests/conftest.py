@@ -132,7 +132,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME",
-                 "MLFLOW_EXPERIMENT_ID", "MNIST_MIRRORS", "DVC_EXP_NAME"):
+                 "MLFLOW_EXPERIMENT_ID", "MNIST_MIRRORS", "DVC_EXP_NAME", "DVC_ROOT"):
         monkeypatch.delenv(name, raising=False)
     yield uri
     while mlflow.active_run() is not None:
@@ -228,7 +228,7 @@ def tiny_splits(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 def _project_env(root: Path) -> dict[str, str]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MNIST_MIRRORS", "DVC_EXP_NAME"):
+    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MNIST_MIRRORS", "DVC_EXP_NAME", "DVC_ROOT"):
         env.pop(name, None)
     return env
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,14 @@ class Paths:
 
 
 def project_root(cwd: Path | None = None) -> Path:
-    """The project's root: the working directory, or the repo that a DVC temp experiment copies."""
+    """The project's root: the working directory, or the repo that a DVC temp experiment copies.
+
+    A queued experiment runs in a copy of the repo in DVC's temporary folder; DVC passes the
+    repo's own root to its stages as ``DVC_ROOT``.
+    """
+    dvc_root = os.environ.get("DVC_ROOT", "").strip()
+    if cwd is None and dvc_root and Path(dvc_root).is_dir():
+        return Path(dvc_root).resolve()
     cwd = (cwd or Path.cwd()).resolve()
     parts = cwd.parts
     n = len(_DVC_EXP_DIR)

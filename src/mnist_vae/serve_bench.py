@@ -1,23 +1,24 @@
 """Serving speed: the real ``mlflow models serve`` under concurrent HTTP clients, beside the same
 model in this process.
 
-Each cell starts nothing new: one server per worker count (1, then 2 uvicorn workers) is started as
-a user would start it, waited for until every worker is up, warmed up, then asked by ``clients``
-threads (one ``requests.Session`` each) for ``seconds`` with JSON ``inputs`` bodies of batch 1 and
-batch 64. A cell reports requests/s, images/s and the p50 and p99 latency seen by the clients.
-The in-process rows time the same batches through each layer a request crosses, so the gap between
-them says where a request's time goes: the raw forward pass, :meth:`ServedVAE.predict`, MLflow's
-pyfunc ``predict`` (schema enforcement), and MLflow's ``invocations`` handler (JSON parsing and
-encoding) without HTTP.
+One server per worker count (1, then 2 uvicorn workers) is started as a user would start it, waited
+for until every worker is up, and for each batch size (1 and 64) warmed up, then asked by
+``clients`` threads (one keep-alive ``http.client`` connection each) for ``seconds`` with JSON
+``inputs`` bodies of test images. A cell reports requests/s, images/s, the p50 and p99 latency seen
+by the clients, and the cores the server and the clients used. The in-process rows time the same
+batches through each layer a request crosses, so the gaps between them say where a request's time
+goes: the raw forward pass, :meth:`ServedVAE.predict`, MLflow's pyfunc ``predict`` (schema
+enforcement), and MLflow's ``invocations`` handler (JSON parsing and encoding) without HTTP.
 
 The clients run in this process, on the same cores as the server: on a 2-core machine their CPU
-time is part of what is measured (``client_cpu`` says how much), as it would be for a sidecar.
-Servers run in their own process group and are stopped, workers included, whatever happens.
+time is taken from the server's. Servers run in their own process group and are stopped, workers
+included, whatever happens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -108,7 +109,7 @@ def run_serve_bench(model: str, images: np.ndarray, settings: ServeBenchSettings
                                 "start_seconds": srv.start_seconds})
                 for batch in settings.batches:
                     cells.append({"workers": workers, "batch": batch, "clients": settings.clients,
-                                  **load(srv.url, bodies[batch], batch, settings)})
+                                  **load(srv, bodies[batch], batch, settings)})
         in_process = measure_in_process(folder, x, settings)
     return {"machine": machine("cpu"), "model": model, "settings": asdict(settings),
             "servers": servers, "cells": cells, "in_process": in_process,
@@ -302,54 +303,82 @@ def _terminate_as_exit() -> Iterator[None]:
 # --- the load -------------------------------------------------------------------------------
 
 
-def load(url: str, bodies: list[bytes], batch: int, settings: ServeBenchSettings) -> dict[str, Any]:
-    """``settings.clients`` threads POST ``bodies`` in turn: a warm-up, then ``settings.seconds``
-    measured. Only requests that start and end inside the measured stretch count."""
-    _drive(url, bodies, settings.clients, settings.warmup)
-    cpu = time.process_time()
-    timing, errors = _drive(url, bodies, settings.clients, settings.seconds)
-    client_cpu = (time.process_time() - cpu) / timing.seconds
-    if not timing.latencies:
-        return {"requests": 0, "errors": errors, "seconds": timing.seconds}
-    return {"requests": timing.calls, "errors": errors, "seconds": timing.seconds,
-            **timing.summary(batch), "client_cpu": client_cpu}
+def load(server: Server, bodies: list[bytes], batch: int, settings: ServeBenchSettings) -> dict[str, Any]:
+    """``settings.clients`` threads POST ``bodies`` in turn, each on one keep-alive connection.
 
-
-def _drive(url: str, bodies: list[bytes], clients: int, seconds: float) -> tuple[Timing, int]:
-    import requests
-
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    start = time.perf_counter()
-    end = start + seconds
-
-    def client(i: int) -> None:
-        with requests.Session() as session:
-            session.headers["Content-Type"] = "application/json"
-            k = i
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= end:
-                    return
-                try:
-                    ok = session.post(f"{url}/invocations", data=bodies[k % len(bodies)],
-                                      timeout=60).status_code == 200
-                except requests.RequestException:
-                    ok = False
-                t1 = time.perf_counter()
-                if not ok:
-                    errors[i] += 1
-                elif t1 <= end:
-                    latencies[i].append(t1 - t0)
-                k += 1
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    The clients start one after another during the warm-up, as clients of a service arrive: a burst
+    of connections would be accepted by whichever worker wakes first, all of them sometimes, and
+    leave the other worker idle. Requests that complete within the next ``settings.seconds`` count.
+    ``server_cpu`` and ``client_cpu`` are the cores the server (all its processes) and this process
+    used meanwhile: on a machine with few cores the clients' share bounds the server's.
+    """
+    latencies: list[list[float]] = [[] for _ in range(settings.clients)]
+    errors = [0] * settings.clients
+    begin = time.perf_counter() + settings.warmup
+    end = begin + settings.seconds
+    stagger = settings.warmup / (2 * settings.clients)
+    threads = [threading.Thread(target=_client, args=(server.port, bodies, i, begin, end, latencies[i],
+                                                      errors), daemon=True)
+               for i in range(settings.clients)]
     for t in threads:
         t.start()
+        time.sleep(stagger)
+    time.sleep(max(0.0, begin - time.perf_counter()))
+    server_cpu, client_cpu = group_cpu_seconds(server.pid), time.process_time()
+    time.sleep(max(0.0, end - time.perf_counter()))
+    server_cpu = (group_cpu_seconds(server.pid) - server_cpu) / settings.seconds
+    client_cpu = (time.process_time() - client_cpu) / settings.seconds
     for t in threads:
         t.join()
     done = [lat for per in latencies for lat in per]
-    return Timing(len(done), seconds, done), sum(errors)
+    if not done:
+        return {"requests": 0, "errors": sum(errors), "seconds": settings.seconds}
+    return {"requests": len(done), "errors": sum(errors), "seconds": settings.seconds,
+            **Timing(len(done), settings.seconds, done).summary(batch),
+            "server_cpu": server_cpu, "client_cpu": client_cpu}
+
+
+def _client(port: int, bodies: list[bytes], i: int, begin: float, end: float, latencies: list[float],
+            errors: list[int]) -> None:
+    """One client until ``end``; keeps the latency of each request answered in [begin, end]."""
+    # http.client rather than requests: a keep-alive connection at a fraction of the CPU per
+    # request, which on 2 cores is taken from the server being measured.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+    k = i
+    try:
+        while (t0 := time.perf_counter()) < end:
+            try:
+                conn.request("POST", "/invocations", body=bodies[k % len(bodies)], headers=headers)
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                conn.close()  # reconnects on the next request
+                ok = False
+            t1 = time.perf_counter()
+            if not ok:
+                errors[i] += 1
+            elif begin <= t1 <= end:
+                latencies.append(t1 - t0)
+            k += 1
+    finally:
+        conn.close()
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of a process group (Linux; else 0)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command may hold spaces and parentheses: the fields start after the last ")".
+            fields = entry.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == pgid:  # fields: state ppid pgrp ... utime(12) stime(13)
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
 
 
 # --- in process -----------------------------------------------------------------------------
@@ -361,7 +390,11 @@ def measure_in_process(folder: Path, x: np.ndarray, settings: ServeBenchSettings
     import torch
     from mlflow.pyfunc import scoring_server
 
-    pyfunc = mlflow.pyfunc.load_model(str(folder))
+    saved_path = list(sys.path)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(str(folder))
+    finally:
+        sys.path[:] = saved_path  # MLflow prepends the model's code folder for good
     # The loader_module's object (our ServedVAE); MLflow offers no public accessor for it.
     served = pyfunc._model_impl
     vae = served.model
@@ -419,15 +452,16 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     table = Table(title=f"mlflow models serve, {s['clients']} clients, {s['seconds']:g} s per cell "
                   f"({m['cpu']}, {m['cpu_count']} cores)")
     for column in ("workers", "batch", "req/s", "images/s", "p50 ms", "p99 ms", "errors",
-                   "client cores"):
+                   "server cores", "client cores"):
         table.add_column(column, justify="right")
     for c in result["cells"]:
         if not c["requests"]:
-            table.add_row(str(c["workers"]), str(c["batch"]), "0", "", "", "", str(c["errors"]), "")
+            table.add_row(str(c["workers"]), str(c["batch"]), "0", "", "", "", str(c["errors"]), "", "")
             continue
         table.add_row(str(c["workers"]), str(c["batch"]), f"{c['requests_per_s']:,.1f}",
                       f"{c['images_per_s']:,.0f}", f"{c['p50_ms']:.1f}", f"{c['p99_ms']:.1f}",
-                      str(c["errors"]), f"{c['client_cpu']:.2f}")
+                      str(c["errors"]), f"{c['server_cpu']:.2f}",
+                      f"{c['client_cpu']:.2f}")
     inproc = Table(title="the same batches in this process, one call at a time")
     for column in ("layer", "batch", "calls/s", "images/s", "p50 ms", "p99 ms"):
         inproc.add_column(column, justify="left" if column == "layer" else "right")
@@ -456,7 +490,8 @@ def log_to_mlflow(result: dict[str, Any], json_path: Path, experiment: str = EXP
         mlflow.log_params({f"serve_bench.{k}": v for k, v in result["settings"].items()})
         metrics: dict[str, float] = {}
         for c in result["cells"]:
-            for key in ("requests_per_s", "images_per_s", "p50_ms", "p99_ms", "errors"):
+            for key in ("requests_per_s", "images_per_s", "p50_ms", "p99_ms", "errors", "server_cpu",
+                        "client_cpu"):
                 if key in c:
                     metrics[f"w{c['workers']}_b{c['batch']}_{key}"] = float(c[key])
         for r in result["in_process"]:

@@ -13,6 +13,9 @@ unpickled. Input is a batch of 28x28 images flattened to 784 float32 grey levels
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ from mnist_vae.model import N_PIXELS, VAE, kl_divergence, load_model
 OUTPUTS = ("reconstruction", "latent", "score", "sample")
 MAX_SAMPLES = 1024
 WEIGHTS_FILE = "model.pt"
+# torch threads of each serving process; default: the cores divided among the server's workers.
+THREADS_ENV = "MNIST_VAE_SERVE_THREADS"
 
 
 def _invalid(message: str) -> Exception:
@@ -61,11 +66,13 @@ def as_batch(model_input: Any) -> np.ndarray:
                        f"shape {tuple(batch.shape)}")
     if len(batch) == 0:
         raise _invalid("expected at least one image, got an empty batch")
-    if not np.isfinite(batch).all():
+    # min and max propagate NaN and keep infinities, so two passes check finiteness and range.
+    low, high = float(batch.min()), float(batch.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise _invalid("expected finite pixel values, got NaN or infinity")
-    if batch.min() < 0.0 or batch.max() > 1.0:
+    if low < 0.0 or high > 1.0:
         raise _invalid(f"expected grey levels in [0, 1] (divide 0-255 pixels by 255), got values "
-                       f"in [{batch.min():g}, {batch.max():g}]")
+                       f"in [{low:g}, {high:g}]")
     return batch
 
 
@@ -74,6 +81,8 @@ class ServedVAE:
 
     def __init__(self, model: VAE) -> None:
         self.model = model.eval()
+        d = model.latent_dim
+        self._latent_columns = [f"mu_{i}" for i in range(d)] + [f"logvar_{i}" for i in range(d)]
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         params = params or {}
@@ -81,24 +90,31 @@ class ServedVAE:
         if output not in OUTPUTS:
             raise _invalid(f"unknown output {output!r}: expected one of {', '.join(OUTPUTS)}")
         seed = _int_param(params, "seed", 0, 0, 2**31 - 1)
-        generator = torch.Generator().manual_seed(seed)
         x = torch.from_numpy(as_batch(model_input))
-        with torch.no_grad():
+        with torch.inference_mode():
             if output == "sample":
                 n = _int_param(params, "n", 16, 1, MAX_SAMPLES)
-                z = torch.randn(n, self.model.latent_dim, generator=generator)
+                z = torch.randn(n, self.model.latent_dim, generator=torch.Generator().manual_seed(seed))
                 return self.model.pixel_means(self.model.decode(z)).numpy()
+            if output == "score":
+                eps = torch.randn((len(x), self.model.latent_dim),
+                                  generator=torch.Generator().manual_seed(seed))
+                return pd.DataFrame({"neg_elbo": neg_elbo(self.model, x, eps).numpy()})
             mu, logvar = self.model.encode(x)
             if output == "reconstruction":
                 return self.model.pixel_means(self.model.decode(mu)).numpy()
-            if output == "latent":
-                d = self.model.latent_dim
-                columns = [f"mu_{i}" for i in range(d)] + [f"logvar_{i}" for i in range(d)]
-                return pd.DataFrame(torch.cat([mu, logvar], dim=1).numpy(), columns=columns)
-            eps = torch.randn(mu.shape, generator=generator)
-            z = mu + torch.exp(0.5 * logvar) * eps
-            score = self.model.bernoulli_nll(self.model.decode(z), x) + kl_divergence(mu, logvar)
-            return pd.DataFrame({"neg_elbo": score.numpy()})
+            return pd.DataFrame(torch.cat([mu, logvar], dim=1).numpy(), columns=self._latent_columns)
+
+
+def neg_elbo(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Per-image negative ELBO in nats with one posterior draw ``z = mu + sigma * eps``.
+
+    The ``score`` output, and what ``mnist-vae score`` writes: -log p(x | z) under the Bernoulli
+    likelihood plus KL(q(z | x) || p(z)) (Kingma & Welling 2014, eq. 10).
+    """
+    mu, logvar = model.encode(x)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    return model.bernoulli_nll(model.decode(z), x) + kl_divergence(mu, logvar)
 
 
 def _int_param(params: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
@@ -109,10 +125,76 @@ def _int_param(params: dict[str, Any], key: str, default: int, low: int, high: i
 
 
 def _load_pyfunc(data_path: str) -> ServedVAE:
-    """MLflow's entry point for ``loader_module`` models; maps CUDA-trained weights to the CPU."""
+    """MLflow's entry point for ``loader_module`` models; maps CUDA-trained weights to the CPU.
+
+    Inside ``mlflow models serve`` it also sets this worker's torch threads and turns Nagle's
+    algorithm off on the connections it accepts (see :func:`_tune_server_process`).
+    """
     path = Path(data_path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
-    return ServedVAE(load_model(weights, device="cpu"))
+    served = ServedVAE(load_model(weights, device="cpu"))
+    workers = _server_workers()
+    if workers is not None:
+        _tune_server_process(workers)
+    return served
+
+
+def _server_workers() -> int | None:
+    """``--workers`` of the uvicorn that runs MLflow's scoring server in this process, else None.
+
+    With one worker uvicorn serves in its own process; with more, each worker is a child of the
+    uvicorn supervisor. MLflow always passes ``--workers N``.
+    """
+    for pid in ("self", str(os.getppid())):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # not Linux, or the parent is gone
+            return None
+        if len(args) > 1 and any(Path(a).name == "uvicorn" for a in args[:2]):
+            match = re.search(r"--workers[= ](\d+)", " ".join(args))
+            return int(match.group(1)) if match else 1
+    return None
+
+
+def _tune_server_process(workers: int) -> None:
+    """Per-worker settings of a serving process.
+
+    Threads: torch uses every core by default, so two workers on two cores each run two threads
+    per request, beside the other worker's and the event loop: they fight instead of sharing
+    (the README's measurement). Each worker takes its share, ``cores // workers``, unless
+    ``$MNIST_VAE_SERVE_THREADS`` says otherwise.
+
+    TCP_NODELAY: with ``--workers`` > 1, uvicorn (0.54) binds the listening socket itself with
+    ``proto`` 0, so asyncio does not set TCP_NODELAY on accepted connections; every keep-alive
+    response's body then waits for the client's delayed ACK, ~40 ms on Linux
+    (github.com/Kludex/uvicorn/issues/3149). Linux copies TCP_NODELAY from a listening socket to
+    the connections it accepts, so it is set on the listening TCP sockets this process inherited.
+    """
+    threads = os.environ.get(THREADS_ENV, "").strip()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
+                          else max(1, cores // workers))
+    _nodelay_on_listening_sockets()
+
+
+def _nodelay_on_listening_sockets() -> None:
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # not Linux: nothing to do, asyncio's behaviour elsewhere differs anyway
+        return
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)  # reads family, type and protocol from the fd
+        except OSError:  # not a socket, or closed since listed
+            continue
+        try:
+            if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the fd stays open: it belongs to the server
 
 
 def signature():

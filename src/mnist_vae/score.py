@@ -1,0 +1,204 @@
+"""Bulk scoring without JSON: the per-image negative ELBO of many images, written to CSV or Parquet.
+
+The same numbers as the served model's ``score`` output (:func:`mnist_vae.serving.neg_elbo`, one
+posterior draw per image from a generator seeded with ``seed``), computed in large batches in this
+process instead of through HTTP and JSON. Inputs: an ``.npz`` (``x_test`` of ``data/mnist.npz`` by
+default), an ``.npy``, or a folder of PNG/JPEG pictures, each prepared by
+:func:`mnist_vae.preprocess.load_digit`.
+"""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mnist_vae.atomic import atomic_write
+from mnist_vae.errors import UserError
+from mnist_vae.model import N_PIXELS, VAE
+from mnist_vae.serving import neg_elbo
+
+DEFAULT_KEY = "x_test"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+OUTPUT_SUFFIXES = (".csv", ".parquet")
+_EXPECTED = ("uint8 0-255 or float grey levels in [0, 1], of shape (N, 28, 28) or (N, 784)")
+
+
+class ScoreInputError(UserError):
+    """The images to score, or the output file asked for, are not what ``score`` reads or writes."""
+
+
+@dataclass(frozen=True, eq=False)
+class Images:
+    """Images to score: (N, 784) uint8 or float32 in [0, 1], and a name per row (index or file)."""
+
+    pixels: np.ndarray
+    names: list[str] | np.ndarray
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    path: Path
+    images: int
+    seconds: float  # reading, scoring and writing, not loading the model
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images / self.seconds
+
+
+def read_images(source: Path, key: str | None = None) -> Images:
+    """Reads the images of an ``.npz`` (array ``key``, default ``x_test``), an ``.npy`` or a folder.
+
+    Raises:
+        ScoreInputError: ``source`` is missing, of another kind, or holds no valid images.
+        ImageError: A picture of the folder is unreadable or shows no digit.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise ScoreInputError(f"{source}: no such file or folder; expected an .npz, an .npy or a "
+                              "folder of PNG/JPEG images")
+    if source.is_dir():
+        if key is not None:
+            raise ScoreInputError(f"--key {key!r}: only an .npz has keys, {source} is a folder")
+        return _read_folder(source)
+    suffix = source.suffix.lower()
+    if suffix == ".npz":
+        array = _read_npz(source, key or DEFAULT_KEY)
+    elif suffix == ".npy":
+        if key is not None:
+            raise ScoreInputError(f"--key {key!r}: only an .npz has keys, {source} is an .npy")
+        array = _read_npy(source)
+    else:
+        raise ScoreInputError(f"{source}: unknown kind {source.suffix or '(no suffix)'!r}; expected "
+                              "an .npz, an .npy or a folder of PNG/JPEG images")
+    what = f"{source}[{key or DEFAULT_KEY}]" if suffix == ".npz" else str(source)
+    return Images(_checked(array, what), np.arange(len(array)))
+
+
+def _read_npz(source: Path, key: str) -> np.ndarray:
+    try:
+        with np.load(source, allow_pickle=False) as npz:
+            if key not in npz.files:
+                raise ScoreInputError(f"{source}: no array {key!r}; expected one of its arrays: "
+                                      f"{', '.join(npz.files) or '(none: the archive is empty)'}")
+            return npz[key]
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise ScoreInputError(f"{source}: expected an .npz archive of arrays, could not read it "
+                              f"({exc})") from None
+
+
+def _read_npy(source: Path) -> np.ndarray:
+    try:
+        return np.load(source, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as exc:
+        raise ScoreInputError(f"{source}: expected an .npy array, could not read it ({exc})") from None
+
+
+def _checked(array: np.ndarray, what: str) -> np.ndarray:
+    """The array as (N, 784), uint8 or float32 in [0, 1]; raises ScoreInputError otherwise."""
+    if array.ndim == 3 and array.shape[1:] == (28, 28):
+        array = array.reshape(len(array), N_PIXELS)
+    if array.ndim != 2 or array.shape[1] != N_PIXELS:
+        raise ScoreInputError(f"{what}: expected {_EXPECTED}, got shape {array.shape}")
+    if len(array) == 0:
+        raise ScoreInputError(f"{what}: expected at least one image, got none")
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ScoreInputError(f"{what}: expected {_EXPECTED}, got dtype {array.dtype}")
+    array = array.astype(np.float32, copy=False)
+    # min and max propagate NaN and keep infinities: two passes check both finiteness and range.
+    low, high = float(array.min()), float(array.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ScoreInputError(f"{what}: expected finite grey levels in [0, 1], got NaN or infinity")
+    if low < 0.0 or high > 1.0:
+        raise ScoreInputError(f"{what}: expected grey levels in [0, 1] (or uint8 0-255), got values "
+                              f"in [{low:g}, {high:g}]")
+    return array
+
+
+def _read_folder(folder: Path) -> Images:
+    from mnist_vae.preprocess import load_digit
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ScoreInputError(f"{folder}: no PNG or JPEG files (expected *.png, *.jpg or *.jpeg)")
+    pixels = np.stack([load_digit(p) for p in files]).reshape(len(files), N_PIXELS)
+    return Images(pixels, [p.name for p in files])
+
+
+def check_output(out: Path) -> None:
+    """Fails before any work when ``out`` cannot be written as asked.
+
+    Raises:
+        ScoreInputError: Its suffix is neither .csv nor .parquet, or Parquet has no engine here.
+    """
+    suffix = Path(out).suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise ScoreInputError(f"{out}: unknown output kind {Path(out).suffix or '(no suffix)'!r}; "
+                              "expected a .csv or .parquet file")
+    if suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ScoreInputError(f"{out}: writing Parquet needs pyarrow (pip install pyarrow); "
+                                  "or write a .csv") from None
+
+
+@torch.inference_mode()
+def score_pixels(model: VAE, pixels: np.ndarray, seed: int = 0, latents: bool = False,
+                 batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """Negative ELBO per image (nats) and, with ``latents``, the posterior means ``mu_i``.
+
+    The noise of all images is drawn at once from ``torch.Generator().manual_seed(seed)``, as the
+    served model draws it for one request: the scores equal its ``score`` output for the same
+    images and seed, whatever ``batch_size``.
+    """
+    assert pixels.ndim == 2 and pixels.shape[1] == N_PIXELS, f"expected (N, 784), got {pixels.shape}"
+    model = model.eval()
+    n, d = len(pixels), model.latent_dim
+    eps = torch.randn((n, d), generator=torch.Generator().manual_seed(seed))
+    scores = np.empty(n, dtype=np.float32)
+    means = np.empty((n, d), dtype=np.float32) if latents else None
+    for start in range(0, n, batch_size):
+        x = torch.from_numpy(pixels[start : start + batch_size])
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        rows = slice(start, start + len(x))
+        scores[rows] = neg_elbo(model, x, eps[rows]).numpy()
+        if means is not None:
+            means[rows] = model.encode(x)[0].numpy()
+    out = {"neg_elbo": scores}
+    if means is not None:
+        out.update({f"mu_{i}": means[:, i] for i in range(d)})
+    return out
+
+
+def write_table(columns: dict[str, np.ndarray | list], out: Path) -> Path:
+    """Writes the columns to ``out`` (CSV or Parquet by its suffix), atomically."""
+    frame = pd.DataFrame(columns)
+    if Path(out).suffix.lower() == ".parquet":
+        return atomic_write(out, lambda fh: frame.to_parquet(fh, index=False))
+    return atomic_write(out, lambda fh: frame.to_csv(fh, index=False))
+
+
+def score_file(model: VAE, source: Path, out: Path, key: str | None = None, seed: int = 0,
+               latents: bool = False, batch_size: int = 4096) -> ScoreResult:
+    """Scores every image of ``source`` and writes ``image``, ``neg_elbo`` (and ``mu_i``) to ``out``.
+
+    ``image`` is the row's index in the array, or the picture's file name in a folder.
+
+    Raises:
+        ScoreInputError: Bad input or output (see :func:`read_images` and :func:`check_output`).
+    """
+    start = time.perf_counter()
+    check_output(out)
+    images = read_images(source, key)
+    columns = {"image": images.names, **score_pixels(model, images.pixels, seed, latents, batch_size)}
+    path = write_table(columns, out)
+    return ScoreResult(path, len(images.pixels), time.perf_counter() - start)

@@ -483,7 +483,8 @@ def models(params: ParamsOption = Path("params.yaml")) -> None:
 
     name = _params(params).mlflow.registered_model
     tracking.configure()
-    rows = aliases.list_versions(_client(), name)
+    with tracking.server_errors(f"read model {name!r}"):
+        rows = aliases.list_versions(_client(), name)
     table = Table(title=f"registered model {name} (test metrics in nats/image)")
     table.add_column("version", justify="right", no_wrap=True)
     table.add_column("aliases", min_width=9)
@@ -515,7 +516,8 @@ def promote(
 
     name = _params(params).mlflow.registered_model
     tracking.configure()
-    previous = aliases.promote(_client(), name, version)
+    with tracking.server_errors(f"move aliases of model {name!r}"):
+        previous = aliases.promote(_client(), name, version)
     if previous == version:
         Console().print(f"{name} version {version} is already champion")
     else:
@@ -534,9 +536,9 @@ def rollback(params: ParamsOption = Path("params.yaml")) -> None:
 
     name = _params(params).mlflow.registered_model
     tracking.configure()
-    version = aliases.rollback(_client(), name)
+    with tracking.server_errors(f"move aliases of model {name!r}"):
+        version = aliases.rollback(_client(), name)
     Console().print(f"{name}: champion is back at version {version}")
-
 
 
 @app.command()
@@ -742,7 +744,7 @@ def score(
     from mnist_vae.score import check_output, score_file
 
     check_output(out)  # a bad suffix fails before the model loads
-    vae = _load_model(_default_model(_params(params), model))
+    vae = _load_model(model or _default_model(_params(params), None))
     with _busy(f"scoring {source}"):
         result = score_file(vae, source, out, key=key, seed=seed, latents=latents,
                             batch_size=batch_size)

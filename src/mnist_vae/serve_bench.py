@@ -40,7 +40,6 @@ from mnist_vae.atomic import atomic_write
 from mnist_vae.errors import UserError
 
 EXPERIMENT = "mnist-vae-bench"
-DEFAULT_MODEL = "models:/mnist-vae@champion"
 
 
 class ServerStartError(UserError):
@@ -95,7 +94,8 @@ def run_serve_bench(model: str, images: np.ndarray, settings: ServeBenchSettings
     from mnist_vae.bench import machine
 
     assert len(images) >= max(settings.batches), "need at least one image per row of a batch"
-    x = (images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    load_before = os.getloadavg()[0]  # other work on a shared machine skews every number
+    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
     bodies = {b: _bodies(x, b) for b in settings.batches}
     with tempfile.TemporaryDirectory(prefix="mnist-vae-serve-bench-") as tmp, \
             _terminate_as_exit():
@@ -112,6 +112,7 @@ def run_serve_bench(model: str, images: np.ndarray, settings: ServeBenchSettings
                                   **load(srv, bodies[batch], batch, settings)})
         in_process = measure_in_process(folder, x, settings)
     return {"machine": machine("cpu"), "model": model, "settings": asdict(settings),
+            "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
             "servers": servers, "cells": cells, "in_process": in_process,
             "scaling": _scaling(cells)}
 
@@ -124,10 +125,10 @@ def _bodies(x: np.ndarray, batch: int, variants: int = 4) -> list[bytes]:
 
 def _scaling(cells: list[dict[str, Any]]) -> dict[str, float]:
     """requests/s of the most workers over that of one worker, per batch size."""
-    by = {(c["workers"], c["batch"]): c["requests_per_s"] for c in cells}
+    by = {(c["workers"], c["batch"]): c.get("requests_per_s", 0.0) for c in cells}
     most = max(w for w, _ in by)
     return {f"batch_{b}_workers_{most}_over_1": by[(most, b)] / by[(1, b)]
-            for w, b in by if w == 1 and (most, b) in by and most > 1}
+            for w, b in by if w == 1 and (most, b) in by and most > 1 and by[(1, b)] > 0}
 
 
 # --- the model folder ---------------------------------------------------------------------------
@@ -257,17 +258,17 @@ def serve(folder: Path, workers: int, log: Path, timeout: float = 180.0) -> Iter
 
 def stop_group(process: subprocess.Popen) -> None:
     """Stops a process started with ``start_new_session`` and everything in its group."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    # The leader gone, a worker that ignored SIGTERM could still hold the group.
+    # uvicorn's supervisor outlives `mlflow models serve` while its workers shut down: wait for the
+    # whole group, then kill what is left of it.
+    deadline = time.monotonic() + 20
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        process.poll()  # reaps the leader, else it stays a zombie in the group
+        time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def group_alive(pgid: int) -> bool:
@@ -324,10 +325,11 @@ def load(server: Server, bodies: list[bytes], batch: int, settings: ServeBenchSe
         t.start()
         time.sleep(stagger)
     time.sleep(max(0.0, begin - time.perf_counter()))
-    server_cpu, client_cpu = group_cpu_seconds(server.pid), time.process_time()
+    server_cpu, client_cpu, busy = group_cpu_seconds(server.pid), time.process_time(), busy_cpu_seconds()
     time.sleep(max(0.0, end - time.perf_counter()))
     server_cpu = (group_cpu_seconds(server.pid) - server_cpu) / settings.seconds
     client_cpu = (time.process_time() - client_cpu) / settings.seconds
+    other_cpu = max(0.0, (busy_cpu_seconds() - busy) / settings.seconds - server_cpu - client_cpu)
     for t in threads:
         t.join()
     done = [lat for per in latencies for lat in per]
@@ -335,7 +337,8 @@ def load(server: Server, bodies: list[bytes], batch: int, settings: ServeBenchSe
         return {"requests": 0, "errors": sum(errors), "seconds": settings.seconds}
     return {"requests": len(done), "errors": sum(errors), "seconds": settings.seconds,
             **Timing(len(done), settings.seconds, done).summary(batch),
-            "server_cpu": server_cpu, "client_cpu": client_cpu}
+            "server_cpu": server_cpu, "client_cpu": client_cpu, "other_cpu": other_cpu,
+            "server_cpu_ms_per_request": 1000.0 * server_cpu * settings.seconds / len(done)}
 
 
 def _client(port: int, bodies: list[bytes], i: int, begin: float, end: float, latencies: list[float],
@@ -364,6 +367,16 @@ def _client(port: int, bodies: list[bytes], i: int, begin: float, end: float, la
             k += 1
     finally:
         conn.close()
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot, all cores (Linux; else 0)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is counted in user
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -449,19 +462,23 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     from rich.table import Table
 
     m, s = result["machine"], result["settings"]
+    load = result["load_average_1min"]
     table = Table(title=f"mlflow models serve, {s['clients']} clients, {s['seconds']:g} s per cell "
-                  f"({m['cpu']}, {m['cpu_count']} cores)")
+                  f"({m['cpu']}, {m['cpu_count']} cores, load average {load['start']:.1f} before, "
+                  f"{load['end']:.1f} after)")
     for column in ("workers", "batch", "req/s", "images/s", "p50 ms", "p99 ms", "errors",
-                   "server cores", "client cores"):
+                   "server cores", "server CPU ms/req", "client cores", "others' cores"):
         table.add_column(column, justify="right")
     for c in result["cells"]:
         if not c["requests"]:
-            table.add_row(str(c["workers"]), str(c["batch"]), "0", "", "", "", str(c["errors"]), "", "")
+            table.add_row(str(c["workers"]), str(c["batch"]), "0", "", "", "", str(c["errors"]),
+                          *[""] * 4)
             continue
         table.add_row(str(c["workers"]), str(c["batch"]), f"{c['requests_per_s']:,.1f}",
                       f"{c['images_per_s']:,.0f}", f"{c['p50_ms']:.1f}", f"{c['p99_ms']:.1f}",
                       str(c["errors"]), f"{c['server_cpu']:.2f}",
-                      f"{c['client_cpu']:.2f}")
+                      f"{c['server_cpu_ms_per_request']:.2f}", f"{c['client_cpu']:.2f}",
+                      f"{c['other_cpu']:.2f}")
     inproc = Table(title="the same batches in this process, one call at a time")
     for column in ("layer", "batch", "calls/s", "images/s", "p50 ms", "p99 ms"):
         inproc.add_column(column, justify="left" if column == "layer" else "right")
@@ -469,7 +486,10 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
         if r["batch"]:
             inproc.add_row(r["layer"], str(r["batch"]), f"{r['requests_per_s']:,.0f}",
                            f"{r['images_per_s']:,.0f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}")
-    console = console or Console()
+    if console is None:
+        console = Console()
+    if not console.is_terminal:  # rich assumes 80 columns then: too few for the cells' table
+        console.width = max(console.width, 130)
     console.print(table)
     console.print(inproc)
     for key, ratio in result["scaling"].items():
@@ -491,7 +511,7 @@ def log_to_mlflow(result: dict[str, Any], json_path: Path, experiment: str = EXP
         metrics: dict[str, float] = {}
         for c in result["cells"]:
             for key in ("requests_per_s", "images_per_s", "p50_ms", "p99_ms", "errors", "server_cpu",
-                        "client_cpu"):
+                        "client_cpu", "other_cpu", "server_cpu_ms_per_request"):
                 if key in c:
                     metrics[f"w{c['workers']}_b{c['batch']}_{key}"] = float(c[key])
         for r in result["in_process"]:

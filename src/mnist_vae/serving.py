@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mnist_vae.errors import UserError
 from mnist_vae.model import N_PIXELS, VAE, kl_divergence, load_model
 
 OUTPUTS = ("reconstruction", "latent", "score", "sample")
@@ -30,6 +31,10 @@ MAX_SAMPLES = 1024
 WEIGHTS_FILE = "model.pt"
 # torch threads of each serving process; default: the cores divided among the server's workers.
 THREADS_ENV = "MNIST_VAE_SERVE_THREADS"
+
+
+class ServingConfigError(UserError, ValueError):
+    """The serving process's environment holds a setting it cannot use."""
 
 
 def _invalid(message: str) -> Exception:
@@ -159,10 +164,10 @@ def _server_workers() -> int | None:
 def _tune_server_process(workers: int) -> None:
     """Per-worker settings of a serving process.
 
-    Threads: torch uses every core by default, so two workers on two cores each run two threads
-    per request, beside the other worker's and the event loop: they fight instead of sharing
-    (the README's measurement). Each worker takes its share, ``cores // workers``, unless
-    ``$MNIST_VAE_SERVE_THREADS`` says otherwise.
+    Threads: torch uses every core by default, so with two workers on two cores each request's
+    forward pass asks for both cores while the other worker and the event loops want them too.
+    Each worker takes its share, ``cores // workers``, unless ``$MNIST_VAE_SERVE_THREADS`` says
+    otherwise (one worker keeps torch's default).
 
     TCP_NODELAY: with ``--workers`` > 1, uvicorn (0.54) binds the listening socket itself with
     ``proto`` 0, so asyncio does not set TCP_NODELAY on accepted connections; every keep-alive
@@ -171,9 +176,10 @@ def _tune_server_process(workers: int) -> None:
     the connections it accepts, so it is set on the listening TCP sockets this process inherited.
     """
     threads = os.environ.get(THREADS_ENV, "").strip()
+    if threads and not (threads.isdigit() and int(threads) > 0):
+        raise ServingConfigError(f"${THREADS_ENV}: expected a positive integer, got {threads!r}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
-                          else max(1, cores // workers))
+    torch.set_num_threads(int(threads) if threads else max(1, cores // workers))
     _nodelay_on_listening_sockets()
 
 

@@ -95,19 +95,37 @@ class ArtifactStoreError(UserError):
 @contextlib.contextmanager
 def artifact_errors() -> Iterator[None]:
     """Reports a failed upload of artifacts in one line; auth errors and bugs pass through."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         yield
-    except MlflowException as exc:
-        if auth_error(exc, "") is not None or exc.error_code not in _STORE_FAILURES:
+    except (MlflowException, requests.RequestException) as exc:
+        uri = redacted(mlflow.get_tracking_uri())
+        if _is_unreachable(exc):
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} does not answer ({_first_line(str(exc))})") from None
+        answered_errors = "ResponseError" in str(exc)
+        if auth_error(exc, "") is not None or not (
+                answered_errors or getattr(exc, "error_code", None) in _STORE_FAILURES):
             raise
-        import mlflow
-
         raise ArtifactStoreError(
-            f"the artifact store of {redacted(mlflow.get_tracking_uri())} failed: "
+            f"the artifact store of {uri} failed: "
             f"{_first_line(str(exc))}; nothing was registered and the previous outputs are kept, "
             "run again when it is back") from None
+
+
+def _is_unreachable(exc: Exception) -> bool:
+    """A connection that failed or timed out (MLflow wraps requests' errors in its own)."""
+    import requests
+
+    text = str(exc)
+    if "ResponseError" in text:  # it answered, with errors (e.g. 500s while S3 is down behind it)
+        return False
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        return True
+    return any(sign in text for sign in ("Connection refused", "NewConnectionError",
+                                          "ConnectTimeout", "Read timed out"))
 
 
 # What a tracking server answers when its artifact store (S3) is down behind it.
@@ -116,7 +134,7 @@ _STORE_FAILURES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "BAD_REQUEST", "
 
 def _first_line(text: str) -> str:
     text = text.strip()
-    return text.splitlines()[0][:300] if text else "no message"
+    return text.splitlines()[0][:200] if text else "no message"
 
 
 def auth_error(exc: Exception, action: str) -> TrackingAuthError | None:

@@ -84,6 +84,7 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
             tracking.log_dataset(x_val, y_val, "mnist-validation", paths.data, data_md5,
                                  context="validation")
     run_id = run.info.run_id
+    metrics = _EpochMetrics()
     try:
         with _signals_as_interrupt():
             for stats in trainer.epochs(progress=progress):
@@ -92,25 +93,74 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
                     "fingerprint": fingerprint, "run_id": run_id,
                     "trainer": trainer.state_dict(), "history": [asdict(h) for h in history],
                 })
-                mlflow.log_metrics(stats.metrics(), step=stats.epoch)
+                metrics.send(stats)
+        metrics.flush()
         save_model(trainer.model, paths.model)
         atomic_write(paths.history, _history_csv(history))
-        mlflow.log_artifact(str(paths.history))
+        with tracking.artifact_errors():
+            mlflow.log_artifact(str(paths.history))
         atomic_write(paths.run, json.dumps({
             "run_id": run_id,
             "experiment_id": run.info.experiment_id,
             "tracking_uri": tracking.redacted(mlflow.get_tracking_uri()),
         }, indent=2) + "\n")
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        _end_run("KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
     paths.checkpoint.unlink(missing_ok=True)
     log.info("train: run %s, final loss %.4f", run_id, history[-1].loss)
     return run_id
+
+
+class _EpochMetrics:
+    """Sends each epoch's metrics to the tracking server. While it does not answer, training goes
+    on: the metrics wait here and are sent after the next epoch; if the server is still down when
+    training ends, :meth:`flush` fails the stage with the checkpoint kept, and the next run resumes
+    into the same MLflow run and logs them."""
+
+    def __init__(self) -> None:
+        self.pending: list[EpochStats] = []
+
+    def send(self, stats: EpochStats) -> None:
+        self.pending.append(stats)
+        try:
+            self._send_pending()
+        except tracking.TrackingUnavailableError as exc:
+            log.warning("%s; metrics of epochs %s kept, sent again after the next epoch", exc,
+                        ", ".join(str(s.epoch) for s in self.pending))
+
+    def flush(self) -> None:
+        """Sends what is left; raises :class:`tracking.TrackingUnavailableError` if it cannot."""
+        try:
+            self._send_pending()
+        except tracking.TrackingUnavailableError as exc:
+            raise tracking.TrackingUnavailableError(
+                f"{exc}; training finished, but the metrics of epochs "
+                f"{', '.join(str(s.epoch) for s in self.pending)} could not be logged. The "
+                "checkpoint is kept: run the stage again (dvc repro) when the server is back to "
+                "log them into the same run and finish") from None
+
+    def _send_pending(self) -> None:
+        import mlflow
+
+        while self.pending:
+            with tracking.artifact_errors():
+                mlflow.log_metrics(self.pending[0].metrics(), step=self.pending[0].epoch)
+            self.pending.pop(0)
+
+
+def _end_run(status: str) -> None:
+    """Ends the active run; a server that is down must not hide the error that got us here."""
+    import mlflow
+
+    try:
+        mlflow.end_run(status)
+    except Exception as exc:  # the original failure is re-raised by the caller
+        log.warning("could not mark MLflow run %s: %s", status, str(exc).splitlines()[0][:200])
 
 
 def _prepare(params: Params, paths: Paths, data: MnistData) -> tuple[Trainer, str, str, dict | None]:

@@ -749,4 +749,5 @@ def score(
         result = score_file(vae, source, out, key=key, seed=seed, latents=latents,
                             batch_size=batch_size)
     Console().print(f"scored {result.images} images in {result.seconds:.2f} s "
-                    f"({result.images_per_sec:,.0f} images/s): wrote {result.path}", highlight=False)
+                    f"({result.images_per_sec:,.0f} images/s): wrote {result.path}", highlight=False,
+                    soft_wrap=True)

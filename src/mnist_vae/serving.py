@@ -173,17 +173,22 @@ def _tune_server_process(workers: int) -> None:
     ``proto`` 0, so asyncio does not set TCP_NODELAY on accepted connections; every keep-alive
     response's body then waits for the client's delayed ACK, ~40 ms on Linux
     (github.com/Kludex/uvicorn/issues/3149). Linux copies TCP_NODELAY from a listening socket to
-    the connections it accepts, so it is set on the listening TCP sockets this process inherited.
+    the connections it accepts, so it is set on the server socket this worker inherited.
     """
     threads = os.environ.get(THREADS_ENV, "").strip()
     if threads and not (threads.isdigit() and int(threads) > 0):
         raise ServingConfigError(f"${THREADS_ENV}: expected a positive integer, got {threads!r}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(int(threads) if threads else max(1, cores // workers))
-    _nodelay_on_listening_sockets()
+    _nodelay_on_server_sockets()
 
 
-def _nodelay_on_listening_sockets() -> None:
+def _nodelay_on_server_sockets() -> None:
+    """Sets TCP_NODELAY on this process's bound, unconnected TCP sockets: the server's socket.
+
+    Not only listening ones: the first worker loads the model before its server calls ``listen()``
+    on the socket the supervisor bound, and may finish loading before any other worker does.
+    """
     try:
         fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
     except OSError:  # not Linux: nothing to do, asyncio's behaviour elsewhere differs anyway
@@ -195,12 +200,20 @@ def _nodelay_on_listening_sockets() -> None:
             continue
         try:
             if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
-                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                    and sock.getsockname()[1] != 0 and not _connected(sock)):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
         finally:
             sock.detach()  # the fd stays open: it belongs to the server
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 def signature():

@@ -252,6 +252,25 @@ def _make_project(root: Path, n_train: int = 2000, validation: int = 100) -> dic
     return _project_env(root)
 
 
+def _copy_repo(root: Path, changes: dict[str, dict[str, Any]]) -> Path:
+    """The files this checkout tracks or would track (code, params, dvc.yaml and dvc.lock; no
+    outputs) copied into ``root``, with some params changed: a fresh clone of the working tree."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    _write_params(root / "params.yaml", changes)
+    return root
+
+
+@pytest.fixture(scope="session")
+def copy_repo() -> Callable[[Path, dict[str, dict[str, Any]]], Path]:
+    """``copy_repo(root, {"train": {"epochs": 2}})``: the repo's files in ``root``, params changed."""
+    return _copy_repo
+
+
 @pytest.fixture(scope="session")
 def make_project() -> Callable[..., dict[str, str]]:
     """``make_project(root, n_train=2000, validation=100)``: a runnable project; returns its env.

@@ -143,12 +143,10 @@ def load_vae(reference: str) -> VAE:
 
     Raises:
         ModelNotFoundError: The reference does not resolve to a model of this project.
+        ModelFileError: A weights file is missing or not one of this project's.
     """
     if "://" not in reference and not reference.startswith(("models:/", "runs:/")):
-        try:
-            return load_model(Path(reference))
-        except FileNotFoundError as exc:
-            raise ModelNotFoundError(str(exc)) from None
+        return load_model(Path(reference))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
     except (MlflowException, OSError) as exc:

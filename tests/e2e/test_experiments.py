@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -33,20 +32,11 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) 
 
 
 @pytest.fixture(scope="module")
-def dvc_project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, shared_mnist: Path,
+def dvc_project(tmp_path_factory: pytest.TempPathFactory, copy_repo, shared_mnist: Path,
                 venv_bin: Path) -> tuple[Path, dict[str, str]]:
     """A git + DVC copy of the repo with tiny params, reproduced and committed."""
     root = tmp_path_factory.mktemp("exps") / "project"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo_root,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (repo_root / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / name, root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_repo(root, TINY)
     env = {**os.environ, "MNIST_MIRRORS": str(shared_mnist),
            "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT"):

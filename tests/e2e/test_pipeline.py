@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,20 +28,11 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, shared_mnist: Path,
+def project(tmp_path_factory: pytest.TempPathFactory, copy_repo, shared_mnist: Path,
             venv_bin: Path) -> tuple[Path, dict[str, str]]:
     """A fresh copy of the repo (tracked and new files, no outputs), with small params, reproduced."""
     root = tmp_path_factory.mktemp("e2e") / "project"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo_root,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (repo_root / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / name, root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_repo(root, SMALL)
     env = {**os.environ, "MNIST_MIRRORS": str(shared_mnist),
            "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)

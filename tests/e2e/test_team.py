@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -64,20 +63,11 @@ class Team:
 
 
 @pytest.fixture(scope="module")
-def team(team_stack, tmp_path_factory: pytest.TempPathFactory, repo_root: Path,
+def team(team_stack, tmp_path_factory: pytest.TempPathFactory, copy_repo,
          shared_mnist: Path, venv_bin: Path):
     """A git + DVC copy of the repo with tiny params, reproduced by alice through the stack."""
     root = tmp_path_factory.mktemp("team") / "project"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo_root,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (repo_root / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / name, root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_repo(root, TINY)
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("MLFLOW_", "AWS_", "DVC_"))}
     base.update({"MNIST_MIRRORS": str(shared_mnist),

@@ -47,10 +47,10 @@ def project(tmp_path_factory: pytest.TempPathFactory, copy_repo, shared_mnist: P
 def _client(root: Path):
     import mlflow
 
+    # Not mlflow.set_tracking_uri: it also sets MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI in
+    # os.environ, which servers started by later tests would inherit.
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient()
+    return mlflow.MlflowClient(uri, uri)
 
 
 def test_dvc_records_metrics_and_plots(project: tuple[Path, dict[str, str]]) -> None:

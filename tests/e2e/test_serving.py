@@ -42,8 +42,11 @@ def registered(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, venv_b
 
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
-    # The server runs `uvicorn` from PATH: the venv's, as with an activated venv.
-    return {**os.environ, **env, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
+    # The server runs `uvicorn` from PATH: the venv's, as with an activated venv. Registry and
+    # tracking follow this store only, whatever earlier tests left in os.environ.
+    server_env = {**os.environ, **env, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
+    server_env.pop("MLFLOW_REGISTRY_URI", None)
+    return server_env
 
 
 @pytest.fixture(scope="module")

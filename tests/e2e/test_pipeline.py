@@ -97,12 +97,14 @@ def test_mlflow_run_has_epochs_params_tags_and_artifacts(
 
 
 def test_registered_model_reconstructs_better_than_the_mean_image(
-    project: tuple[Path, dict[str, str]],
+    project: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import mlflow
 
     root, _ = project
     client = _client(root)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # for models:/ below, this test only
+        monkeypatch.setenv(name, f"sqlite:///{root / 'mlflow.db'}")
     version = client.get_model_version("mnist-vae", "1")
     assert str(client.get_model_version_by_alias("mnist-vae", "champion").version) == "1"
     assert float(version.tags["test_neg_elbo"]) > 0

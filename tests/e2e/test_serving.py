@@ -145,11 +145,14 @@ def test_burst_of_concurrent_requests_all_correct(
 ) -> None:
     import mlflow
 
+    # Both URIs: an earlier in-process test may have left a registry URI set in this process.
     mlflow.set_tracking_uri(registered["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(registered["MLFLOW_TRACKING_URI"])
     try:
         local = mlflow.pyfunc.load_model("models:/mnist-vae@champion")
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     batches = [batch(2, seed=i) for i in range(200)]
 
     def ask(i: int) -> np.ndarray:

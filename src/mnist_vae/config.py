@@ -19,7 +19,7 @@ from pydantic_core import ErrorDetails
 
 from mnist_vae.errors import UserError
 
-Preset = Literal["default", "seed"]
+Preset = Literal["conv", "mlp", "seed"]
 Activation = Literal["relu", "silu", "gelu", "elu", "tanh"]
 Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["constant", "cosine", "burda"]
@@ -54,24 +54,32 @@ class DataConfig(_Frozen):
 class ModelConfig(_Frozen):
     """The VAE's architecture.
 
+    ``preset: conv`` (the default) is a convolutional VAE: ``channels`` gives the stride-2
+    convolution stages of the encoder (28x28 to 14x14, then 7x7; the decoder mirrors them with
+    transposed convolutions), ``blocks`` residual blocks follow each stage, and a dense layer of
+    ``dense`` units sits between the convolutions and the latent code on both sides.
+    ``preset: mlp`` is an MLP VAE with ``hidden`` widths (the decoder mirrors them). Both have a
+    log-variance head and a Bernoulli likelihood on logits, and use ``latent`` and ``activation``.
     ``preset: seed`` is the tutorial's model (linear layers 784-256-64-20 and 10-64-256-784, a raw
-    sigma head, MSE likelihood); ``hidden``, ``latent`` and ``activation`` then do not apply.
-    ``preset: default`` builds a nonlinear MLP VAE with a log-variance head and a Bernoulli
-    likelihood on logits from ``hidden`` (encoder widths; the decoder mirrors them), ``latent`` and
-    ``activation``.
+    sigma head, MSE likelihood); none of the other keys apply to it.
     """
 
-    preset: Preset = "default"
+    preset: Preset = "conv"
     hidden: tuple[int, ...] = Field((512, 256), strict=False, min_length=1,
                                     description="at least one hidden layer")
+    channels: tuple[int, ...] = Field((32, 64), strict=False, min_length=1, max_length=2,
+                                      description="one or two convolution stages")
+    blocks: int = Field(1, ge=0, le=8, description="an integer in 0..8 (residual blocks per stage)")
+    dense: int = Field(512, ge=0, description="0 (no dense layer) or a positive width")
     latent: int = Field(32, gt=0, description="a positive integer")
     activation: Activation = "silu"
 
-    @field_validator("hidden")
+    @field_validator("hidden", "channels")
     @classmethod
-    def _positive_widths(cls, hidden: tuple[int, ...]) -> tuple[int, ...]:
-        _check(all(width > 0 for width in hidden), "model.hidden", "positive layer widths", hidden)
-        return hidden
+    def _positive_widths(cls, widths: tuple[int, ...], info: Any) -> tuple[int, ...]:
+        _check(all(width > 0 for width in widths), f"model.{info.field_name}",
+               "positive layer widths", widths)
+        return widths
 
 
 class TrainConfig(_Frozen):
@@ -140,7 +148,7 @@ class Params(_Frozen):
 
     @model_validator(mode="after")
     def _iwae_needs_bernoulli(self) -> Self:
-        _check(self.train.objective == "elbo" or self.model.preset == "default", "train.objective",
+        _check(self.train.objective == "elbo" or self.model.preset != "seed", "train.objective",
                "elbo with model.preset seed (the IWAE bound needs a Bernoulli likelihood)",
                self.train.objective)
         return self

@@ -11,7 +11,7 @@ import torch
 
 from mnist_vae.config import EvaluateConfig
 from mnist_vae.errors import UserError
-from mnist_vae.images import image_grid, write_png
+from mnist_vae.images import image_grid, write_png, write_scatter
 from mnist_vae.model import N_PIXELS, VAE, importance_weighted_log_likelihood, kl_divergence
 
 
@@ -161,14 +161,32 @@ def latent_traversal(
     return np.concatenate(rows)
 
 
+@torch.no_grad()
+def latent_projection(model: VAE, images: np.ndarray, device: torch.device | str = "cpu"
+                      ) -> tuple[np.ndarray, float]:
+    """Posterior means of uint8 images on their first two principal components.
+
+    Returns the (N, 2) points and the share of the means' variance those two components explain.
+    """
+    x = torch.as_tensor(images.reshape(len(images), N_PIXELS), device=device).float() / 255.0
+    mu = torch.cat([model.encode(chunk)[0] for chunk in x.split(1000)]).double()
+    centred = mu - mu.mean(0)
+    _, singular, basis = torch.linalg.svd(centred, full_matrices=False)
+    explained = (singular[:2].square().sum() / singular.square().sum()).item()
+    return (centred @ basis[:2].T).float().cpu().numpy(), explained
+
+
 def write_figures(
     model: VAE, images: np.ndarray, out_dir: Path, n: int = 8, seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", labels: np.ndarray | None = None,
+    latent_points: int = 5000,
 ) -> list[Path]:
     """Draws the evaluation figures into ``out_dir`` and returns their paths.
 
     ``reconstructions.png``: test digits (top panel) above their reconstructions (bottom panel);
-    ``samples.png``: 64 draws from the prior; ``traversal.png``: latent units swept one at a time.
+    ``samples.png``: 64 draws from the prior; ``traversal.png``: latent units swept one at a time;
+    ``latent.png`` (with ``labels``): the first ``latent_points`` images' posterior means on their
+    two principal components, coloured by digit.
     """
     out_dir = Path(out_dir)
     originals = images[: 2 * n]
@@ -180,4 +198,10 @@ def write_figures(
     steps = 11
     traversal = latent_traversal(model, images[0], steps=steps, device=device)
     paths.append(write_png(out_dir / "traversal.png", image_grid(traversal, columns=steps)))
+    if labels is not None:
+        points, explained = latent_projection(model, images[:latent_points], device)
+        paths.append(write_scatter(
+            out_dir / "latent.png", points, labels[:latent_points],
+            f"posterior means of {len(points):,} test digits, {model.latent_dim}-D latent space "
+            f"projected on 2 principal components ({explained:.0%} of the variance)"))
     return paths

@@ -1,4 +1,5 @@
-"""Image grids as PNG files, drawn with torchvision's ``make_grid`` and ``save_image``."""
+"""Figures as PNG files: image grids drawn with torchvision's ``make_grid`` and ``save_image``,
+and the latent space as a matplotlib scatter plot."""
 
 from __future__ import annotations
 
@@ -28,4 +29,29 @@ def write_png(path: Path, *grids: torch.Tensor) -> Path:
     picture = torch.nn.functional.interpolate(picture[None], scale_factor=_SCALE, mode="nearest")[0]
     with atomic_open(path) as fh:
         save_image(picture, fh, format="png")
+    return Path(path)
+
+
+def write_scatter(path: Path, points: np.ndarray, labels: np.ndarray, title: str) -> Path:
+    """Writes 2-D ``points`` coloured by their digit ``labels`` as a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: figures are files
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 6), dpi=100)
+    try:
+        for digit in range(10):
+            chosen = labels == digit
+            axes.scatter(points[chosen, 0], points[chosen, 1], s=3, alpha=0.6,
+                         color=plt.get_cmap("tab10")(digit), label=str(digit), rasterized=True)
+        axes.legend(title="digit", markerscale=4, loc="upper right", fontsize=8, ncols=2)
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("first principal component")
+        axes.set_ylabel("second principal component")
+        figure.tight_layout()
+        with atomic_open(path) as fh:
+            figure.savefig(fh, format="png")
+    finally:
+        plt.close(figure)
     return Path(path)

@@ -1,9 +1,11 @@
 """The variational autoencoder and the terms of its objective.
 
-Two presets share every line below. ``seed`` is the tutorial's model: ReLU MLPs, an encoder
-whose second half is a raw sigma and a squared-error likelihood, its loss scaled per pixel. ``default``
-is a nonlinear MLP with a log-variance head and a Bernoulli likelihood on logits, its loss the negative
-ELBO in nats per image (Kingma & Welling 2014, eq. 10 and appendix B).
+Three presets share every line below but the networks. ``seed`` is the tutorial's model: ReLU MLPs,
+an encoder whose second half is a raw sigma and a squared-error likelihood, its loss scaled per pixel.
+``mlp`` is a nonlinear MLP and ``conv`` (the default) a convolutional network with residual blocks;
+both have a log-variance head and a Bernoulli likelihood on logits, their loss the negative ELBO in
+nats per image (Kingma & Welling 2014, eq. 10 and appendix B). Every model takes and returns flat
+(..., 784) images, so the trainer, the estimators and serving never see the difference.
 """
 
 from __future__ import annotations
@@ -43,22 +45,32 @@ class ModelFileError(UserError):
 
 @dataclass(frozen=True)
 class Architecture:
-    """Everything needed to rebuild a :class:`VAE`; saved beside its weights."""
+    """Everything needed to rebuild a :class:`VAE`; saved beside its weights.
+
+    ``kind`` mlp uses ``hidden``; conv uses ``channels``, ``blocks`` and ``dense``. Files written
+    before the conv preset existed lack the conv keys and load as mlp.
+    """
 
     hidden: tuple[int, ...]
     latent: int
     activation: str | None
     likelihood: Likelihood
     sigma_head: bool
+    kind: Literal["mlp", "conv"] = "mlp"
+    channels: tuple[int, ...] = ()
+    blocks: int = 0
+    dense: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["hidden"] = list(self.hidden)
+        out["channels"] = list(self.channels)
         return out
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Architecture:
-        return cls(**{**values, "hidden": tuple(values["hidden"])})
+        return cls(**{**values, "hidden": tuple(values["hidden"]),
+                      "channels": tuple(values.get("channels", ()))})
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Architecture:
@@ -68,18 +80,30 @@ class Architecture:
             # linear version levels off at a loss of 0.0512, above the tutorial's 0.0477.)
             return cls(hidden=(256, 64), latent=10, activation="relu", likelihood="gaussian",
                        sigma_head=True)
+        if cfg.preset == "conv":
+            return cls(hidden=(), latent=cfg.latent, activation=cfg.activation,
+                       likelihood="bernoulli", sigma_head=False, kind="conv",
+                       channels=cfg.channels, blocks=cfg.blocks, dense=cfg.dense)
         return cls(hidden=cfg.hidden, latent=cfg.latent, activation=cfg.activation,
                    likelihood="bernoulli", sigma_head=False)
 
 
 class VAE(nn.Module):
-    """An MLP VAE with a diagonal Gaussian posterior and a standard normal prior."""
+    """A VAE with a diagonal Gaussian posterior and a standard normal prior, on flat images."""
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
         self.arch = arch
-        self.encoder = _mlp([N_PIXELS, *arch.hidden, 2 * arch.latent], arch.activation)
-        self.decoder = _mlp([arch.latent, *reversed(arch.hidden), N_PIXELS], arch.activation)
+        if arch.kind == "conv":
+            assert arch.activation is not None, "the conv preset needs an activation"
+            self.encoder: nn.Module = _ConvEncoder(arch)
+            self.decoder: nn.Module = _ConvDecoder(arch)
+            # Channels-last lets oneDNN run the convolutions without reordering every batch:
+            # 1.2-1.3x faster training on a 2-core CPU; on CUDA cuDNN prefers it as well.
+            self.to(memory_format=torch.channels_last)
+        else:
+            self.encoder = _mlp([N_PIXELS, *arch.hidden, 2 * arch.latent], arch.activation)
+            self.decoder = _mlp([arch.latent, *reversed(arch.hidden), N_PIXELS], arch.activation)
 
     @property
     def latent_dim(self) -> int:
@@ -229,6 +253,92 @@ def _mlp(widths: list[int], activation: str | None) -> nn.Sequential:
         if activation is not None and i < len(widths) - 2:
             layers.append(_ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+class _Residual(nn.Module):
+    """``x + conv(act(conv(act(x))))`` at constant width and size (He et al. 2016, pre-activation).
+
+    The second convolution starts at zero, so each block begins as the identity and a deeper
+    network trains as stably as a shallow one.
+    """
+
+    def __init__(self, channels: int, activation: str) -> None:
+        super().__init__()
+        act = _ACTIVATIONS[activation]
+        self.body = nn.Sequential(act(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  act(), nn.Conv2d(channels, channels, 3, padding=1))
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _side(arch: Architecture) -> int:
+    """Height and width of the last convolution stage: 28 halved once per stage (14 or 7)."""
+    return 28 >> len(arch.channels)
+
+
+class _ConvEncoder(nn.Module):
+    """(B, 784) -> (B, 2 * latent): stride-2 convolutions, residual blocks, a dense layer."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        act = _ACTIVATIONS[arch.activation]
+        layers: list[nn.Module] = []
+        width = 1
+        for channels in arch.channels:
+            layers += [nn.Conv2d(width, channels, 3, stride=2, padding=1), act()]
+            layers += [_Residual(channels, arch.activation) for _ in range(arch.blocks)]
+            width = channels
+        features = width * _side(arch) ** 2
+        layers.append(nn.Flatten())
+        if arch.blocks:  # the last block ends on a convolution: activate before the dense layer
+            layers.append(act())
+        if arch.dense:
+            layers += [nn.Linear(features, arch.dense), act()]
+            features = arch.dense
+        layers.append(nn.Linear(features, 2 * arch.latent))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.reshape(-1, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+        return self.net(images).reshape(*x.shape[:-1], -1)
+
+
+class _ConvDecoder(nn.Module):
+    """(..., latent) -> (..., 784) logits: the encoder mirrored, transposed convolutions upsampling."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        act = _ACTIVATIONS[arch.activation]
+        widths = list(reversed(arch.channels))
+        side = _side(arch)
+        head: list[nn.Module] = []
+        features = arch.latent
+        if arch.dense:
+            head += [nn.Linear(features, arch.dense), act()]
+            features = arch.dense
+        head += [nn.Linear(features, widths[0] * side * side), act()]
+        self.head = nn.Sequential(*head)
+        self.shape = (widths[0], side, side)
+        body: list[nn.Module] = []
+        for i, channels in enumerate(widths):
+            body += [_Residual(channels, arch.activation) for _ in range(arch.blocks)]
+            if arch.blocks:
+                body.append(act())
+            out = widths[i + 1] if i + 1 < len(widths) else 1
+            # Kernel 4, stride 2, padding 1 doubles the side exactly and covers every output
+            # pixel evenly (no checkerboard from uneven overlap).
+            body.append(nn.ConvTranspose2d(channels, out, 4, stride=2, padding=1))
+            if out != 1:
+                body.append(act())
+        self.body = nn.Sequential(*body)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.head(z.reshape(-1, z.shape[-1])).reshape(-1, *self.shape)
+        h = self.body(h.contiguous(memory_format=torch.channels_last))
+        return h.reshape(*z.shape[:-1], N_PIXELS)
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> VAE:

@@ -15,7 +15,7 @@ from __future__ import annotations
 # 0.001 * 10^(-i/7) for i = 0..7 (3280 epochs), test NLL estimated with k = 5000 samples on a fixed
 # binarisation of the test set. The paper reports 86.76 nats (VAE, k = 1) and 84.78 (IWAE, k = 50).
 _BURDA2015 = (
-    "model.preset=default",
+    "model.preset=mlp",
     "model.hidden=[200,200]",
     "model.latent=50",
     "model.activation=tanh",

@@ -10,7 +10,7 @@ import torch
 
 from mnist_vae import checkpoint
 
-MODEL, TRAIN = {"hidden": [8], "latent": 2}, {"epochs": 3, "seed": 0}
+MODEL, TRAIN = {"preset": "mlp", "hidden": [8], "latent": 2}, {"epochs": 3, "seed": 0}
 
 
 def test_fingerprint_changes_with_params_and_data() -> None:

@@ -52,10 +52,10 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_dataset: Call
     models/model.pt, a text file and a picture of a 7; an embedded MLflow store of its own."""
     write_dataset(tmp_path / "data" / "mnist.npz", 300, n_test=40)
     write_params(tmp_path / "params.yaml", {
-        "model": {"hidden": [16], "latent": 2},
+        "model": {"preset": "mlp", "hidden": [16], "latent": 2},
         "train": {"device": "cpu", "epochs": 1, "batch_size": 50, "threads": 1, "validation": 100},
         "evaluate": {"iw_samples": 2, "n_images": 4}})
-    save_model(build_model(ModelConfig(hidden=(16,), latent=2), seed=0), tmp_path / "models" / "model.pt")
+    save_model(build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0), tmp_path / "models" / "model.pt")
     (tmp_path / "notes.txt").write_text("not a picture\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "200")  # rich tables at full width, cells unwrapped
@@ -167,4 +167,4 @@ def test_a_bug_is_not_turned_into_one_line(project: Path, monkeypatch: pytest.Mo
 def test_profile_lists_and_prints_dvc_arguments() -> None:
     listing = ok("profile").output
     assert "burda2015-vae:" in listing and "burda2015-iwae:" in listing
-    assert ok("profile", "burda2015-iwae").output.split()[:2] == ["-S", "model.preset=default"]
+    assert ok("profile", "burda2015-iwae").output.split()[:2] == ["-S", "model.preset=mlp"]

@@ -14,7 +14,7 @@ from mnist_vae.profiles import PROFILES
 
 def test_project_params_file_is_valid(repo_root: Path) -> None:
     params = load_params(repo_root / "params.yaml")
-    assert params.model.preset == "default"
+    assert params.model.preset == "conv"
     assert params.flat()["train.epochs"] == params.train.epochs
 
 
@@ -28,9 +28,9 @@ def test_project_params_file_is_valid(repo_root: Path) -> None:
         ({"train": {"epochs": True}}, "train.epochs: expected an integer"),
         ({"train": {"lr": 5}}, "train.lr: expected a learning rate in (0, 1)"),
         ({"train": {"device": "tpu"}}, "train.device: expected one of auto, cpu, cuda"),
-        ({"model": {"preset": "big"}}, "model.preset: expected one of default, seed"),
-        ({"model": {"hidden": 256}}, "model.hidden: expected a list of int"),
-        ({"model": {"hidden": [256, -1]}}, "model.hidden: expected positive layer widths"),
+        ({"model": {"preset": "big"}}, "model.preset: expected one of conv, mlp, seed"),
+        ({"model": {"preset": "mlp", "hidden": 256}}, "model.hidden: expected a list of int"),
+        ({"model": {"preset": "mlp", "hidden": [256, -1]}}, "model.hidden: expected positive layer widths"),
         ({"evaluate": {"iw_samples": 0}}, "evaluate.iw_samples: expected an integer >= 1"),
         ({"data": {"mirrors": []}}, "data.mirrors: expected at least one mirror"),
         ({"mlflow": {"experiment": " "}}, "mlflow.experiment: expected a non-empty name"),
@@ -39,8 +39,8 @@ def test_project_params_file_is_valid(repo_root: Path) -> None:
         ({"train": {"epochs": 3.0}}, "train.epochs: expected an integer, got 3.0"),
         ({"train": {"lr": True}}, "train.lr: expected a number, got True"),
         ({"train": [1, 2]}, "train: expected a mapping of keys, got [1, 2]"),
-        ({"model": {"hidden": [256, 1.5]}}, "model.hidden: expected an integer, got 1.5"),
-        ({"model": {"hidden": []}}, "model.hidden: expected at least one hidden layer"),
+        ({"model": {"preset": "mlp", "hidden": [256, 1.5]}}, "model.hidden: expected an integer, got 1.5"),
+        ({"model": {"preset": "mlp", "hidden": []}}, "model.hidden: expected at least one hidden layer"),
         ({"evaluate": {"n_images": 33}}, "evaluate.n_images: expected an integer in 1..32, got 33"),
         ({"train": {"batch_size": 10, "nproc": 3}},
          "train.batch_size: expected a multiple of train.nproc (3): each process takes an equal shard, "

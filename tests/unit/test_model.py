@@ -37,7 +37,7 @@ def test_seed_preset_is_the_tutorial_architecture() -> None:
     assert model.loss_scale == 784
 
 
-@pytest.mark.parametrize("preset", ["default", "seed"])
+@pytest.mark.parametrize("preset", ["conv", "mlp", "seed"])
 def test_shapes(preset: str) -> None:
     model = build_model(ModelConfig(preset=preset, hidden=(32, 16), latent=5))
     x = torch.rand(7, 784)
@@ -46,6 +46,59 @@ def test_shapes(preset: str) -> None:
     assert mu.shape == logvar.shape == (7, model.latent_dim)
     means = model.pixel_means(out)
     assert means.min() >= 0 and means.max() <= 1
+
+
+TINY_CONV = ModelConfig(preset="conv", channels=(4, 8), blocks=1, dense=16, latent=3)
+
+
+def test_conv_preset_maps_images_through_two_stride_two_stages() -> None:
+    model = build_model(TINY_CONV)
+    convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    # Two stride-2 stages (1->4, 4->8 channels) and one residual block of two convolutions each.
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs if c.stride == (2, 2)] == \
+        [(1, 4, (2, 2)), (4, 8, (2, 2))]
+    assert sum(c.stride == (1, 1) for c in convs) == 4
+    upsampling = [m for m in model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(c.in_channels, c.out_channels) for c in upsampling] == [(8, 4), (4, 1)]
+    # Every sample dimension in front of the latent code passes through (the IWAE bound's k).
+    z = torch.randn(5, 2, 3)
+    assert model.decode(z).shape == (5, 2, 784)
+    assert torch.allclose(model.decode(z)[1], model.decode(z[1]), atol=1e-6)
+
+
+def test_residual_blocks_start_as_the_identity() -> None:
+    blocks = [m for m in build_model(TINY_CONV.replace(blocks=2), seed=0).modules()
+              if type(m).__name__ == "_Residual"]
+    assert len(blocks) == 8  # two per stage, encoder and decoder
+    for block in blocks:
+        h = torch.randn(3, block.body[1].in_channels, 7, 7)
+        assert torch.equal(block(h), h)
+
+
+def test_conv_weights_are_channels_last_and_survive_a_round_trip(tmp_path: Path) -> None:
+    model = build_model(TINY_CONV, seed=0)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.weight.is_contiguous(memory_format=torch.channels_last)
+    save_model(model, tmp_path / "conv.pt")
+    loaded = load_model(tmp_path / "conv.pt")
+    assert loaded.arch == model.arch and loaded.arch.kind == "conv"
+    x = torch.rand(4, 784)
+    assert torch.allclose(loaded.encode(x)[0], model.eval().encode(x)[0], atol=1e-6)
+
+
+def test_files_from_before_the_conv_preset_load_as_mlp() -> None:
+    old = {"hidden": [16], "latent": 3, "activation": "silu", "likelihood": "bernoulli",
+           "sigma_head": False}
+    arch = Architecture.from_dict(old)
+    assert arch.kind == "mlp" and arch.channels == () and arch.hidden == (16,)
+
+
+def test_conv_preset_learns_tiny_bars(tiny_images: TinyImages) -> None:
+    images, _ = tiny_images(256)
+    cfg = TrainConfig(device="cpu", epochs=3, batch_size=32, lr=3e-3, seed=3, threads=1)
+    model = build_model(TINY_CONV, seed=cfg.seed)
+    losses = [s.loss for s in train_model(model, images, cfg, progress=False)]
+    assert losses[-1] < losses[0] - 20, losses
 
 
 def test_kl_matches_closed_form_and_monte_carlo() -> None:
@@ -79,7 +132,7 @@ def test_seed_loss_is_the_tutorial_formula() -> None:
 
 def test_one_optimisation_step_lowers_the_loss(tiny_images: TinyImages) -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden=(64,), latent=4))
+    model = build_model(ModelConfig(preset="mlp", hidden=(64,), latent=4))
     x = torch.from_numpy(tiny_images(64)[0].reshape(64, 784)).float() / 255
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -101,7 +154,7 @@ def test_training_is_deterministic_and_learns(tiny_images: TinyImages) -> None:
     cfg = TrainConfig(device="cpu", epochs=3, batch_size=32, lr=3e-3, seed=3)
     runs = []
     for _ in range(2):
-        model = build_model(ModelConfig(hidden=(32,), latent=4), seed=cfg.seed)
+        model = build_model(ModelConfig(preset="mlp", hidden=(32,), latent=4), seed=cfg.seed)
         runs.append([s.loss for s in train_model(model, images, cfg, progress=False)])
     assert runs[0] == runs[1]
     assert runs[0][-1] < runs[0][0]
@@ -117,7 +170,7 @@ def test_cosine_schedule_with_warmup() -> None:
 
 def test_importance_weighting_tightens_the_bound(tiny_images: TinyImages) -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden=(32,), latent=4))
+    model = build_model(ModelConfig(preset="mlp", hidden=(32,), latent=4))
     x = torch.from_numpy(tiny_images(32)[0].reshape(32, 784)).float() / 255
     torch.manual_seed(0)
     k1 = importance_weighted_log_likelihood(model, x, 1).mean()
@@ -127,7 +180,7 @@ def test_importance_weighting_tightens_the_bound(tiny_images: TinyImages) -> Non
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
-    model = build_model(ModelConfig(hidden=(16,), latent=3))
+    model = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=3))
     save_model(model, tmp_path / "m.pt")
     loaded = load_model(tmp_path / "m.pt")
     assert loaded.arch == model.arch == Architecture.from_dict(model.arch.to_dict())

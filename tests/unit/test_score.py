@@ -28,7 +28,7 @@ LATENT = 3
 
 @pytest.fixture
 def vae() -> VAE:
-    return build_model(ModelConfig(hidden=(16,), latent=LATENT), seed=0)
+    return build_model(ModelConfig(preset="mlp", hidden=(16,), latent=LATENT), seed=0)
 
 
 @pytest.fixture

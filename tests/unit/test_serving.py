@@ -21,7 +21,7 @@ LATENT = 3
 
 @pytest.fixture
 def served() -> ServedVAE:
-    return ServedVAE(build_model(ModelConfig(hidden=(16,), latent=LATENT), seed=0))
+    return ServedVAE(build_model(ModelConfig(preset="mlp", hidden=(16,), latent=LATENT), seed=0))
 
 
 def _batch(n: int) -> np.ndarray:

@@ -27,7 +27,7 @@ def images(tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]]) -> np.ndar
 def losses(images: np.ndarray) -> Losses:
     """``losses(cfg)``: the per-epoch training loss of a tiny model trained with ``cfg``."""
     def train(cfg: TrainConfig) -> list[float]:
-        model = build_model(ModelConfig(hidden=(32,), latent=4), seed=cfg.seed)
+        model = build_model(ModelConfig(preset="mlp", hidden=(32,), latent=4), seed=cfg.seed)
         return [s.loss for s in train_model(model, images, cfg, progress=False)]
 
     return train
@@ -89,7 +89,7 @@ def test_validation_split_is_scored_each_epoch_without_changing_training(
     held_out = tiny_images(64, seed=9)[0]
 
     def run(validation: np.ndarray | None) -> list:
-        model = build_model(ModelConfig(hidden=(32,), latent=4), seed=cfg.seed)
+        model = build_model(ModelConfig(preset="mlp", hidden=(32,), latent=4), seed=cfg.seed)
         return list(Trainer(model, images, cfg, validation=validation).epochs())
 
     with_split, without = run(held_out), run(None)
@@ -105,7 +105,7 @@ def test_validation_split_is_scored_each_epoch_without_changing_training(
 def test_threads_auto_takes_a_share_of_the_cores(images: np.ndarray) -> None:
     cfg = TrainConfig(device="cpu", epochs=1, batch_size=32)
     assert cfg.threads == "auto"
-    model = build_model(ModelConfig(hidden=(8,), latent=2), seed=0)
+    model = build_model(ModelConfig(preset="mlp", hidden=(8,), latent=2), seed=0)
     (stats,) = train_model(model, images, cfg, progress=False)
     assert 1 <= stats.threads <= available_cores()
 

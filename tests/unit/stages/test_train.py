@@ -20,7 +20,7 @@ from mnist_vae.stages import train as stage
 from mnist_vae.train import TrainingDivergedError
 
 # 256 + 64 images: 16 steps of 16 per epoch, and a validation split of 64.
-TINY = {"model": {"hidden": [16], "latent": 2},
+TINY = {"model": {"preset": "mlp", "hidden": [16], "latent": 2},
         "train": {"device": "cpu", "epochs": 3, "batch_size": 16, "lr": 0.002, "threads": 1,
                   "validation": 64}}
 

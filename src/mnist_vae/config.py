@@ -56,7 +56,7 @@ class ModelConfig(_Frozen):
 
     ``preset: conv`` (the default) is a convolutional VAE: ``channels`` gives the stride-2
     convolution stages of the encoder (28x28 to 14x14, then 7x7; the decoder mirrors them with
-    transposed convolutions), ``blocks`` residual blocks follow each stage, and a dense layer of
+    sub-pixel convolutions), ``blocks`` residual blocks follow each stage, and a dense layer of
     ``dense`` units sits between the convolutions and the latent code on both sides.
     ``preset: mlp`` is an MLP VAE with ``hidden`` widths (the decoder mirrors them). Both have a
     log-variance head and a Bernoulli likelihood on logits, and use ``latent`` and ``activation``.

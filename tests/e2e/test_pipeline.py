@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,9 +16,10 @@ import yaml
 pytestmark = pytest.mark.slow
 
 # A small budget: enough steps that the model clearly beats the mean image, a minute on 2 cores.
+# The default preset (conv), narrowed.
 SMALL = {
-    "model": {"hidden": [256], "latent": 8},
-    "train": {"epochs": 2, "limit": 4000, "validation": 1000, "batch_size": 32, "lr": 0.002},
+    "model": {"channels": [8, 16], "blocks": 1, "dense": 128, "latent": 8},
+    "train": {"epochs": 3, "limit": 8000, "validation": 1000, "batch_size": 64, "lr": 0.004},
     "evaluate": {"limit": 1000, "iw_samples": 4},
 }
 
@@ -41,6 +44,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, copy_repo, shared_mnist: P
                  ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         _run(args, root, env)
     _run(["dvc", "repro"], root, env)
+    # What `make install` does on a fresh clone: the offline page template of `dvc plots show`.
+    _run([str(venv_bin / "python"), "-m", "mnist_vae.plots"], root, env)
     return root, env
 
 
@@ -61,14 +66,67 @@ def test_dvc_records_metrics_and_plots(project: tuple[Path, dict[str, str]]) -> 
     assert values["nll_iw"] <= values["neg_elbo"] + 1.0
     assert set(values["per_digit_mse"]) == {str(d) for d in range(10)}
     assert values["n_images"] == 1000
-    for png in ("reconstructions.png", "samples.png", "traversal.png"):
+    for png in FIGURES:
         assert (root / "reports" / "figures" / png).stat().st_size > 1000
     history = (root / "reports" / "train_history.csv").read_text().splitlines()
-    assert history[0].startswith("epoch,loss,recon,kl") and len(history) == 3
-    _run(["dvc", "plots", "show", "-o", str(root / "plots")], root, env)
-    assert (root / "plots" / "index.html").is_file()
+    assert history[0].startswith("epoch,loss,recon,kl") and len(history) == 4
     status = _run(["dvc", "status"], root, env).stdout
     assert "up to date" in status
+
+
+FIGURES = ("reconstructions.png", "samples.png", "latent.png", "traversal.png")
+
+
+def _offline_page(html: str) -> None:
+    """The page loads nothing from the network: no remote script, style or image, Vega inline."""
+    remote = re.findall(r"""<(?:script|link|img)\b[^>]*\b(?:src|href)\s*=\s*["']?(?:https?:)?//""", html,
+                        flags=re.IGNORECASE)
+    assert not remote, remote
+    assert "cdn.jsdelivr.net" not in html
+    assert "vegaEmbed" in html and len(html) > 500_000  # the bundled libraries, inline
+
+
+def _body(html: str) -> str:
+    """The page's body: what follows the last <body> tag (the inline bundle's text holds some)."""
+    return html[html.rindex("<body>"):]
+
+
+def test_dvc_plots_show_works_offline_with_curves_and_figures(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    root, env = project
+    _run(["dvc", "plots", "show", "-o", str(root / "plots")], root, env)
+    html = (root / "plots" / "index.html").read_text()
+    _offline_page(html)
+    assert "val_neg_elbo" in html  # the loss curves' data
+    images = re.findall(r'<img[^>]*src="([^"]+)"', _body(html))
+    assert sorted(Path(src).name.split("_")[-1] for src in images) == sorted(FIGURES)
+    for src in images:
+        assert (root / "plots" / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+
+
+def test_dvc_plots_diff_shows_two_revisions_figures_side_by_side(
+    project: tuple[Path, dict[str, str]], tmp_path: Path,
+) -> None:
+    root, env = project
+    clone = tmp_path / "clone"
+    shutil.copytree(root, clone, symlinks=True)
+    for args in (["git", "add", "-A"],
+                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run 1"]):
+        _run(args, clone, env)
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["evaluate"]["seed"] = 1  # other samples in samples.png: the evaluate stage only
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["dvc", "repro"], clone, env)
+    _run(["dvc", "plots", "diff", "HEAD", "-o", str(clone / "diff")], clone, env)
+    html = (clone / "diff" / "index.html").read_text()
+    _offline_page(html)
+    images = re.findall(r'<img[^>]*src="([^"]+)"', _body(html))
+    for figure in FIGURES:
+        shown = [src for src in images if src.endswith(figure)]
+        assert len(shown) == 2, (figure, images)  # HEAD's and the workspace's
+    head, workspace = (clone / "diff" / src for src in images if src.endswith("samples.png"))
+    assert head.read_bytes() != workspace.read_bytes()
 
 
 def test_mlflow_run_has_epochs_params_tags_and_artifacts(
@@ -82,9 +140,10 @@ def test_mlflow_run_has_epochs_params_tags_and_artifacts(
     run = runs[0]
     for metric in ("train_loss", "train_kl", "train_mse_pixel", "train_kl_pixel", "val_neg_elbo"):
         history = client.get_metric_history(run.info.run_id, metric)
-        assert [m.step for m in history] == [1, 2], metric
-    assert run.data.params["train.epochs"] == "2"
-    assert run.data.params["model.hidden"] == "256"
+        assert [m.step for m in history] == [1, 2, 3], metric
+    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["model.preset"] == "conv"
+    assert run.data.params["model.channels"] == "8,16"
     assert run.data.metrics["test_neg_elbo"] > 0
     assert len(run.data.tags["mlflow.source.git.commit"]) >= 40
     assert run.data.tags["dvc.data.md5"] == yaml.safe_load((root / "dvc.lock").read_text())[
@@ -93,7 +152,7 @@ def test_mlflow_run_has_epochs_params_tags_and_artifacts(
     assert run.data.tags["registry.gate_reason"].startswith("version 1 is the first champion")
     assert "on the validation split (1000 images)" in run.data.tags["registry.gate_reason"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
-    assert artifacts == {"figures/reconstructions.png", "figures/samples.png", "figures/traversal.png"}
+    assert artifacts == {f"figures/{figure}" for figure in FIGURES}
 
 
 def test_registered_model_reconstructs_better_than_the_mean_image(

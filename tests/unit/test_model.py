@@ -58,8 +58,10 @@ def test_conv_preset_maps_images_through_two_stride_two_stages() -> None:
     assert [(c.in_channels, c.out_channels, c.stride) for c in convs if c.stride == (2, 2)] == \
         [(1, 4, (2, 2)), (4, 8, (2, 2))]
     assert sum(c.stride == (1, 1) for c in convs) == 4
-    upsampling = [m for m in model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
-    assert [(c.in_channels, c.out_channels) for c in upsampling] == [(8, 4), (4, 1)]
+    # Each upsampling: a convolution to 4x the channels, then a pixel shuffle (7 -> 14 -> 28).
+    decoder = list(model.decoder.body)
+    upsampling = [decoder[i - 1] for i, m in enumerate(decoder) if isinstance(m, torch.nn.PixelShuffle)]
+    assert [(c.in_channels, c.out_channels) for c in upsampling] == [(8, 16), (4, 4)]
     # Every sample dimension in front of the latent code passes through (the IWAE bound's k).
     z = torch.randn(5, 2, 3)
     assert model.decode(z).shape == (5, 2, 784)

@@ -25,7 +25,7 @@ def space_file(tmp_path: Path):
 
 def test_the_repos_search_space_is_valid(repo_root: Path) -> None:
     space = load_space(repo_root / "search_space.yaml", repo_root / "params.yaml")
-    assert {"train.lr", "model.latent", "model.hidden"} <= set(space.params)
+    assert {"train.lr", "model.latent", "model.channels", "model.dense", "model.blocks"} <= set(space.params)
 
 
 class _Trial:

@@ -26,8 +26,10 @@ from mnist_vae.serving import ServedVAE
 LATENT = 3
 
 
-@pytest.fixture
-def vae() -> VAE:
+@pytest.fixture(params=["mlp", "conv"])
+def vae(request: pytest.FixtureRequest) -> VAE:
+    if request.param == "conv":
+        return build_model(ModelConfig(channels=(4, 8), blocks=1, dense=16, latent=LATENT), seed=0)
     return build_model(ModelConfig(preset="mlp", hidden=(16,), latent=LATENT), seed=0)
 
 

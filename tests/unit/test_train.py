@@ -23,14 +23,36 @@ def images(tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]]) -> np.ndar
     return tiny_images(128)[0]
 
 
-@pytest.fixture
-def losses(images: np.ndarray) -> Losses:
-    """``losses(cfg)``: the per-epoch training loss of a tiny model trained with ``cfg``."""
+TINY = {"mlp": ModelConfig(preset="mlp", hidden=(32,), latent=4),
+        "conv": ModelConfig(preset="conv", channels=(4, 8), blocks=1, dense=32, latent=4)}
+
+
+@pytest.fixture(params=sorted(TINY))
+def losses(images: np.ndarray, request: pytest.FixtureRequest) -> Losses:
+    """``losses(cfg)``: the per-epoch training loss of a tiny model of each preset trained with
+    ``cfg``: every switch works for the MLP and the convolutional VAE alike."""
     def train(cfg: TrainConfig) -> list[float]:
-        model = build_model(ModelConfig(preset="mlp", hidden=(32,), latent=4), seed=cfg.seed)
+        model = build_model(TINY[request.param], seed=cfg.seed)
         return [s.loss for s in train_model(model, images, cfg, progress=False)]
 
     return train
+
+
+@pytest.mark.parametrize("preset", sorted(TINY))
+def test_a_resumed_trainer_ends_where_an_uninterrupted_one_does(images: np.ndarray, preset: str) -> None:
+    cfg = TrainConfig(device="cpu", epochs=3, batch_size=32, lr=3e-3, seed=4, threads=1)
+    straight = Trainer(build_model(TINY[preset], seed=0), images, cfg)
+    expected = [s.loss for s in straight.epochs()]
+    first = Trainer(build_model(TINY[preset], seed=0), images, cfg.replace(epochs=3))
+    stats = [next(first.epochs())]
+    state = first.state_dict()  # what the checkpoint holds at the end of epoch 1
+    resumed = Trainer(build_model(TINY[preset], seed=9), images, cfg)
+    resumed.load_state_dict(state)
+    stats += list(resumed.epochs())
+    assert [s.epoch for s in stats] == [1, 2, 3]
+    assert [s.loss for s in stats] == expected
+    x = torch.from_numpy(images[:4].reshape(4, 784)).float() / 255
+    assert torch.equal(resumed.model.encode(x)[0], straight.model.encode(x)[0])
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(

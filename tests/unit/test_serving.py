@@ -19,9 +19,14 @@ from mnist_vae.serving import WEIGHTS_FILE, ServedVAE, _load_pyfunc, as_batch, s
 LATENT = 3
 
 
-@pytest.fixture
-def served() -> ServedVAE:
-    return ServedVAE(build_model(ModelConfig(preset="mlp", hidden=(16,), latent=LATENT), seed=0))
+# Both presets a user registers: every output works for the MLP and the convolutional model.
+PRESETS = {"mlp": ModelConfig(preset="mlp", hidden=(16,), latent=LATENT),
+           "conv": ModelConfig(preset="conv", channels=(4, 8), blocks=1, dense=16, latent=LATENT)}
+
+
+@pytest.fixture(params=sorted(PRESETS))
+def served(request: pytest.FixtureRequest) -> ServedVAE:
+    return ServedVAE(build_model(PRESETS[request.param], seed=0))
 
 
 def _batch(n: int) -> np.ndarray:

@@ -56,7 +56,7 @@ class ModelConfig(_Frozen):
 
     ``preset: conv`` (the default) is a convolutional VAE: ``channels`` gives the stride-2
     convolution stages of the encoder (28x28 to 14x14, then 7x7; the decoder mirrors them with
-    sub-pixel convolutions), ``blocks`` residual blocks follow each stage, and a dense layer of
+    transposed and sub-pixel convolutions), ``blocks`` residual blocks follow each stage, and a dense layer of
     ``dense`` units sits between the convolutions and the latent code on both sides.
     ``preset: mlp`` is an MLP VAE with ``hidden`` widths (the decoder mirrors them). Both have a
     log-variance head and a Bernoulli likelihood on logits, and use ``latent`` and ``activation``.
@@ -67,9 +67,9 @@ class ModelConfig(_Frozen):
     preset: Preset = "conv"
     hidden: tuple[int, ...] = Field((512, 256), strict=False, min_length=1,
                                     description="at least one hidden layer")
-    channels: tuple[int, ...] = Field((32, 64), strict=False, min_length=1, max_length=2,
+    channels: tuple[int, ...] = Field((16, 32), strict=False, min_length=1, max_length=2,
                                       description="one or two convolution stages")
-    blocks: int = Field(1, ge=0, le=8, description="an integer in 0..8 (residual blocks per stage)")
+    blocks: int = Field(0, ge=0, le=8, description="an integer in 0..8 (residual blocks per stage)")
     dense: int = Field(512, ge=0, description="0 (no dense layer) or a positive width")
     latent: int = Field(32, gt=0, description="a positive integer")
     activation: Activation = "silu"

@@ -58,10 +58,14 @@ def test_conv_preset_maps_images_through_two_stride_two_stages() -> None:
     assert [(c.in_channels, c.out_channels, c.stride) for c in convs if c.stride == (2, 2)] == \
         [(1, 4, (2, 2)), (4, 8, (2, 2))]
     assert sum(c.stride == (1, 1) for c in convs) == 4
-    # Each upsampling: a convolution to 4x the channels, then a pixel shuffle (7 -> 14 -> 28).
+    # Upsampling 7 -> 14 by a transposed convolution, 14 -> 28 by a convolution to 4 channels
+    # and a pixel shuffle.
     decoder = list(model.decoder.body)
-    upsampling = [decoder[i - 1] for i, m in enumerate(decoder) if isinstance(m, torch.nn.PixelShuffle)]
-    assert [(c.in_channels, c.out_channels) for c in upsampling] == [(8, 16), (4, 4)]
+    (transposed,) = [m for m in decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert (transposed.in_channels, transposed.out_channels, transposed.stride) == (8, 4, (2, 2))
+    (shuffle,) = [i for i, m in enumerate(decoder) if isinstance(m, torch.nn.PixelShuffle)]
+    assert shuffle == len(decoder) - 1
+    assert (decoder[shuffle - 1].in_channels, decoder[shuffle - 1].out_channels) == (4, 4)
     # Every sample dimension in front of the latent code passes through (the IWAE bound's k).
     z = torch.randn(5, 2, 3)
     assert model.decode(z).shape == (5, 2, 784)

@@ -7,6 +7,7 @@ type or one out of range raises :class:`ConfigError` naming the dotted key and w
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -163,6 +164,21 @@ class Params(_Frozen):
                 for section, values in self.to_dict().items() for key, value in values.items()}
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-08`` and ``1E5`` as numbers, as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-8``); DVC writes ``-S`` values
+    with ruamel (YAML 1.2), e.g. ``1e-08``, which PyYAML alone would read as a string.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_params(path: Path | str = "params.yaml",
                 overrides: Sequence[str] | Mapping[str, Any] = ()) -> Params:
     """Reads and validates a params file.
@@ -178,7 +194,7 @@ def load_params(path: Path | str = "params.yaml",
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except yaml.YAMLError as exc:
@@ -211,7 +227,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or "." not in key:
         raise ConfigError(f"override {text!r}: expected 'section.key=value'")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), yaml.load(value, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
 

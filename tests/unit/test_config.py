@@ -156,3 +156,12 @@ def test_mlproject_defaults_agree_with_params_yaml(repo_root: Path) -> None:
             assert spec["default"] == expected, f"MLproject {name}: {spec['default']} != {dotted}"
             checked += 1
     assert checked >= 10
+
+
+def test_exponents_without_a_dot_are_numbers_as_dvc_writes_them(tmp_path: Path) -> None:
+    # `dvc exp run -S train.adam_eps=1.0e-8` rewrites params.yaml with ruamel (YAML 1.2): 1e-08.
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  adam_eps: 1e-08\n  lr: 2E-3\n")
+    params = load_params(path, ["train.warmup_epochs=5e-1"])
+    assert (params.train.adam_eps, params.train.lr, params.train.warmup_epochs) == (1e-8, 2e-3, 0.5)
+    assert parse_override("mlflow.experiment=1e5x") == ("mlflow.experiment", "1e5x")

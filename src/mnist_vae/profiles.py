@@ -60,7 +60,7 @@ _BINARIZED_CONV = (
 PROFILES: dict[str, tuple[str, ...]] = {
     "burda2015-vae": (*_BURDA2015, "train.objective=elbo", "train.iw_samples=1"),
     "burda2015-iwae": (*_BURDA2015, "train.objective=iwae", "train.iw_samples=50"),
-    "binarized-conv": (*_BINARIZED_CONV, "train.epochs=90", "train.objective=elbo",
+    "binarized-conv": (*_BINARIZED_CONV, "train.epochs=70", "train.objective=elbo",
                        "train.iw_samples=1"),
     # The IWAE bound decodes k samples per image: k = 5 keeps 30 epochs within the same budget.
     "binarized-conv-iwae": (*_BINARIZED_CONV, "train.epochs=30", "train.objective=iwae",

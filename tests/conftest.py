@@ -13,8 +13,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -234,7 +232,7 @@ def _project_env(root: Path) -> dict[str, str]:
 
 
 # Small enough to train for a few epochs in seconds on 2 cores, big enough to learn the bars.
-SMALL_PROJECT = {"model": {"hidden": [64], "latent": 4},
+SMALL_PROJECT = {"model": {"preset": "mlp", "hidden": [64], "latent": 4},
                  "train": {"device": "cpu", "epochs": 5, "batch_size": 16, "lr": 0.002, "limit": 0,
                            "threads": 1},
                  "evaluate": {"iw_samples": 2, "n_images": 4}}
@@ -310,24 +308,6 @@ def project_runs() -> Callable[..., tuple[list, Any]]:
 # --- end-to-end: HTTP servers in their own process group --------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stops a process and whatever it started (its own process group)."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def _wait_ready(url: str, process: subprocess.Popen, log: Path, ping: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -337,7 +317,7 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path, ping: str, timeo
         try:
             if requests.get(f"{url}{ping}", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still busy
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url}{ping} did not answer 200 within {timeout:.0f}s:\n"
@@ -348,18 +328,21 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path, ping: str, timeo
 def _http_server(command: list[str], log: Path, ping: str = "/ping", env: dict[str, str] | None = None,
                  cwd: Path | None = None, timeout: float = 180) -> Iterator[str]:
     """Runs ``command --host 127.0.0.1 --port PORT`` (a free port) in its own process group, logging
-    to ``log``; yields its URL once ``ping`` answers 200, and always stops the group at the end."""
-    port = _free_port()
-    with open(log, "w") as out:
-        process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)],
-                                   env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    to ``log``; yields its URL once ``ping`` answers 200, and always stops the group (workers
+    included) at the end; a watchdog stops it should the test process be killed first."""
+    from mnist_vae import procs
+
+    port = procs.free_port()
+    with procs.Watchdog() as watchdog, open(log, "w") as out:
+        process = procs.start([*command, "--host", "127.0.0.1", "--port", str(port)], log=out,
+                              env=env, cwd=cwd, watchdog=watchdog)
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(url, process, log, ping, timeout)
             yield url
         finally:
-            _stop(process)
+            procs.stop_group(process.pid, process, grace=20.0)
+            watchdog.forget(process.pid)
 
 
 @pytest.fixture(scope="session")

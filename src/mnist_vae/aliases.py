@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mnist_vae.errors import UserError
-from mnist_vae.registry import CHAMPION, ModelNotFoundError
+from mnist_vae.registry import CHAMPION, PENDING, REGISTRATION_TAG, ModelNotFoundError
 
 PREVIOUS_TAG = "previous_champion"
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
@@ -37,6 +37,8 @@ class VersionInfo:
 def list_versions(client: MlflowClient, name: str) -> list[VersionInfo]:
     """All versions of the registered model ``name``, newest first, each with its aliases.
 
+    A version whose registration failed part way (tagged ``registration=pending``) is left out.
+
     Raises:
         ModelNotFoundError: No model of that name is registered.
     """
@@ -54,6 +56,7 @@ def list_versions(client: MlflowClient, name: str) -> list[VersionInfo]:
             tags=dict(mv.tags or {}),
         )
         for mv in versions
+        if (mv.tags or {}).get(REGISTRATION_TAG) != PENDING
     ]
     return sorted(rows, key=lambda row: int(row.version), reverse=True)
 
@@ -134,8 +137,12 @@ def _check_version(client: MlflowClient, name: str, version: str) -> None:
         raise ModelNotFoundError(f"model version {version!r}: expected a positive integer")
     _registered(client, name)
     try:
-        client.get_model_version(name, version)
+        found = client.get_model_version(name, version)
     except MlflowException as exc:
         if exc.error_code != _NOT_FOUND:
             raise
         raise ModelNotFoundError(f"registered model {name!r} has no version {version}") from None
+    if (found.tags or {}).get(REGISTRATION_TAG) == PENDING:
+        raise ModelNotFoundError(
+            f"version {version} of {name!r} is an incomplete registration "
+            f"({REGISTRATION_TAG}={PENDING}); delete it, and register a new one")

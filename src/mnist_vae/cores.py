@@ -10,18 +10,65 @@ it ends.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import secrets
+import stat
 import tempfile
 from pathlib import Path
 
 import torch
 
+from mnist_vae.errors import UserError
 
-def _registry() -> Path:
-    folder = Path(os.environ.get("MNIST_VAE_CORES_DIR")
-                  or Path(tempfile.gettempdir()) / f"mnist-vae-{os.getuid()}" / "trainings")
-    folder.mkdir(parents=True, exist_ok=True)
+CORES_DIR_ENV = "MNIST_VAE_CORES_DIR"
+
+
+class CoresRegistryError(UserError):
+    """The folder of live trainings is not this user's own, private folder."""
+
+
+def registry_folder() -> Path:
+    """The folder of live trainings: ``$MNIST_VAE_CORES_DIR``, else ``mnist-vae/trainings`` in
+    ``$XDG_RUNTIME_DIR`` (a private folder per user, emptied at logout), else
+    ``<temp dir>/mnist-vae-<uid>/trainings``.
+
+    The folder above ``trainings`` is created private (0700) and checked before use: owned by this
+    user, not a link, no access for others. In a shared temp dir anyone may create that name first;
+    a folder another user controls could hide or fake trainings.
+
+    Raises:
+        CoresRegistryError: The folder belongs to someone else, is a link, or others may write there.
+    """
+    given = os.environ.get(CORES_DIR_ENV, "").strip()
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "").strip()
+    if given:
+        base = Path(given)
+    elif runtime and Path(runtime).is_dir():
+        base = Path(runtime) / "mnist-vae"
+    else:
+        base = Path(tempfile.gettempdir()) / f"mnist-vae-{os.getuid()}"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(base)
+    folder = base / "trainings"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    _check_private(folder)
     return folder
+
+
+def _check_private(folder: Path) -> None:
+    info = folder.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise CoresRegistryError(f"{folder}: expected a folder of live trainings, found a link or a "
+                                 f"file; remove it, or set ${CORES_DIR_ENV} to a private folder")
+    if info.st_uid != os.getuid():
+        raise CoresRegistryError(f"{folder}: expected a folder owned by uid {os.getuid()}, owned by "
+                                 f"uid {info.st_uid}; remove it, or set ${CORES_DIR_ENV} to a "
+                                 "private folder")
+    if info.st_mode & 0o022:
+        raise CoresRegistryError(f"{folder}: others may write there (mode "
+                                 f"{stat.S_IMODE(info.st_mode):o}); expected 0700 or 0755: "
+                                 f"chmod 700 {folder}")
 
 
 def available_cores() -> int:
@@ -30,34 +77,55 @@ def available_cores() -> int:
 
 
 class CoreShare:
-    """This process's entry among the live trainings; :meth:`threads` is its fair share now."""
+    """This process's entry among the live trainings; :meth:`threads` is its fair share now.
+
+    An entry is a file that its training holds an exclusive ``flock`` on for as long as it lives:
+    the kernel drops the lock when the process dies, SIGKILL included, so an entry whose lock can
+    be taken is a dead training's, whatever became of its PID. (``flock`` by hand, not the
+    ``filelock`` package: it removes the file on release and may fall back to a lock file's mere
+    existence, neither of which says whether a training lives.)
+    """
 
     def __init__(self) -> None:
-        self.folder = _registry()
-        self.entry = self.folder / str(os.getpid())
-        self.entry.touch()
+        self.folder = registry_folder()
+        self.entry = self.folder / f"{os.getpid()}-{secrets.token_hex(4)}.training"
+        self._fd = os.open(self.entry, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def live(self) -> int:
-        """How many trainings run now; entries of processes that died are removed."""
+        """How many trainings run now; entries of trainings that died are removed."""
         count = 0
-        for entry in self.folder.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                os.kill(int(entry.name), 0)
-            except ProcessLookupError:
-                entry.unlink(missing_ok=True)
-                continue
-            except PermissionError:  # alive, another user's
-                pass
-            count += 1
+        for entry in self.folder.glob("*.training"):
+            if entry == self.entry or _held(entry):
+                count += 1
         return max(count, 1)
 
     def threads(self) -> int:
         return max(1, available_cores() // self.live())
 
     def close(self) -> None:
+        if self._fd is None:
+            return
         self.entry.unlink(missing_ok=True)
+        os.close(self._fd)  # releases the lock
+        self._fd = None
+
+
+def _held(entry: Path) -> bool:
+    """Whether a live training holds ``entry``; a dead training's entry is removed."""
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+    except (FileNotFoundError, OSError):  # removed meanwhile, or not a plain file of ours
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        entry.unlink(missing_ok=True)  # under its lock: its training is gone
+        return False
+    finally:
+        os.close(fd)
 
 
 class Threads:

@@ -9,7 +9,9 @@ gradients, so the learning rate needs no change and N processes follow the same 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -22,10 +24,30 @@ def under_torchrun() -> bool:
 
 
 def relaunch(nproc: int, script: str, argv: list[str]) -> int:
-    """Runs ``script argv`` under torchrun with ``nproc`` processes; returns its exit code."""
+    """Runs ``script argv`` under torchrun with ``nproc`` processes; returns its exit code.
+
+    A SIGTERM or SIGHUP to this process is passed on to torchrun, which passes it to its workers
+    (each then stops as a single-process training does on SIGTERM: checkpoint kept, run KILLED);
+    this process waits for them. Ctrl-C at a terminal reaches them all without help.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", script, *argv]
-    return subprocess.run(command, check=False).returncode
+    process = subprocess.Popen(command)
+
+    def forward(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+    forwarded = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    try:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached torchrun too: let it stop its workers
+            return process.wait()  # (a second Ctrl-C does not wait)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def init() -> tuple[int, int]:

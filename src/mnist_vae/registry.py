@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import mnist_vae
-from mnist_vae import serving, tracking
+from mnist_vae import provenance, serving, tracking
 from mnist_vae.config import EvaluateConfig, Params
 from mnist_vae.errors import UserError
 from mnist_vae.evaluate import Evaluation, evaluate_model
@@ -25,18 +29,41 @@ log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 GATE_METRIC = "neg_elbo"
+# A version is created with this tag "pending" and set "complete" once it is `candidate`; a pending
+# version (its registration failed part way and could not be deleted) is left out of
+# `mnist-vae models`, `promote` and the gate.
+REGISTRATION_TAG = "registration"
+PENDING, COMPLETE = "pending", "complete"
+# After moving `champion` on a tracking server the gate waits this long and reads the alias again:
+# another pipeline that read the same champion and wrote just after is then seen and compared.
+SETTLE_SECONDS = 2.0
+MAX_ROUNDS = 8
+_ALREADY_EXISTS = {"RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"}
 
 
 class ModelNotFoundError(UserError, LookupError):
     """A model reference (name, version, alias, run or file) does not resolve."""
 
 
+class RegistrationError(UserError):
+    """The tracking server failed while a new version was being registered; the version was
+    withdrawn, so nothing half-registered remains."""
+
+
 @dataclass(frozen=True)
 class GateDecision:
     promoted: bool
     reason: str
-    candidate_neg_elbo: float
+    candidate_neg_elbo: float | None
     champion_neg_elbo: float | None
+    error: str | None = None  # set when the gate could not decide: `champion` was left alone
+
+    @property
+    def outcome(self) -> str:
+        """``promoted``, ``candidate`` (measured, not better) or ``error`` (could not decide)."""
+        if self.error is not None:
+            return "error"
+        return "promoted" if self.promoted else "candidate"
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,88 +81,205 @@ def log_and_register(
 ) -> str:
     """Logs the model as an MLflow pyfunc in the active run and registers a new version.
 
-    The version gets its test metrics, git commit, data hash and run link as tags, the alias
-    ``candidate``, and ``champion`` when it passes :func:`promotion_gate` on ``gate_data`` (the
-    validation split: the test set is reported, never used to choose). Returns the version.
+    The version is created in one call with its test metrics, git commit, data hash and run link
+    as tags, after the logged model holds its metrics; it then gets the alias ``candidate``, and
+    ``champion`` when it passes :func:`promotion_gate` on ``gate_data`` (the validation split: the
+    test set is reported, never used to choose). Returns the version.
+
+    A gate that cannot decide (the server refuses or fails a read) leaves ``champion`` alone, keeps
+    the version ``candidate``, tags the run ``registry.gate_decision=error`` with the reason in
+    ``registry.gate_error``, prints one warning line to stderr and returns normally: the version is
+    registered and the stage's outputs are valid; `mnist-vae promote` can finish the job.
+
+    Raises:
+        RegistrationError: The server failed after the version was created (it is withdrawn).
     """
     run = mlflow.active_run()
-    assert run is not None, "log_and_register needs an active MLflow run"
+    if run is None:
+        raise RuntimeError("log_and_register needs an active MLflow run")
     name = params.mlflow.registered_model
-    # MLflow logs a folder as the model's data: one holding just the weights.
-    weights_dir = Path(tempfile.mkdtemp(prefix="mnist-vae-"))
-    shutil.copy2(paths.model, weights_dir / serving.WEIGHTS_FILE)
     example = test_data[0][:2].reshape(2, -1).astype(np.float32) / 255.0
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        loader_module="mnist_vae.serving",
-        data_path=str(weights_dir),
-        code_paths=[str(Path(mnist_vae.__file__).parent)],
-        signature=serving.signature(),
-        input_example=example,
-        pip_requirements=_requirements(),
-        registered_model_name=name,
-    )
-    shutil.rmtree(weights_dir, ignore_errors=True)
-    # The test metrics go to the run and to the logged model, measured on the logged test split.
+    # MLflow logs a folder as the model's data: one holding just the weights, removed also when
+    # logging fails.
+    with tempfile.TemporaryDirectory(prefix="mnist-vae-weights-") as weights_dir:
+        shutil.copy2(paths.model, Path(weights_dir) / serving.WEIGHTS_FILE)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            loader_module="mnist_vae.serving",
+            data_path=weights_dir,
+            code_paths=[str(Path(mnist_vae.__file__).parent)],
+            signature=serving.signature(),
+            input_example=example,
+            pip_requirements=_requirements(),
+        )
+    # The test metrics go to the run and to the logged model, measured on the logged test split,
+    # before any version exists: a version's page shows them from its first moment.
     test_md5 = tracking.file_md5(paths.data)
     test_set = tracking.log_dataset(*test_data, "mnist-test", paths.data, test_md5,
                                     context="testing")
     mlflow.log_metrics(evaluation.mlflow_metrics(), model_id=info.model_id, dataset=test_set)
-    version = str(info.registered_model_version)
     client = MlflowClient()
     tags = {f"test_{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()}
     tags.update({
-        "git_commit": tracking.git_commit(root),
+        "git_commit": provenance.git_commit(root),
         "dvc_data_md5": test_md5,
         "run_id": run.info.run_id,
         "run_link": f"runs:/{run.info.run_id}/model",
         "test_images": str(evaluation.n_images),
         "preset": params.model.preset,
     })
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.update_model_version(name, version, description=(
+    description = (
         f"{params.model.preset} preset, test negative ELBO "
         f"{evaluation.metrics['neg_elbo']:.2f} nats/image on {evaluation.n_images} test images; "
-        f"run {run.info.run_id}, commit {tags['git_commit']}"))
-    client.set_registered_model_alias(name, CANDIDATE, version)
-    with tracking.store_lock():  # two pipelines finishing at once: one gate decision at a time
-        decision = promotion_gate(client, name, version, model, gate_data, params.evaluate)
-    mlflow.set_tags({"registry.version": version, "registry.promoted": str(decision.promoted),
-                     "registry.gate_reason": decision.reason})
-    print(f"promotion gate: {decision.reason}")
+        f"run {run.info.run_id}, commit {tags['git_commit']}")
+    version = register(client, name, info.model_uri, info.model_id, run.info.run_id, tags,
+                       description)
+    # On a server nothing serialises two pipelines: the gate re-reads and retries (see there).
+    settle = 0.0 if mlflow.get_tracking_uri().startswith("sqlite:") else SETTLE_SECONDS
+    with tracking.store_lock():  # two pipelines on one SQLite store: one gate decision at a time
+        decision = promotion_gate(client, name, version, model, gate_data, params.evaluate,
+                                  settle=settle)
+    gate_tags = {"registry.version": version, "registry.promoted": str(decision.promoted),
+                 "registry.gate_reason": decision.reason,
+                 "registry.gate_decision": decision.outcome}
+    if decision.error is not None:
+        gate_tags["registry.gate_error"] = decision.error
+    mlflow.set_tags(gate_tags)
+    if decision.error is not None:
+        print(f"warning: promotion gate: {decision.reason}", file=sys.stderr)
+    else:
+        print(f"promotion gate: {decision.reason}")
     return version
+
+
+def register(client: MlflowClient, name: str, model_uri: str, model_id: str | None, run_id: str,
+             tags: dict[str, str], description: str) -> str:
+    """Creates version N of ``name`` with all its tags at once and points ``candidate`` at it.
+
+    The version is created marked ``registration=pending`` and marked ``complete`` as the last
+    step. A failure in between deletes it; should the delete fail too, the pending mark keeps it out
+    of `mnist-vae models`, `promote` and the gate.
+
+    Raises:
+        RegistrationError: The server failed a step after the version was created.
+    """
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in _ALREADY_EXISTS:
+            raise
+    created = client.create_model_version(
+        name, source=model_uri, run_id=run_id, tags={**tags, REGISTRATION_TAG: PENDING},
+        description=description, model_id=model_id)
+    version = str(created.version)
+    try:
+        client.set_registered_model_alias(name, CANDIDATE, version)
+        client.set_model_version_tag(name, version, REGISTRATION_TAG, COMPLETE)
+    except BaseException as exc:
+        withdrawn = _withdraw(client, name, version)
+        if isinstance(exc, MlflowException) and tracking.auth_error(exc, "") is None:
+            raise RegistrationError(
+                f"registering version {version} of model {name!r} failed part way "
+                f"({_scrub(_first_line(exc))}); {withdrawn}; run again when the server is back"
+            ) from None
+        raise
+    return version
+
+
+def _withdraw(client: MlflowClient, name: str, version: str) -> str:
+    """Deletes a version whose registration failed; says what became of it."""
+    try:
+        client.delete_model_version(name, version)
+    except (MlflowException, requests.RequestException) as exc:
+        log.warning("could not delete the incomplete version %s of %r (%s); it stays marked %s=%s",
+                    version, name, _scrub(_first_line(exc)), REGISTRATION_TAG, PENDING)
+        return (f"version {version} could not be deleted and stays marked "
+                f"{REGISTRATION_TAG}={PENDING}, left out of `mnist-vae models` and the gate")
+    return f"version {version} was deleted, nothing is registered"
+
+
+def champion_version(client: MlflowClient, name: str) -> str | None:
+    """The version ``champion`` points at, or None when there is no such alias.
+
+    Only "this alias (or model) does not exist" means no champion: MLflow's SQL and file stores
+    answer a missing alias with INVALID_PARAMETER_VALUE "Registered model alias champion not
+    found", other registries with RESOURCE_DOES_NOT_EXIST. Any other failure raises.
+    """
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+                exc.error_code == "INVALID_PARAMETER_VALUE"
+                and f"alias {CHAMPION} not found" in str(exc)):
+            return None
+        raise
 
 
 def promotion_gate(
     client: MlflowClient, name: str, version: str, model: VAE,
-    data: GateData, cfg: EvaluateConfig,
+    data: GateData, cfg: EvaluateConfig, settle: float = SETTLE_SECONDS,
 ) -> GateDecision:
     """Moves ``champion`` to ``version`` if it beats the current champion on ``data``.
 
     Both models are measured here, with the same images and the same random draws, so a champion
     registered under other evaluation settings is still compared fairly.
+
+    The gate fails closed: when the champion cannot be read (only a missing alias means there is
+    none), measured or moved, ``champion`` is left alone and the decision carries the error.
+
+    Two pipelines may finish at once against one server, and MLflow has no compare-and-set on
+    aliases. So the gate reads the champion again after measuring it, and measures again if it
+    moved; after moving the alias it waits ``settle`` seconds and reads it once more: a pipeline
+    that wrote over it meanwhile is then compared with, and the better version written back.
     """
     quick = cfg.replace(iw_samples=1, limit=0)
-    images, labels = data.images, data.labels
-    mine = evaluate_model(model, images, labels, quick).metrics[GATE_METRIC]
+    mine = _measure(model, data, quick)
+    measured: dict[str, float] = {}
+    replaced: str | None = None  # the champion that this gate's last write replaced
+    wrote = False
+    displaced_by: str | None = None
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    if current is None:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return GateDecision(True, f"version {version} is the first champion "
-                            f"(neg. ELBO {mine:.2f} on {data.what})", mine, None)
-    theirs = evaluate_model(load_vae(f"models:/{name}/{current.version}"), images, labels, quick) \
-        .metrics[GATE_METRIC]
-    if mine < theirs:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return GateDecision(True, f"version {version} promoted to champion: neg. ELBO {mine:.2f} < "
-                            f"{theirs:.2f} of version {current.version} on {data.what}", mine, theirs)
-    return GateDecision(False, f"version {version} stays candidate: neg. ELBO {mine:.2f} is not "
-                        f"better than {theirs:.2f} of champion version {current.version} on "
-                        f"{data.what}", mine, theirs)
+        for _ in range(MAX_ROUNDS):
+            current = champion_version(client, name)
+            if current == version:
+                if replaced is None:
+                    return GateDecision(True, f"version {version} is the first champion "
+                                        f"(neg. ELBO {mine:.2f} on {data.what})", mine, None)
+                return GateDecision(True, f"version {version} promoted to champion: neg. ELBO "
+                                    f"{mine:.2f} < {measured[replaced]:.2f} of version {replaced} "
+                                    f"on {data.what}", mine, measured[replaced])
+            if wrote:
+                displaced_by = current  # another pipeline moved it after this gate did
+            if current is not None and current not in measured:
+                measured[current] = _measure(load_vae(f"models:/{name}/{current}"), data, quick)
+                continue  # measuring took a while: read the champion again before deciding
+            if current is not None and mine >= measured[current]:
+                note = (f"; it was champion briefly, until version {current} was promoted at the "
+                        "same time") if displaced_by == current else ""
+                return GateDecision(False, f"version {version} stays candidate: neg. ELBO "
+                                    f"{mine:.2f} is not better than {measured[current]:.2f} of "
+                                    f"champion version {current} on {data.what}{note}",
+                                    mine, measured[current])
+            client.set_registered_model_alias(name, CHAMPION, version)
+            wrote, replaced = True, current
+            if settle:
+                time.sleep(settle)
+        raise _GateRoundsExceeded(f"champion kept moving for {MAX_ROUNDS} rounds")
+    except (MlflowException, requests.RequestException, UserError, _GateRoundsExceeded) as exc:
+        error = _scrub(_first_line(exc))
+        where = (f"champion may point at version {version} (written before the error)"
+                 if wrote else "champion is left where it was")
+        return GateDecision(False, f"could not decide for version {version} ({error}); {where}, "
+                            f"version {version} stays candidate (`mnist-vae promote {version}` "
+                            "moves champion by hand)", mine, None, error=error)
+
+
+class _GateRoundsExceeded(Exception):
+    """Pipelines kept moving ``champion`` while this gate compared (it then fails closed)."""
+
+
+def _measure(model: VAE, data: GateData, cfg: EvaluateConfig) -> float:
+    return evaluate_model(model, data.images, data.labels, cfg).metrics[GATE_METRIC]
 
 
 def load_vae(reference: str) -> VAE:
@@ -167,3 +311,9 @@ def _requirements() -> list[str]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _scrub(text: str) -> str:
+    """``text`` without the password of any ``scheme://user:password@host`` written in it."""
+    # Up to the last "@" before the path: a password may hold "@" itself.
+    return re.sub(r"(\w+://[^/\s:@]*):[^/\s]*@", r"\1@", text)

@@ -12,7 +12,8 @@ enforcement), and MLflow's ``invocations`` handler (JSON parsing and encoding) w
 
 The clients run in this process, on the same cores as the server: on a 2-core machine their CPU
 time is taken from the server's. Servers run in their own process group and are stopped, workers
-included, whatever happens.
+included, whatever happens: should this process be killed outright, a watchdog
+(:class:`mnist_vae.procs.Watchdog`) stops them.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from mnist_vae import procs
 from mnist_vae.atomic import atomic_write
 from mnist_vae.errors import UserError
 
@@ -202,12 +202,6 @@ class Server:
     start_seconds: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mlflow_command() -> list[str]:
     # The venv's console script, as an activated venv would find it; `mlflow` on PATH otherwise.
     script = Path(sys.executable).parent / "mlflow"
@@ -224,15 +218,15 @@ def serve(folder: Path, workers: int, log: Path, timeout: float = 180.0) -> Iter
     """
     import requests
 
-    port = _free_port()
+    port = procs.free_port()
     command = [*_mlflow_command(), "models", "serve", "-m", str(folder), "--env-manager", "local",
                "-p", str(port), "-h", "127.0.0.1", "--workers", str(workers)]
     # The scoring server runs `uvicorn` from PATH: this interpreter's.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
+    watchdog = procs.Watchdog()
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+        process = procs.start(command, log=out, env=env, watchdog=watchdog)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
@@ -253,30 +247,16 @@ def serve(folder: Path, workers: int, log: Path, timeout: float = 180.0) -> Iter
             time.sleep(0.2)
         yield Server(url, port, process.pid, time.perf_counter() - start)
     finally:
-        stop_group(process)
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """Stops a process started with ``start_new_session`` and everything in its group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    # uvicorn's supervisor outlives `mlflow models serve` while its workers shut down: wait for the
-    # whole group, then kill what is left of it.
-    deadline = time.monotonic() + 20
-    while group_alive(process.pid) and time.monotonic() < deadline:
-        process.poll()  # reaps the leader, else it stays a zombie in the group
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+        # uvicorn's supervisor outlives `mlflow models serve` while its workers shut down: the
+        # whole group is waited for, and what is left of it after 20 s killed.
+        procs.stop_group(process.pid, process, grace=20.0)
+        watchdog.forget(process.pid)
+        watchdog.close()
 
 
 def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    """Whether a process of group ``pgid`` (a server's) is still running."""
+    return procs.group_alive(pgid)
 
 
 def _last_line(log: Path) -> str:

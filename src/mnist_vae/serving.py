@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -180,11 +181,16 @@ def _tune_server_process(workers: int) -> None:
         raise ServingConfigError(f"${THREADS_ENV}: expected a positive integer, got {threads!r}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(int(threads) if threads else max(1, cores // workers))
-    _nodelay_on_server_sockets()
+    sockets = _nodelay_on_server_sockets()
+    # One line per worker in the server's log: what it runs with, read back from torch and the socket.
+    print(f"mnist-vae serving worker {os.getpid()}: {torch.get_num_threads()} torch threads "
+          f"({workers} workers, {cores} cores), TCP_NODELAY on {sockets} server sockets",
+          file=sys.stderr, flush=True)
 
 
-def _nodelay_on_server_sockets() -> None:
-    """Sets TCP_NODELAY on this process's bound, unconnected TCP sockets: the server's socket.
+def _nodelay_on_server_sockets() -> int:
+    """Sets TCP_NODELAY on this process's bound, unconnected TCP sockets (the server's socket);
+    returns how many it set it on.
 
     Not only listening ones: the first worker loads the model before its server calls ``listen()``
     on the socket the supervisor bound, and may finish loading before any other worker does.
@@ -192,7 +198,8 @@ def _nodelay_on_server_sockets() -> None:
     try:
         fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
     except OSError:  # not Linux: nothing to do, asyncio's behaviour elsewhere differs anyway
-        return
+        return 0
+    done = 0
     for fd in fds:
         try:
             sock = socket.socket(fileno=fd)  # reads family, type and protocol from the fd
@@ -202,10 +209,12 @@ def _nodelay_on_server_sockets() -> None:
             if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
                     and sock.getsockname()[1] != 0 and not _connected(sock)):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                done += sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         except OSError:
             pass
         finally:
             sock.detach()  # the fd stays open: it belongs to the server
+    return done
 
 
 def _connected(sock: socket.socket) -> bool:

@@ -9,9 +9,12 @@
 
 Each part can be stopped, killed and started again on its own, so a test can take one down while a
 client runs; everything stops when the ``with`` block ends, however it ends, and the temporary
-folders go with it. Logs go to ``postgres.log``, ``s3.log`` and ``mlflow.log`` in the work folder;
-no password is ever passed on a command line or written to a log. :func:`serve_forever` is the same
-stack for a person: it prints the ``export`` lines a client needs and runs until Ctrl-C.
+folders go with it. Should this process die without ending the block (SIGKILL, a closed terminal),
+a watchdog (:class:`mnist_vae.procs.Watchdog`) stops every part and removes the temporary folders.
+PostgreSQL is stopped with ``pg_ctl stop``, by this process and by the watchdog alike. Logs go to
+``postgres.log``, ``s3.log``, ``mlflow.log`` and ``watchdog.log`` in the work folder; no password is
+ever passed on a command line or written to a log. :func:`serve_forever` is the same stack for a
+person: it prints the ``export`` lines a client needs and runs until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from typing import IO, Literal
 
 import requests
 
+from mnist_vae import procs
 from mnist_vae.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,7 @@ class Stack:
         self.pg_port = self.s3_port = self.mlflow_port = 0
         self._procs: dict[Part, _Process] = {}
         self._groups: set[int] = set()
+        self._watchdog: procs.Watchdog | None = None
 
     # ----------------------------------------------------------------------------------------------
     # The whole stack
@@ -164,7 +168,9 @@ class Stack:
             # Outside the work folder on purpose: PostgreSQL's account must be able to reach it
             # (pytest's tmp_path is private to root), and a unix socket path is limited to 107 bytes.
             self._private = Path(tempfile.mkdtemp(prefix="mnist-vae-pg-"))
-            self.pg_port, self.s3_port, self.mlflow_port = _free_ports(3)
+            with (self.workdir / "watchdog.log").open("ab") as out:
+                self._watchdog = procs.Watchdog(log=out)
+            self.pg_port, self.s3_port, self.mlflow_port = procs.free_ports(3)
             self._init_postgres()
             self.start_postgres()
             self._create_databases()
@@ -172,17 +178,34 @@ class Stack:
             self._write_auth_config()
             self.start_mlflow()
         except BaseException:
-            self.stop()
+            try:
+                self.stop()
+            except Exception as exc:  # the failure that got us here is the one to report
+                log.warning("stopping the stack after a failed start failed too: %s", exc)
             raise
         log.info("team stack up: MLflow %s, S3 %s, PostgreSQL port %d",
                  self.tracking_uri, self.s3_endpoint_url, self.pg_port)
 
     def stop(self) -> None:
-        """Stops every part (MLflow first) and removes the temporary folders; safe to call twice."""
+        """Stops every part (MLflow first) and removes the temporary folders; safe to call twice.
+
+        Every part is stopped even when stopping one fails; the first failure is raised at the end
+        (the others are logged).
+        """
+        errors: list[Exception] = []
         for part in ("mlflow", "s3", "postgres"):
-            self._stop_part(part, "graceful")
+            try:
+                self._stop_part(part, "graceful")
+            except Exception as exc:  # collected: the other parts must stop all the same
+                log.warning("stopping %s failed: %s", part, exc)
+                errors.append(exc)
+        if self._watchdog is not None:
+            # Closing it makes the watchdog stop anything still registered (a part whose stop
+            # failed), as it would had this process died.
+            self._watchdog.close()
+            self._watchdog = None
         for group in sorted(self._groups):
-            if _group_alive(group):
+            if procs.group_alive(group):
                 log.warning("process group %d is still alive after the stack stopped", group)
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
@@ -190,6 +213,8 @@ class Stack:
         if self._own_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self._own_workdir = False
+        if errors:
+            raise errors[0]
 
     @property
     def running(self) -> bool:
@@ -212,12 +237,12 @@ class Stack:
         """Freezes every process of ``part`` (SIGSTOP): it accepts connections but never answers, as
         behind a network partition, and keeps its state (moto's objects survive, unlike a restart)."""
         proc = self._procs[part]
-        _signal_group(proc.popen.pid, signal.SIGSTOP)
+        procs.signal_group(proc.popen.pid, signal.SIGSTOP)
 
     def resume(self, part: Part) -> None:
         """Lets a paused part run again (SIGCONT)."""
         proc = self._procs[part]
-        _signal_group(proc.popen.pid, signal.SIGCONT)
+        procs.signal_group(proc.popen.pid, signal.SIGCONT)
 
     @property
     def pids(self) -> dict[Part, int]:
@@ -255,6 +280,17 @@ class Stack:
     def database_password(self) -> str:
         """The password of the PostgreSQL role ``mlflow`` (over TCP, port :attr:`pg_port`)."""
         return self._pg_password
+
+    def create_database(self, name: str) -> str:
+        """Creates a database owned by the role ``mlflow`` (e.g. for an Optuna study) and returns its
+        SQLAlchemy URL, without the password: a client gives it in ``PGPASSWORD``
+        (:attr:`database_password`), which libpq reads."""
+        from psycopg import sql
+
+        with self._connect_superuser() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name),
+                                                                       sql.Identifier(DB_ROLE)))
+        return self._database_uri(name)
 
     def env(self) -> dict[str, str]:
         """The environment variables an MLflow (or DVC, boto3) client needs, as the admin."""
@@ -338,8 +374,12 @@ class Stack:
         self._wait(postgres, self._postgres_answers, "accept connections")
 
     def stop_postgres(self, mode: Literal["fast", "immediate"] = "fast") -> None:
-        """Stops PostgreSQL as ``pg_ctl stop -m MODE`` does: ``fast`` rolls back open transactions and
-        closes sessions cleanly; ``immediate`` aborts, like a crash (recovery at the next start)."""
+        """Stops PostgreSQL with ``pg_ctl stop -m MODE``: ``fast`` rolls back open transactions and
+        closes sessions cleanly; ``immediate`` aborts, like a crash (recovery at the next start).
+
+        Raises:
+            StackError: ``pg_ctl`` failed; the postmaster's group was SIGKILLed all the same.
+        """
         self._stop_part("postgres", mode)
 
     def kill_postgres(self) -> None:
@@ -347,7 +387,8 @@ class Stack:
         self._stop_part("postgres", "kill")
 
     def restart_postgres(self, mode: Literal["fast", "immediate"] = "fast") -> None:
-        """What ``pg_ctl restart -m MODE`` does, with the new postmaster still this stack's child."""
+        """``pg_ctl stop -m MODE``, then a new postmaster, this stack's child (``pg_ctl restart``
+        would detach it, and its exit would go unnoticed)."""
         self.stop_postgres(mode)
         self.start_postgres()
 
@@ -462,7 +503,7 @@ class Stack:
     def _s3_answers(self) -> bool:
         try:
             requests.get(self.s3_endpoint_url, timeout=2)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or slow on a busy machine
             return False
         return True
 
@@ -530,14 +571,14 @@ class Stack:
     def _mlflow_answers(self) -> bool:
         try:
             return requests.get(self.tracking_uri + "/health", timeout=2).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             return False
 
     # ----------------------------------------------------------------------------------------------
     # Processes
 
     def _check_prerequisites(self) -> None:
-        for tool in ("initdb", "postgres"):
+        for tool in ("initdb", "postgres", "pg_ctl"):
             if not os.access(self.pg_bin / tool, os.X_OK):
                 raise StackError(f"PostgreSQL 15 is not installed: {self.pg_bin / tool} is missing; "
                                  "install the Debian package postgresql-15 (apt-get install postgresql-15)")
@@ -569,6 +610,13 @@ class Stack:
         proc = _Process(popen, self.logs[part])
         self._procs[part] = proc
         self._groups.add(popen.pid)
+        assert self._watchdog is not None, "start() starts the watchdog first"
+        remove = [self._private] + ([self.workdir] if self._own_workdir else [])
+        if part == "postgres":
+            uid, gid = (run_as.pw_uid, run_as.pw_gid) if run_as is not None else (None, None)
+            self._watchdog.watch(popen.pid, self._pg_ctl_stop("fast"), uid=uid, gid=gid, remove=remove)
+        else:
+            self._watchdog.watch(popen.pid, remove=remove)
         log.info("started %s (pid %d), log %s", part, popen.pid, proc.log_path)
         return proc
 
@@ -589,23 +637,47 @@ class Stack:
         if proc is None:
             return
         popen = proc.popen
+        pg_ctl_error = None
         if how == "kill":
-            _signal_group(popen.pid, signal.SIGKILL)
+            procs.signal_group(popen.pid, signal.SIGKILL)
+            clean = procs.wait_group(popen.pid, 10.0, popen)
         elif part == "postgres":
-            # The postmaster shuts its backends down itself: SIGINT is pg_ctl's "fast" mode,
-            # SIGQUIT its "immediate" one.
-            with contextlib.suppress(ProcessLookupError):
-                popen.send_signal(signal.SIGQUIT if how == "immediate" else signal.SIGINT)
+            procs.signal_group(popen.pid, signal.SIGCONT)  # a paused postmaster cannot answer pg_ctl
+            pg_ctl_error = self._run_pg_ctl_stop("immediate" if how == "immediate" else "fast", popen)
+            # pg_ctl waits for the postmaster; its last backends may take a moment more.
+            clean = procs.stop_group(popen.pid, popen, grace=30.0)
         else:
-            _signal_group(popen.pid, signal.SIGTERM)
-        _signal_group(popen.pid, signal.SIGCONT)  # a paused part handles its signal only once resumed
-        if not _wait_group(popen, timeout=30.0):
-            log.warning("%s did not stop within 30 s; killing it", part)
-            _signal_group(popen.pid, signal.SIGKILL)
-            _wait_group(popen, timeout=10.0)
+            clean = procs.stop_group(popen.pid, popen, grace=30.0)
+        if not clean:
+            log.warning("%s did not stop within 30 s; killed it", part)
+        if self._watchdog is not None:
+            self._watchdog.forget(popen.pid)
         with self._log_file(part, f"{part} stopped ({how}), exit code {popen.returncode}"):
             pass
         log.info("stopped %s (%s)", part, how)
+        if pg_ctl_error is not None:
+            raise StackError(pg_ctl_error)
+
+    def _pg_ctl_stop(self, mode: Literal["fast", "immediate"]) -> list[str]:
+        return [str(self.pg_bin / "pg_ctl"), "stop", "-D", str(self._pg_data), "-m", mode, "-w",
+                "-t", "30"]
+
+    def _run_pg_ctl_stop(self, mode: Literal["fast", "immediate"],
+                         popen: subprocess.Popen[bytes]) -> str | None:
+        """Runs ``pg_ctl stop -m MODE``; returns what went wrong, or None."""
+        if popen.poll() is not None:
+            return None  # it exited on its own: nothing for pg_ctl to stop
+        with self._log_file("postgres", f"pg_ctl stop -m {mode}") as out:
+            try:
+                result = subprocess.run(self._pg_ctl_stop(mode), stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, env=self._pg_env(), timeout=60,
+                                        check=False, **_run_as_kwargs(self._pg_account()))
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return f"pg_ctl stop -m {mode} failed ({exc}); PostgreSQL was stopped by signals instead"
+        if result.returncode != 0 and popen.poll() is None:
+            return (f"pg_ctl stop -m {mode} failed with code {result.returncode}; PostgreSQL was "
+                    f"stopped by signals instead; {self._log_tail(self.logs['postgres'])}")
+        return None
 
     def _log_tail(self, path: Path) -> str:
         try:
@@ -616,15 +688,6 @@ class Stack:
         for secret in (self.admin_password, self._pg_password, self._flask_secret_key):
             tail = tail.replace(secret, "***")
         return f"see {path}; last lines: {tail}"
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free on 127.0.0.1 now (held open together so they differ)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _child_env() -> dict[str, str]:
@@ -639,31 +702,9 @@ def _run_as_kwargs(account: pwd.struct_passwd | None) -> dict:
     return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
 
 
-def _signal_group(group: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, sig)
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _wait_group(popen: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Reaps the leader and waits until no process of its group is left; ``False`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if popen.poll() is not None and not _group_alive(popen.pid):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def serve_forever(workdir: Path | None = None) -> None:
-    """Runs the stack for a person until Ctrl-C or SIGTERM, then stops everything.
+    """Runs the stack for a person until Ctrl-C, SIGTERM or SIGHUP (its terminal closed), then stops
+    everything. Killed outright (SIGKILL), its watchdog stops everything instead.
 
     Prints ``export VAR=value`` lines on stdout (the admin password included: the one place it is
     shown) and where the logs are on stderr.
@@ -678,9 +719,9 @@ def serve_forever(workdir: Path | None = None) -> None:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    # Both set explicitly: a process started in the background by a shell inherits SIGINT ignored.
-    previous_int = signal.signal(signal.SIGINT, interrupt)
-    previous_term = signal.signal(signal.SIGTERM, interrupt)
+    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # All set explicitly: a process started in the background by a shell inherits SIGINT ignored.
+    previous = {sig: signal.signal(sig, interrupt) for sig in stopping}
     stack = Stack(workdir)
     try:
         stack.start()
@@ -695,13 +736,15 @@ def serve_forever(workdir: Path | None = None) -> None:
             stack.check()
             time.sleep(1.0)
     except KeyboardInterrupt:
-        print("stopping the team stack", file=sys.stderr, flush=True)
+        # After SIGHUP the terminal may be gone: a failed write must not skip the stop below.
+        with contextlib.suppress(OSError):
+            print("stopping the team stack", file=sys.stderr, flush=True)
     finally:
         # A second Ctrl-C must not leave half the stack running.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in stopping:
+            signal.signal(sig, signal.SIG_IGN)
         try:
             stack.stop()
         finally:
-            signal.signal(signal.SIGINT, previous_int)
-            signal.signal(signal.SIGTERM, previous_term)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import secrets
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -57,12 +56,13 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         response = requests.get(url, timeout=timeout)
     except requests.RequestException as exc:
         raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} cannot be reached ({type(exc).__name__}); start it, or "
-            f"unset {TRACKING_ENV} to use the embedded store sqlite:///mlflow.db"
+            f"MLflow tracking server {redacted(uri)} cannot be reached ({type(exc).__name__}); start "
+            f"it, or unset {TRACKING_ENV} to use the embedded store sqlite:///mlflow.db"
         ) from None
     if response.status_code >= 400:
         raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} answered {response.status_code} to {url}; expected 200"
+            f"MLflow tracking server {redacted(uri)} answered {response.status_code} to "
+            f"{redacted(url)}; expected 200"
         )
 
 
@@ -143,7 +143,8 @@ def auth_error(exc: Exception, action: str) -> TrackingAuthError | None:
 
     code = getattr(exc, "error_code", None)
     uri = redacted(mlflow.get_tracking_uri())
-    user = os.environ.get(USER_ENV, "").strip()
+    # The account MLflow sent: its variable, else the user written into the URI.
+    user = os.environ.get(USER_ENV, "").strip() or urlsplit(uri).username or ""
     if code == "UNAUTHENTICATED":
         who = f"user {user!r} (wrong password?)" if user else "an anonymous client"
         return TrackingAuthError(
@@ -222,19 +223,6 @@ def experiment_id(name: str, root: Path | None = None) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
-def git_commit(root: Path | None = None) -> str:
-    """The checked-out commit, with ``-dirty`` when tracked files changed; ``unknown`` outside git."""
-    cwd = root or project_root()
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{sha}-dirty" if dirty else sha
-
-
 def file_md5(path: Path) -> str:
     """MD5 of a file's bytes: the hash DVC records for a single-file output in dvc.lock."""
     digest = hashlib.md5()
@@ -245,13 +233,16 @@ def file_md5(path: Path) -> str:
 
 
 def redacted(uri: str) -> str:
-    """``uri`` without a password, should one be written into it (``https://user:pw@host``)."""
+    """``uri`` without a password, should one be written into it (``https://user:pw@host``).
+
+    The user, host and port are kept as written (no parsing of the port, which may be invalid).
+    """
     parts = urlsplit(uri)
-    if parts.password is None:
+    # The last "@" ends the user information: a password may hold "@" itself.
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}@{hostport}"))
 
 
 def log_dataset(images: np.ndarray, labels: np.ndarray, name: str, source: Path, file_md5: str,

@@ -4,16 +4,21 @@ The search space is a YAML file in the repo (``search_space.yaml``): params.yaml
 range. Trials are chosen by Optuna's TPE sampler and pruned (median rule) on the per-epoch validation
 negative ELBO; the test set is never looked at. The study lives in a storage that several processes
 share: by default an Optuna journal file under ``.tune/`` (safe for processes on one machine), or any
-database URL (``--storage postgresql://...``) so that several machines run trials of one study. Each
-process asks for trials until the study holds the number asked for, so two processes on one study
-run that many in total, none twice.
+database URL (``$MNIST_VAE_TUNE_STORAGE`` or ``--storage``) so that several machines run trials of one
+study. Each process counts the study's trials and asks for a new one under a lock (a file lock beside a
+journal or SQLite file, a PostgreSQL advisory lock), so processes on one study create exactly the
+number of trials asked for in total, none twice and no surplus.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import multiprocessing
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +32,9 @@ from mnist_vae.errors import UserError
 log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
+# The storage URL, read from the environment so that a database password is neither on the command
+# line (visible in `ps` and shell history) nor in a file of the repo.
+STORAGE_ENV = "MNIST_VAE_TUNE_STORAGE"
 
 
 class SearchSpaceError(UserError):
@@ -34,7 +42,7 @@ class SearchSpaceError(UserError):
 
 
 class TuneError(UserError):
-    """The search ended without a result."""
+    """The search ended without a result, or its storage cannot be used."""
 
 
 class _Range(BaseModel):
@@ -165,7 +173,9 @@ class TuneSettings:
     overrides: tuple[str, ...] = ()
 
     def storage_url(self) -> str:
-        return self.storage or f"journal:{Path('.tune') / (self.study + '.journal')}"
+        """``storage``, else ``$MNIST_VAE_TUNE_STORAGE``, else the journal ``.tune/STUDY.journal``."""
+        return (self.storage or os.environ.get(STORAGE_ENV, "").strip()
+                or f"journal:{Path('.tune') / (self.study + '.journal')}")
 
 
 @dataclass(frozen=True)
@@ -179,15 +189,64 @@ class TuneResult:
 
 
 def _storage(url: str):
+    """Optuna's storage for ``url``.
+
+    Raises:
+        TuneError: The database cannot be reached or refused the login (the URL's password is not
+            shown).
+    """
     import optuna
+    import sqlalchemy.exc
     from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from mnist_vae.tracking import redacted
 
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
         # A journal file is appended under a file lock: safe for many processes on one machine.
         return JournalStorage(JournalFileBackend(str(path)))
-    return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
+    except sqlalchemy.exc.OperationalError as exc:
+        # The driver's message names host and port, never the password.
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+        raise TuneError(f"Optuna storage {redacted(url)} cannot be used: {reason}") from None
+
+
+@contextlib.contextmanager
+def _trial_lock(url: str, storage, study: str) -> Iterator[None]:
+    """Serialises counting a study's trials and creating one, across every process on the study.
+
+    Optuna numbers trials atomically but has no "at most N": two processes that both see N - 1
+    trials would both create one. A journal or SQLite file is locked with a file lock beside it
+    (the processes share the machine); PostgreSQL, shared by machines, with an advisory lock.
+    """
+    from filelock import FileLock
+
+    if url.startswith("journal:"):
+        with FileLock(url.removeprefix("journal:") + ".ask.lock"):
+            yield
+        return
+    engine = storage.engine
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        with FileLock(engine.url.database + ".ask.lock"):
+            yield
+        return
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        key = int.from_bytes(hashlib.sha256(f"mnist-vae tune {study}".encode()).digest()[:8], "big",
+                             signed=True)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        return
+    # Another database: no lock of ours; a surplus trial is told PRUNED (see _worker).
+    yield
 
 
 def tune(settings: TuneSettings) -> TuneResult:
@@ -226,15 +285,26 @@ def tune(settings: TuneSettings) -> TuneResult:
         _worker(settings, parent_id)
     else:
         context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=_worker, args=(settings, parent_id), daemon=False)
+        workers = [context.Process(target=_worker_process, args=(settings, parent_id), daemon=False)
                    for _ in range(settings.jobs)]
         for w in workers:
             w.start()
         for w in workers:
             w.join()
         failed = [w.exitcode for w in workers if w.exitcode != 0]
-        assert not failed, f"tune worker processes failed with exit codes {failed}"
+        if failed:
+            raise TuneError(f"{len(failed)} of {len(workers)} tune worker processes failed (exit codes "
+                            f"{', '.join(map(str, failed))}); their errors are printed above")
     return _finish(study, space, parent_id, settings)
+
+
+def _worker_process(settings: TuneSettings, parent_id: str) -> None:
+    """A worker in a process of its own: a user error ends it with one line and exit code 1."""
+    try:
+        _worker(settings, parent_id)
+    except UserError as exc:
+        print(f"error: tune worker: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _worker(settings: TuneSettings, parent_id: str) -> None:
@@ -246,18 +316,23 @@ def _worker(settings: TuneSettings, parent_id: str) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracking.configure()
-    study = optuna.load_study(study_name=settings.study, storage=_storage(settings.storage_url()),
+    url = settings.storage_url()
+    storage = _storage(url)
+    study = optuna.load_study(study_name=settings.study, storage=storage,
                               sampler=optuna.samplers.TPESampler(),
                               pruner=optuna.pruners.MedianPruner(n_startup_trials=2,
                                                                  n_warmup_steps=1))
     space = load_space(settings.space_file, settings.params_file, settings.overrides)
     data = load_mnist(settings.data)
     while True:
-        trial = study.ask()
-        # Numbers are handed out by the storage, one at a time across all processes: those past the
-        # budget are dropped, so the study ends with exactly the number of trials asked for.
+        with _trial_lock(url, storage, settings.study):
+            if len(study.get_trials(deepcopy=False)) >= settings.trials:
+                return
+            trial = study.ask()
         if trial.number >= settings.trials:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            # Only on a database without a lock of ours: another process created a trial between
+            # our count and our ask. PRUNED, not FAIL: nothing went wrong, and _finish skips it.
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             return
         values = space.suggest(trial)
         try:

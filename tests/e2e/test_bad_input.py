@@ -30,7 +30,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, write_dataset: Callable[..
     root = tmp_path_factory.mktemp("finished")
     write_dataset(root / "data" / "mnist.npz", 256 + 64)
     write_params(root / "params.yaml", {
-        "model": {"hidden": [32], "latent": 4},
+        "model": {"preset": "mlp", "hidden": [32], "latent": 4},
         "train": {"device": "cpu", "epochs": 1, "batch_size": 64, "threads": 1, "validation": 64},
         "evaluate": {"iw_samples": 2, "n_images": 4}})
     (root / "notes.txt").write_text("not a picture\n")

@@ -25,7 +25,7 @@ def test_three_pipelines_at_once_on_a_fresh_sqlite_store(
         folder = tmp_path / f"p{i}"
         write_dataset(folder / "data" / "mnist.npz", 256 + 64, train_seed=i, test_seed=100 + i)
         write_params(folder / "params.yaml", {
-            "model": {"hidden": [32], "latent": 4},
+            "model": {"preset": "mlp", "hidden": [32], "latent": 4},
             "train": {"device": "cpu", "epochs": 2, "batch_size": 64, "threads": 1, "seed": i,
                       "validation": 64},
             "evaluate": {"iw_samples": 2, "n_images": 4}})

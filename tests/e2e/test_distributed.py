@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,3 +48,58 @@ def test_two_gloo_processes_match_one(
     assert runs[0].info.status == "FINISHED"
     outputs = sorted(p.name for p in (double / "models").iterdir())
     assert outputs == ["model.pt", "run.json"]
+
+
+def test_sigterm_to_the_stage_reaches_torchrun_workers(
+    tmp_path: Path, make_project: Callable[..., dict[str, str]],
+) -> None:
+    root = tmp_path / "project"
+    env = make_project(root, n_train=600, validation=100)
+    stage = subprocess.Popen([sys.executable, "pipeline/train.py", "--set", "train.nproc=2",
+                              "--set", "train.epochs=500"], cwd=root, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        # Training has begun when the first epoch's checkpoint is written: then the SIGTERM.
+        while len(workers := _workers(stage.pid)) < 2 or not (root / "checkpoints").is_dir():
+            assert stage.poll() is None, stage.stdout.read()
+            assert time.monotonic() < deadline, "the two workers did not start training"
+            time.sleep(0.5)
+        stage.send_signal(signal.SIGTERM)
+        output, _ = stage.communicate(timeout=120)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait()
+    deadline = time.monotonic() + 30
+    while (left := [pid for pid in workers if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"workers {left} outlived the stage: {output[-2000:]}"
+    assert stage.returncode != 0, output[-2000:]
+    assert "interrupted" in output, output[-2000:]  # each worker stopped as on Ctrl-C
+
+
+def _workers(stage: int) -> list[int]:
+    """The processes below ``stage`` that torchrun started (they have ``LOCAL_RANK``)."""
+    found, frontier = [], [stage]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for child in map(int, children):
+            frontier.append(child)
+            try:
+                if b"LOCAL_RANK=" in Path(f"/proc/{child}/environ").read_bytes():
+                    found.append(child)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

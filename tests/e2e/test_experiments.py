@@ -18,7 +18,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "model": {"hidden": [64], "latent": 4},
+    "model": {"preset": "mlp", "hidden": [64], "latent": 4},
     "train": {"epochs": 2, "limit": 1500, "validation": 500, "batch_size": 64, "threads": 1},
     "evaluate": {"limit": 300, "iw_samples": 2, "n_images": 4},
 }
@@ -147,7 +147,7 @@ def test_gate_follows_validation_when_test_disagrees(tmp_path: Path, tiny_images
              y_train=np.concatenate([bar_labels, np.zeros(100, np.uint8)]), x_test=test_x,
              y_test=test_y)
     params = load_params(repo_root / "params.yaml", [
-        "model.hidden=[32]", "model.latent=4", "train.validation=100", "train.epochs=3",
+        "model.preset=mlp", "model.hidden=[32]", "model.latent=4", "train.validation=100", "train.epochs=3",
         "train.batch_size=20", "train.device=cpu", "evaluate.iw_samples=2", "evaluate.n_images=4"])
     paths = Paths(data=tmp_path / "mnist.npz", model=tmp_path / "model.pt",
                   run=tmp_path / "run.json", metrics=tmp_path / "metrics.json",
@@ -187,7 +187,8 @@ from mnist_vae.model import build_model
 from mnist_vae.train import train_epochs
 images = np.random.default_rng(0).integers(0, 256, (6000, 28, 28), dtype=np.uint8)
 cfg = TrainConfig(device="cpu", epochs=int(sys.argv[1]), threads="auto", validation=0)
-for stats in train_epochs(build_model(ModelConfig(hidden=(256,), latent=8), seed=0), images, cfg):
+model = build_model(ModelConfig(preset="mlp", hidden=(256,), latent=8), seed=0)
+for stats in train_epochs(model, images, cfg):
     print(stats.threads, flush=True)
 """
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +18,8 @@ import mlflow
 import pytest
 import requests
 
+import mnist_vae
+from mnist_vae import procs
 from mnist_vae.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -251,12 +257,126 @@ def test_serve_forever_prints_exports_and_stops_everything_on_sigterm(tmp_path: 
     assert auth[1] not in stderr
 
 
-def _alive(group: int) -> bool:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["sigkill", "sighup"])
+def test_stack_cli_killed_or_hung_up_leaves_no_process(tmp_path: Path, venv_bin: Path,
+                                                       sig: signal.Signals) -> None:
+    """`mnist-vae stack` SIGKILLed (no cleanup of its own can run) or losing its terminal: a few
+    seconds later none of the processes it started is alive, and its temporary folder is gone."""
+    process = subprocess.Popen([str(venv_bin / "mnist-vae"), "stack", "--workdir", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
+        line = ""
+        while not line.startswith("export AWS_DEFAULT_REGION"):
+            line = process.stdout.readline()
+            assert line, f"mnist-vae stack ended early: {process.stderr.read()}"
+        children = _descendants(process.pid)
+        commands = {pid: _cmdline(pid) for pid in children}
+        assert any("postgres" in c for c in commands.values()), commands
+        assert any("moto.server" in c for c in commands.values()), commands
+        assert any("mlflow" in c and "server" in c for c in commands.values()), commands
+        assert any("mnist_vae.procs" in c for c in commands.values()), commands  # the watchdog
+        data = next(c.split(" -D ")[1].split()[0] for c in commands.values() if " -D " in c)
+        os.kill(process.pid, sig)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    deadline = time.monotonic() + 40
+    while (left := [pid for pid in children if _live(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, {pid: commands[pid] for pid in left}
+    assert not Path(data).parent.exists(), f"{Path(data).parent} was left behind"
+
+
+def test_stop_stops_every_part_when_one_fails(tmp_path: Path) -> None:
+    stack = Stack(tmp_path / "stack")
+    stack.start()
+    groups, private = stack.process_groups, stack.private_dir
+    # A fault while stopping: the log folder is gone, so stopping MLflow, the first part, fails
+    # when it logs that it stopped.
+    shutil.rmtree(stack.workdir)
+    with pytest.raises(FileNotFoundError):
+        stack.stop()
+    assert not [group for group in groups if _alive(group)]
+    assert not private.exists()
+    stack.stop()  # a second stop has nothing left to do
+
+
+def test_stack_runs_as_an_unprivileged_user(tmp_path: Path) -> None:
+    """The path taken by anyone but root: PostgreSQL runs as the caller, nothing needs root."""
+    if os.geteuid() != 0:
+        account, python, env = None, sys.executable, dict(os.environ)
+    else:
+        account = pwd.getpwnam("nobody")
+        python, env = _python_for(account)
+    work = Path(tempfile.mkdtemp(prefix="mnist-vae-nonroot-"))  # tmp_path is private to root
+    try:
+        if account is not None:
+            os.chown(work, account.pw_uid, account.pw_gid)
+        script = ("import os, sys, requests; from pathlib import Path; "
+                  "from mnist_vae.stack import Stack\n"
+                  "with Stack(Path(sys.argv[1]) / 'stack') as stack:\n"
+                  "    r = requests.get(stack.tracking_uri + '/api/2.0/mlflow/experiments/search',"
+                  " params={'max_results': '1'}, auth=(stack.admin_username, stack.admin_password))\n"
+                  "    print(os.geteuid(), r.status_code, stack.pg_port > 0)\n")
+        result = subprocess.run([python, "-c", script, str(work)], capture_output=True, text=True,
+                                timeout=300, env={**env, "HOME": str(work)},
+                                **({"user": account.pw_uid, "group": account.pw_gid,
+                                    "extra_groups": []} if account else {}))
+        assert result.returncode == 0, result.stderr[-3000:]
+        uid = os.geteuid() if account is None else account.pw_uid
+        assert result.stdout.split() == [str(uid), "200", "True"], result.stdout
+        assert not [p for p in Path(tempfile.gettempdir()).glob("mnist-vae-pg-*")
+                    if p.stat().st_uid == uid], "the stack's private folder was left behind"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _python_for(account: pwd.struct_passwd) -> tuple[str, dict[str, str]]:
+    """An interpreter ``account`` may run with this environment's packages: this venv's if its
+    files are readable by that account, else the same Python version found on PATH with this
+    venv's site-packages and the project's sources on PYTHONPATH."""
+    purelib, source = sysconfig.get_paths()["purelib"], str(Path(mnist_vae.__file__).parents[1])
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [(sys.executable, dict(os.environ))]
+    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]:
+        found = Path(folder) / version
+        if found.is_file() and found.resolve() != Path(sys.executable).resolve():
+            candidates.append((str(found), {**os.environ,
+                                            "PYTHONPATH": os.pathsep.join([source, purelib])}))
+    for python, env in candidates:
+        try:
+            probe = subprocess.run([python, "-c", "import mnist_vae.stack, mlflow, moto, psycopg"],
+                                   capture_output=True, env={**env, "HOME": "/"}, timeout=120,
+                                   user=account.pw_uid, group=account.pw_gid, extra_groups=[])
+        except PermissionError:  # the interpreter (or a folder above it) is private to its owner
+            continue
+        if probe.returncode == 0:
+            return python, env
+    pytest.fail(f"no {version} that user {account.pw_name} may run with this venv's packages "
+                f"(tried {[python for python, _ in candidates]}): make the venv and the project "
+                "readable by that user")
+
+
+def _alive(group: int) -> bool:
+    return procs.group_alive(group)
+
+
+def _live(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not reaped by its new parent, does not count)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def _descendants(pid: int) -> list[int]:

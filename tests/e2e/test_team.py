@@ -19,7 +19,7 @@ import requests
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "model": {"hidden": [64], "latent": 4},
+    "model": {"preset": "mlp", "hidden": [64], "latent": 4},
     "train": {"epochs": 2, "limit": 1500, "validation": 500, "batch_size": 64, "threads": 1},
     "evaluate": {"limit": 300, "iw_samples": 2, "n_images": 4},
 }
@@ -212,7 +212,8 @@ def test_dvc_remote_on_the_same_s3_endpoint(team, tmp_path: Path) -> None:
 def test_tracking_server_killed_mid_training_loses_no_metric(team) -> None:
     epochs = 8
     command = [sys.executable, "pipeline/train.py", "--set", f"train.epochs={epochs}",
-               "--set", "model.hidden=[512,256]", "--set", "train.limit=8000",
+               "--set", "model.preset=mlp", "--set", "model.hidden=[512,256]",
+               "--set", "train.limit=8000",
                "--set", "train.seed=1"]
     process = subprocess.Popen(command, cwd=team.root, env=team.env("alice"), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -34,7 +34,7 @@ def test_row_d_stops_at_the_first_epoch_that_reaches_the_target(data: MnistData)
                              test_images=100)
     assert reached.epochs_to_target == 2
     assert reached.neg_elbo_per_epoch == pytest.approx(history[:2], rel=1e-4)
-    assert reached.seconds_to_target is not None and 0 < reached.seconds_to_target
+    assert reached.seconds_to_target is not None and reached.seconds_to_target > 0
     # Its speed is over those epochs: 2 x 640 images (5 full batches of 128) in that time.
     assert reached.seconds_to_target * reached.samples_per_sec == pytest.approx(2 * 640)
 

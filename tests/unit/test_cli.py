@@ -55,7 +55,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_dataset: Call
         "model": {"preset": "mlp", "hidden": [16], "latent": 2},
         "train": {"device": "cpu", "epochs": 1, "batch_size": 50, "threads": 1, "validation": 100},
         "evaluate": {"iw_samples": 2, "n_images": 4}})
-    save_model(build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0), tmp_path / "models" / "model.pt")
+    save_model(build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0),
+               tmp_path / "models" / "model.pt")
     (tmp_path / "notes.txt").write_text("not a picture\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "200")  # rich tables at full width, cells unwrapped

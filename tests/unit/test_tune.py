@@ -88,3 +88,18 @@ def test_tune_with_a_bad_space_exits_1_before_any_run(space_file, tmp_path: Path
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model.depth" in lines[0]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".tune").exists()
+
+
+def test_storage_comes_from_the_option_then_the_environment_then_the_journal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from mnist_vae.tune import STORAGE_ENV, TuneSettings
+
+    settings = TuneSettings(space_file=Path("space.yaml"), params_file=Path("params.yaml"),
+                            data=Path("data/mnist.npz"), trials=4, study="s")
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    assert settings.storage_url() == "journal:.tune/s.journal"
+    monkeypatch.setenv(STORAGE_ENV, "postgresql+psycopg://optuna@db/optuna")
+    assert settings.storage_url() == "postgresql+psycopg://optuna@db/optuna"
+    assert replace(settings, storage="sqlite:///x.db").storage_url() == "sqlite:///x.db"

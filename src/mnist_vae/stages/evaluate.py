@@ -47,7 +47,7 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
     paths.figures.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.figures.parent, prefix=".figures-") as scratch:
         figures = write_figures(model, images, Path(scratch), n=params.evaluate.n_images,
-                                seed=params.evaluate.seed)
+                                seed=params.evaluate.seed, labels=labels)
         with tracking.server_errors(f"log into run {run_id}"), mlflow.start_run(run_id=run_id):
             # Evaluation settings are tags, not params: a re-evaluation with other settings
             # writes into the same run, and MLflow forbids changing a param's value.

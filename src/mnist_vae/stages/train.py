@@ -18,7 +18,7 @@ import signal
 import sys
 from dataclasses import asdict
 
-from mnist_vae import checkpoint, distributed, runner, tracking
+from mnist_vae import checkpoint, distributed, provenance, runner, tracking
 from mnist_vae.atomic import atomic_write
 from mnist_vae.config import Params
 from mnist_vae.data import MnistData, load_mnist
@@ -70,7 +70,7 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
         mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()
                            if not k.startswith("evaluate.")})
         mlflow.set_tags({
-            "mlflow.source.git.commit": tracking.git_commit(root),
+            "mlflow.source.git.commit": provenance.git_commit(root),
             "dvc.data.md5": data_md5,
             "model.preset": params.model.preset,
             "train.device_used": str(trainer.device),

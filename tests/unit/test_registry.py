@@ -1,0 +1,48 @@
+"""The registry on an embedded store: incomplete registrations stay out of sight, the champion
+read tells a missing alias from a failure, and the gate's reason for failing hides passwords."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from mnist_vae import aliases, registry
+
+
+@pytest.fixture
+def client(mlflow_store: str, tmp_path) -> MlflowClient:
+    """Model ``m`` with version 1 complete, 2 pending (its registration failed part way), and 3
+    registered before the registration tag existed."""
+    client = MlflowClient(mlflow_store, mlflow_store)
+    client.create_registered_model("m")
+    for state in (registry.COMPLETE, registry.PENDING, None):
+        tags = {registry.REGISTRATION_TAG: state} if state else {}
+        client.create_model_version("m", source=str(tmp_path), tags=tags)
+    return client
+
+
+def test_a_pending_version_is_left_out_of_the_listing(client: MlflowClient) -> None:
+    assert [row.version for row in aliases.list_versions(client, "m")] == ["3", "1"]
+
+
+def test_a_pending_version_cannot_be_promoted(client: MlflowClient) -> None:
+    with pytest.raises(aliases.ModelNotFoundError, match="incomplete registration"):
+        aliases.promote(client, "m", "2")
+    assert aliases.champion(client, "m") is None
+    assert aliases.promote(client, "m", "3") is None
+    assert aliases.champion(client, "m") == "3"
+
+
+def test_the_champion_read_tells_a_missing_alias_from_a_failure(client: MlflowClient) -> None:
+    assert registry.champion_version(client, "m") is None
+    assert registry.champion_version(client, "no-such-model") is None
+    client.set_registered_model_alias("m", registry.CHAMPION, "1")
+    assert registry.champion_version(client, "m") == "1"
+    with pytest.raises(registry.MlflowException):  # an invalid name is not "no champion"
+        registry.champion_version(client, "")
+
+
+def test_a_password_in_an_error_is_scrubbed() -> None:
+    text = "API request to https://alice:s3@cret@mlflow.example:5000/api failed; see http://h/x"
+    assert registry._scrub(text) == ("API request to https://alice@mlflow.example:5000/api "
+                                     "failed; see http://h/x")

@@ -173,7 +173,7 @@ def test_models_lists_version_1_as_champion(project: Path) -> None:
     result = ok("models")
     row = next(line for line in result.output.splitlines() if "champion" in line)
     assert row.split()[1] == "1", row  # the first cell after the table border
-    assert "default" in row  # the preset tag
+    assert "mlp" in row  # the preset tag
 
 
 def test_promote_then_rollback(project: Path, client: MlflowClient) -> None:

@@ -214,9 +214,13 @@ def _watch(parent: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
     watched: dict[int, dict[str, Any]] = {}
     buffer = b""
-    while os.getppid() == parent:  # a fork of the parent may hold the pipe: check the parent too
+    while True:
         ready, _, _ = select.select([0], [], [], 1.0)
         if not ready:
+            # A fork of the parent may hold the pipe open: check the parent too, but only once
+            # the pipe is drained, or a registration sent just before the parent died is lost.
+            if os.getppid() != parent:
+                break
             continue
         chunk = os.read(0, 65536)
         if not chunk:

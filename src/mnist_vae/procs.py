@@ -63,6 +63,19 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (zombies do not count)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any live process is left in process group ``pgid``."""
     if not Path("/proc/self/stat").exists():  # not Linux: zombies count as alive there

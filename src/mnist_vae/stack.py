@@ -639,8 +639,16 @@ class Stack:
         popen = proc.popen
         pg_ctl_error = None
         if how == "kill":
+            # PostgreSQL's backends lead process groups of their own: kill them by parent first,
+            # or they keep the shared memory and the next postmaster refuses to start.
+            backends = procs.children(popen.pid) if part == "postgres" else []
+            for pid in backends:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             procs.signal_group(popen.pid, signal.SIGKILL)
             clean = procs.wait_group(popen.pid, 10.0, popen)
+            for pid in backends:
+                procs.wait_group(pid, 10.0)
         elif part == "postgres":
             procs.signal_group(popen.pid, signal.SIGCONT)  # a paused postmaster cannot answer pg_ctl
             pg_ctl_error = self._run_pg_ctl_stop("immediate" if how == "immediate" else "fast", popen)

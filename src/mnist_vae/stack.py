@@ -649,6 +649,10 @@ class Stack:
             clean = procs.wait_group(popen.pid, 10.0, popen)
             for pid in backends:
                 procs.wait_group(pid, 10.0)
+            # Reap the leader: a killed postmaster left a zombie would still "own" postmaster.pid,
+            # and the next one would refuse to start.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=10.0)
         elif part == "postgres":
             procs.signal_group(popen.pid, signal.SIGCONT)  # a paused postmaster cannot answer pg_ctl
             pg_ctl_error = self._run_pg_ctl_stop("immediate" if how == "immediate" else "fast", popen)

@@ -49,31 +49,28 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def group_members(pgid: int) -> list[int]:
-    """The live processes of process group ``pgid``; zombies (dead, not yet reaped) do not count."""
-    members = []
+def _live_processes() -> list[tuple[int, int, int]]:
+    """``(pid, parent pid, process group)`` of every live process; zombies do not count."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             # The command name (field 2) may hold spaces and parentheses: split after the last ")".
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(stat.parent.name))
-    return members
+        if fields[0] != "Z":
+            found.append((int(stat.parent.name), int(fields[1]), int(fields[2])))
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``; zombies (dead, not yet reaped) do not count."""
+    return [pid for pid, _, group in _live_processes() if group == pgid]
 
 
 def children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (zombies do not count)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+    return [child for child, parent, _ in _live_processes() if parent == pid]
 
 
 def group_alive(pgid: int) -> bool:

@@ -71,7 +71,7 @@ def test_two_trainings_with_one_seed_have_distinct_names(dvc_project) -> None:
     names = [r.info.run_name for r in new]
     assert names[0] != names[1], names
     for name in names:  # <preset>-<params hash>-<time>-<random>
-        assert re.fullmatch(r"default-[0-9a-f]{7}-\d{4}-\d{6}-[0-9a-f]{4}", name), name
+        assert re.fullmatch(r"mlp-[0-9a-f]{7}-\d{4}-\d{6}-[0-9a-f]{4}", name), name
     assert names[0].split("-")[1] == names[1].split("-")[1]  # same params, same hash
 
 
@@ -89,11 +89,11 @@ def _exp_show(root: Path, env: dict[str, str]) -> dict[str, dict]:
 
 def test_dvc_exp_run_names_the_mlflow_run(dvc_project) -> None:
     root, env = dvc_project
-    out = _run(["dvc", "exp", "run", "-S", "train.lr=0.002", "-n", "lr-2e-3"], root, env).stdout
-    assert "lr-2e-3" in out
-    run = next(r for r in _runs(root) if r.info.run_name == "lr-2e-3")
-    assert run.data.tags["dvc.exp_name"] == "lr-2e-3"
-    assert run.data.params["train.lr"] == "0.002"
+    out = _run(["dvc", "exp", "run", "-S", "train.lr=0.0025", "-n", "lr-25e-4"], root, env).stdout
+    assert "lr-25e-4" in out
+    run = next(r for r in _runs(root) if r.info.run_name == "lr-25e-4")
+    assert run.data.tags["dvc.exp_name"] == "lr-25e-4"
+    assert run.data.params["train.lr"] == "0.0025"
     assert "test_neg_elbo" in run.data.metrics
 
 

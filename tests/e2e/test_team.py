@@ -103,7 +103,8 @@ def test_pipeline_logs_and_registers_through_the_stack(team) -> None:
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     assert len(client.get_metric_history(run.info.run_id, "val_neg_elbo")) == 2
     figures = {f.path for f in client.list_artifacts(run.info.run_id, "figures")}
-    assert figures == {"figures/reconstructions.png", "figures/samples.png", "figures/traversal.png"}
+    assert figures == {f"figures/{name}.png" for name in
+                       ("reconstructions", "samples", "traversal", "latent")}
     version = client.get_model_version_by_alias("mnist-vae", "champion")
     assert str(version.version) == "1"
     # The artifacts are objects in the bucket itself, not files on the server's disk.

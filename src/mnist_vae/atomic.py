@@ -61,7 +61,7 @@ def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], o
     return Path(path)
 
 
-def _is_no_space(exc: BaseException) -> bool:
+def _is_no_space(exc: BaseException | None) -> bool:
     # torch.save reports a short write as a RuntimeError ("unexpected pos ..."), chaining the
     # OSError of the file object; follow the chain to the errno.
     seen = set()

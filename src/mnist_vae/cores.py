@@ -89,7 +89,7 @@ class CoreShare:
     def __init__(self) -> None:
         self.folder = registry_folder()
         self.entry = self.folder / f"{os.getpid()}-{secrets.token_hex(4)}.training"
-        self._fd = os.open(self.entry, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd: int | None = os.open(self.entry, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def live(self) -> int:

@@ -30,7 +30,7 @@ class Evaluation:
     @property
     def hardest_digits(self) -> list[int]:
         """Digits ordered from the worst reconstructed to the best."""
-        return sorted(self.per_digit_mse, key=self.per_digit_mse.get, reverse=True)
+        return sorted(self.per_digit_mse, key=lambda digit: self.per_digit_mse[digit], reverse=True)
 
     def to_json(self) -> dict:
         """The shape written to metrics.json (``dvc metrics show`` flattens the nesting)."""

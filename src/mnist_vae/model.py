@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,6 @@ class VAE(nn.Module):
         super().__init__()
         self.arch = arch
         if arch.kind == "conv":
-            assert arch.activation is not None, "the conv preset needs an activation"
             self.encoder: nn.Module = _ConvEncoder(arch)
             self.decoder: nn.Module = _ConvDecoder(arch)
             # Channels-last lets oneDNN run the convolutions without reordering every batch:
@@ -198,7 +197,7 @@ def loss_terms(model: nn.Module, x: torch.Tensor, iw_samples: int = 1) -> LossTe
     ``model`` may be a :class:`VAE` or a DistributedDataParallel wrapper of one: the forward pass
     goes through ``model(...)`` so that DDP sees it.
     """
-    vae: VAE = getattr(model, "module", model)
+    vae = cast(VAE, getattr(model, "module", model))
     out, mu, logvar, eps = model(x, iw_samples)
     if iw_samples > 1:
         return _iwae_terms(vae, x, out, mu, logvar, eps)
@@ -265,13 +264,20 @@ class _Residual(nn.Module):
     def __init__(self, channels: int, activation: str) -> None:
         super().__init__()
         act = _ACTIVATIONS[activation]
-        self.body = nn.Sequential(act(), nn.Conv2d(channels, channels, 3, padding=1),
-                                  act(), nn.Conv2d(channels, channels, 3, padding=1))
-        nn.init.zeros_(self.body[-1].weight)
-        nn.init.zeros_(self.body[-1].bias)
+        first = nn.Conv2d(channels, channels, 3, padding=1)
+        last = nn.Conv2d(channels, channels, 3, padding=1)
+        assert last.bias is not None
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.body = nn.Sequential(act(), first, act(), last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+def _conv_activation(arch: Architecture) -> str:
+    assert arch.activation is not None, "the conv preset needs an activation"
+    return arch.activation
 
 
 def _side(arch: Architecture) -> int:
@@ -284,12 +290,13 @@ class _ConvEncoder(nn.Module):
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
-        act = _ACTIVATIONS[arch.activation]
+        activation = _conv_activation(arch)
+        act = _ACTIVATIONS[activation]
         layers: list[nn.Module] = []
         width = 1
         for channels in arch.channels:
             layers += [nn.Conv2d(width, channels, 3, stride=2, padding=1), act()]
-            layers += [_Residual(channels, arch.activation) for _ in range(arch.blocks)]
+            layers += [_Residual(channels, activation) for _ in range(arch.blocks)]
             width = channels
         features = width * _side(arch) ** 2
         layers.append(nn.Flatten())
@@ -312,7 +319,8 @@ class _ConvDecoder(nn.Module):
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
-        act = _ACTIVATIONS[arch.activation]
+        activation = _conv_activation(arch)
+        act = _ACTIVATIONS[activation]
         widths = list(reversed(arch.channels))
         side = _side(arch)
         head: list[nn.Module] = []
@@ -325,7 +333,7 @@ class _ConvDecoder(nn.Module):
         self.shape = (widths[0], side, side)
         body: list[nn.Module] = []
         for i, channels in enumerate(widths):
-            body += [_Residual(channels, arch.activation) for _ in range(arch.blocks)]
+            body += [_Residual(channels, activation) for _ in range(arch.blocks)]
             if arch.blocks:
                 body.append(act())
             out = widths[i + 1] if i + 1 < len(widths) else 1

@@ -55,9 +55,9 @@ def _read_grey(path: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.draft("L", (_WORKING_SIDE, _WORKING_SIDE))  # JPEG decodes at reduced size
-                img = ImageOps.exif_transpose(img)
+            with Image.open(path) as opened:
+                opened.draft("L", (_WORKING_SIDE, _WORKING_SIDE))  # JPEG decodes at reduced size
+                img = ImageOps.exif_transpose(opened)
                 img.thumbnail((_WORKING_SIDE, _WORKING_SIDE))
                 if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                     rgba = img.convert("RGBA")

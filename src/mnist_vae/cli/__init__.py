@@ -1,0 +1,55 @@
+"""The ``mnist-vae`` command line: one thin command per library function.
+
+Pipeline commands (``download``, ``train``, ``run``) call :mod:`mnist_vae.stages`, the same functions
+that ``dvc repro`` and ``MLproject`` run. The others load a model through
+:func:`mnist_vae.registry.load_vae` and call :mod:`mnist_vae.evaluate`, :mod:`mnist_vae.preprocess`
+or :mod:`mnist_vae.aliases`. Failures a user can fix end with one line ``error: ...`` on stderr and
+exit code 1, never a traceback.
+
+Each module of this package holds one group of commands; this one names them, in the order that
+``mnist-vae --help`` lists them, and gives each the one-line error handling.
+"""
+
+from collections.abc import Callable
+
+import typer
+
+from mnist_vae.cli import bench, evaluation, images, pipeline, registry, stack
+from mnist_vae.cli.common import reports_errors, setup_logging
+
+COMMANDS: dict[str, Callable[..., None]] = {
+    "download": pipeline.download,
+    "train": pipeline.train,
+    "run": pipeline.run,
+    "evaluate": evaluation.evaluate,
+    "compare": evaluation.compare,
+    "reconstruct": images.reconstruct,
+    "sample": images.sample,
+    "models": registry.models,
+    "promote": registry.promote,
+    "rollback": registry.rollback,
+    "bench": bench.bench,
+    "profile": pipeline.profile,
+    "tune": pipeline.tune,
+    "stack": stack.stack,
+    "serve-bench": bench.serve_bench,
+    "score": images.score,
+}
+
+app = typer.Typer(
+    name="mnist-vae",
+    help="Train, evaluate and use a variational autoencoder on MNIST, tracked with MLflow.\n\n"
+    "Example: mnist-vae run --set train.epochs=5",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def _main() -> None:
+    setup_logging()
+
+
+for _name, _command in COMMANDS.items():
+    app.command(_name)(reports_errors(_command))

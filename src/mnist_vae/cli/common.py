@@ -1,0 +1,86 @@
+"""What the command modules share: the one-line error handling, logging, options, models, spinners.
+
+Commands import torch and mlflow only when they run, so that ``mnist-vae --help`` answers at once.
+"""
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.status import Status
+
+from mnist_vae.config import Params
+from mnist_vae.errors import UserError
+from mnist_vae.runner import one_line
+
+if TYPE_CHECKING:
+    from mnist_vae.model import VAE
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="Params file, sectioned by stage.")]
+DataOption = Annotated[Path, typer.Option("--data", help="The MNIST .npz that `mnist-vae download` writes.")]
+
+
+def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Ends a command's user-fixable failures with ``error: <one line>`` and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+def fail(message: str) -> NoReturn:
+    """Ends the command with ``error: <message on one line>`` on stderr and exit code 1."""
+    # typer.echo, not rich: rich would wrap a long message over several lines.
+    typer.echo(f"error: {one_line(message)}", err=True)
+    raise typer.Exit(code=1)
+
+
+def setup_logging() -> None:
+    """Shows the library's progress lines (one per epoch when stderr is not a terminal).
+
+    Like ``logging.basicConfig``, it leaves alone a process whose logging is already set up (an
+    embedding program, pytest), and it touches only this package's logger, not MLflow's.
+    """
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("mnist_vae")
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    logger.addHandler(RichHandler(console=Console(stderr=True), show_time=False, show_path=False))
+    logger.setLevel(logging.INFO)
+
+
+def busy(message: str) -> Status:
+    """A spinner on stderr for work that takes seconds (nothing is drawn off a terminal)."""
+    return Console(stderr=True).status(message)
+
+
+def load_model(reference: str) -> "VAE":
+    """The model behind a registry reference, a run's model or a weights file."""
+    from mnist_vae import registry, tracking
+
+    # A local weights file needs no tracking store, so a server that is down must not stop it; this
+    # mirrors how load_vae tells references apart.
+    if "://" in reference or reference.startswith(("models:/", "runs:/")):
+        tracking.configure()
+    with busy(f"loading {reference}"):
+        return registry.load_vae(reference)
+
+
+def default_model(params: Params, reference: str | None) -> str:
+    """``reference``, else the champion of mlflow.registered_model."""
+    from mnist_vae.registry import CHAMPION
+
+    return reference or f"models:/{params.mlflow.registered_model}@{CHAMPION}"

@@ -1,0 +1,198 @@
+"""Commands that train: the pipeline's stages (``download``, ``train``, ``run``), the named profiles of
+params, and the hyperparameter search (``tune``)."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mnist_vae.cli.common import DataOption, ParamsOption, busy, fail
+from mnist_vae.cli.evaluation import metrics_table
+from mnist_vae.config import Params, load_params
+from mnist_vae.paths import Paths
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a param for this run, the value read as YAML, e.g. --set train.epochs=3 (repeatable).",
+        show_default=False,
+    ),
+]
+ProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        help="Apply a named profile's overrides first (`mnist-vae profile` lists them); --set still wins.",
+        show_default=False,
+    ),
+]
+
+
+def _params(path: Path, overrides: list[str] | None, profile: str | None = None) -> Params:
+    """The params file with the profile's overrides, then ``--set``'s, applied."""
+    if profile is not None:
+        from mnist_vae.profiles import PROFILES
+
+        if profile not in PROFILES:
+            fail(f"--profile: unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
+        overrides = [*PROFILES[profile], *(overrides or ())]
+    return load_params(path, overrides or ())
+
+
+def download(
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data/mnist.npz"),
+    overrides: SetOption = None,
+) -> None:
+    """Fetch MNIST from the mirrors in data.mirrors, verify its SHA-256 and write one .npz.
+
+    $MNIST_MIRRORS (comma-separated) replaces the configured mirrors.
+
+    Example: mnist-vae download --data data/mnist.npz
+    """
+    from mnist_vae.stages import download as stage
+
+    out = stage.run(_params(params, overrides), Paths(data=data))
+    Console().print(f"wrote {out}")
+
+
+def train(
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data/mnist.npz"),
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Train the VAE as the train stage does, logging the run to MLflow.
+
+    Writes models/model.pt, models/run.json and reports/train_history.csv.
+
+    Example: mnist-vae train --set train.epochs=3 --set model.latent=16
+    """
+    from mnist_vae import tracking
+    from mnist_vae.stages import train as stage
+
+    resolved = _params(params, overrides, profile)
+    tracking.configure()
+    run_id = stage.run(resolved, Paths(data=data))
+    Console().print(f"trained: MLflow run {run_id}, weights in {Paths().model}")
+
+
+def run(
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data/mnist.npz"),
+    overrides: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """The whole pipeline: download (only when the dataset is missing), train, evaluate, register.
+
+    The new model version becomes champion when it beats the current one on the test set.
+
+    Example: mnist-vae run --set train.epochs=5 --set model.hidden=[256,128]
+    """
+    from mnist_vae import tracking
+    from mnist_vae.stages import download, evaluate, train
+
+    resolved = _params(params, overrides, profile)
+    tracking.configure()  # an unreachable server fails now, not after the download
+    paths = Paths(data=data)
+    console = Console()
+    if data.is_file():
+        console.print(f"dataset {data} present; not downloading (`mnist-vae download` refetches)")
+    else:
+        download.run(resolved, paths)
+    run_id = train.run(resolved, paths)
+    with busy("evaluating and registering"):
+        evaluation = evaluate.run(resolved, paths)
+    console.print(f"test metrics of MLflow run {run_id}:")
+    console.print(metrics_table(evaluation))
+
+
+def profile(
+    name: Annotated[
+        str | None, typer.Argument(help="A profile; none lists them all.", show_default=False)
+    ] = None,
+) -> None:
+    """Print a profile's overrides as `dvc exp run` arguments, or list the profiles.
+
+    Example: dvc exp run $(mnist-vae profile burda2015-iwae)
+    """
+    from mnist_vae.profiles import PROFILES, dvc_arguments
+
+    if name is None:
+        for known, items in PROFILES.items():
+            typer.echo(f"{known}: {' '.join(items)}")
+        return
+    if name not in PROFILES:
+        fail(f"unknown profile {name!r}; expected one of {', '.join(PROFILES)}")
+    typer.echo(dvc_arguments(name))
+
+
+def tune(
+    trials: Annotated[
+        int,
+        typer.Option(
+            "--trials", min=1, help="Trials in the study, in total over every process that works on it."
+        ),
+    ] = 20,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="Trials at once on this machine (processes; train.threads auto shares the cores).",
+        ),
+    ] = 1,
+    space: Annotated[Path, typer.Option("--space", help="The search space file.")] = Path(
+        "search_space.yaml"
+    ),
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Optuna storage URL shared by several machines, e.g. "
+            "postgresql+psycopg://user@host/optuna. Better: set it in $MNIST_VAE_TUNE_STORAGE, so that a "
+            "password is not on the command line. Default: that variable, else the journal file "
+            ".tune/STUDY.journal (this machine's processes).",
+            show_default=False,
+        ),
+    ] = None,
+    study: Annotated[
+        str, typer.Option("--study", help="Study name; an existing study is continued.")
+    ] = "mnist-vae",
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data/mnist.npz"),
+    overrides: SetOption = None,
+) -> None:
+    """Search hyperparameters with Optuna (TPE, pruning on the validation negative ELBO).
+
+    Each trial is an MLflow child run of one parent run; the best trial is printed as `dvc exp run`
+    arguments, to reproduce and commit it through the pipeline.
+
+    Example: mnist-vae tune --trials 20 --jobs 2 --set train.limit=20000
+    """
+    from mnist_vae.tune import TuneSettings
+    from mnist_vae.tune import tune as run_search
+
+    settings = TuneSettings(
+        space_file=space,
+        params_file=params,
+        data=data,
+        trials=trials,
+        jobs=jobs,
+        storage=storage,
+        study=study,
+        overrides=tuple(overrides or ()),
+    )
+    result = run_search(settings)
+    typer.echo(
+        f"study {study}: {result.trials} trials ({result.pruned} pruned), MLflow parent run "
+        f"{result.parent_run_id}"
+    )
+    typer.echo(
+        f"best validation neg. ELBO {result.best_value:.2f} with "
+        + ", ".join(f"{k}={v}" for k, v in result.best_params.items())
+    )
+    typer.echo(f"reproduce: dvc exp run {result.dvc_args}")

@@ -104,8 +104,12 @@ def wait_group(pgid: int, timeout: float, leader: subprocess.Popen | None = None
         time.sleep(0.05)
 
 
-def stop_group(pgid: int, leader: subprocess.Popen | None = None, grace: float = GRACE_SECONDS,
-               first: signal.Signals = signal.SIGTERM) -> bool:
+def stop_group(
+    pgid: int,
+    leader: subprocess.Popen | None = None,
+    grace: float = GRACE_SECONDS,
+    first: signal.Signals = signal.SIGTERM,
+) -> bool:
     """Sends ``first`` to group ``pgid`` (resuming it, should it be paused), then SIGKILL to what is
     left after ``grace`` seconds; returns whether it stopped without the SIGKILL."""
     signal_group(pgid, first)
@@ -122,16 +126,65 @@ def stop_group(pgid: int, leader: subprocess.Popen | None = None, grace: float =
     return clean
 
 
-def start(argv: Sequence[str], *, log: IO[bytes] | int | None = subprocess.DEVNULL,
-          env: dict[str, str] | None = None, cwd: Path | None = None,
-          watchdog: Watchdog | None = None, **popen: Any) -> subprocess.Popen[bytes]:
-    """Starts ``argv`` as the leader of a new process group (and session), its output to ``log``,
-    and registers the group with ``watchdog``, which stops it should this process die first."""
-    process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
-                               stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
-                               **popen)
+def kill_group(
+    pgid: int, leader: subprocess.Popen | None = None, *, children_first: bool = False, timeout: float = 10.0
+) -> bool:
+    """SIGKILLs group ``pgid`` and waits up to ``timeout`` for it to go, reaping ``leader``; returns
+    whether the group was gone in time. ``children_first``: the leader's children are killed first
+    and waited for too, for a server whose workers lead groups of their own (PostgreSQL's backends,
+    which would otherwise keep its shared memory and make the next postmaster refuse to start)."""
+    orphans = children(pgid) if children_first else []
+    for pid in orphans:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    signal_group(pgid, signal.SIGKILL)
+    clean = wait_group(pgid, timeout, leader)
+    for pid in orphans:
+        wait_group(pid, timeout)
+    if leader is not None:
+        # A killed leader left a zombie still "owns" what it held (a postmaster its postmaster.pid).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            leader.wait(timeout=timeout)
+    return clean
+
+
+def run_as(uid: int | None, gid: int | None = None) -> dict[str, Any]:
+    """The ``subprocess`` arguments that run a child as ``uid``:``gid`` with no supplementary groups;
+    none (the child runs as this process) when ``uid`` is None."""
+    if uid is None:
+        return {}
+    return {"user": uid, "group": gid, "extra_groups": []}
+
+
+def start(
+    argv: Sequence[str],
+    *,
+    log: IO[bytes] | int | None = subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    watchdog: Watchdog | None = None,
+    stop: Sequence[str] | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    remove: Sequence[Path] = (),
+    **popen: Any,
+) -> subprocess.Popen[bytes]:
+    """Starts ``argv`` (as ``uid``:``gid``, if given) as the leader of a new process group (and
+    session), its output to ``log``, and registers the group with ``watchdog``, which stops it
+    should this process die first (see :meth:`Watchdog.watch` for ``stop`` and ``remove``)."""
+    process = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        **run_as(uid, gid),
+        **popen,
+    )
     if watchdog is not None:
-        watchdog.watch(process.pid)
+        watchdog.watch(process.pid, stop, uid=uid, gid=gid, remove=remove)
     return process
 
 
@@ -154,8 +207,12 @@ class Watchdog:
         read, write = os.pipe()  # both ends non-inheritable: no server holds the write end open
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "mnist_vae.procs", str(os.getpid())], stdin=read,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [sys.executable, "-m", "mnist_vae.procs", str(os.getpid())],
+                stdin=read,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             os.close(read)
         self._pipe: IO[str] | None = os.fdopen(write, "w", buffering=1)
@@ -164,13 +221,27 @@ class Watchdog:
     def pid(self) -> int:
         return self._process.pid
 
-    def watch(self, pgid: int, stop: Sequence[str] | None = None, *, uid: int | None = None,
-              gid: int | None = None, remove: Sequence[Path] = ()) -> None:
+    def watch(
+        self,
+        pgid: int,
+        stop: Sequence[str] | None = None,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        remove: Sequence[Path] = (),
+    ) -> None:
         """Registers group ``pgid``: should this process die, the watchdog runs ``stop`` (as
         ``uid``/``gid``; e.g. ``pg_ctl stop``) or sends SIGTERM, SIGKILLs what is left after a
         grace period, then removes the ``remove`` folders."""
-        self._send({"watch": pgid, "stop": list(stop) if stop else None, "uid": uid, "gid": gid,
-                    "remove": [str(path) for path in remove]})
+        self._send(
+            {
+                "watch": pgid,
+                "stop": list(stop) if stop else None,
+                "uid": uid,
+                "gid": gid,
+                "remove": [str(path) for path in remove],
+            }
+        )
 
     def forget(self, pgid: int) -> None:
         """Unregisters a group this process stopped itself."""
@@ -205,16 +276,19 @@ def _stop_watched(pgid: int, spec: dict[str, Any]) -> None:
         return
     if spec["stop"]:
         try:
-            subprocess.run(spec["stop"], stdin=subprocess.DEVNULL, timeout=GRACE_SECONDS,
-                           check=False, user=spec["uid"], group=spec["gid"],
-                           extra_groups=[] if spec["uid"] is not None else None)
+            subprocess.run(
+                spec["stop"],
+                stdin=subprocess.DEVNULL,
+                timeout=GRACE_SECONDS,
+                check=False,
+                **run_as(spec["uid"], spec["gid"]),
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             print(f"watchdog: {spec['stop'][0]} failed: {exc}", file=sys.stderr, flush=True)
     if stop_group(pgid):
         print(f"watchdog: stopped process group {pgid}", file=sys.stderr, flush=True)
     else:
-        print(f"watchdog: killed process group {pgid} after {GRACE_SECONDS:g} s", file=sys.stderr,
-              flush=True)
+        print(f"watchdog: killed process group {pgid} after {GRACE_SECONDS:g} s", file=sys.stderr, flush=True)
 
 
 def _watch(parent: int) -> None:

@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 # Stage commands in dvc.yaml say `python`: the venv's, whatever the caller's PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-fast lint clean
+.PHONY: install repro test test-fast lint docs docs-build clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ test-fast: install  ## unit tests only (tests/unit: no real processes, under 30 
 
 lint: install
 	ruff check src tests pipeline
+
+docs: install  ## the docs site on http://127.0.0.1:8000, rebuilt on every save
+	mkdocs serve
+
+docs-build: install  ## the docs site into site/; a broken link or a page missing from the nav fails it
+	mkdocs build --strict
 
 clean:  ## pipeline outputs and the embedded MLflow store (not the DVC cache)
 	rm -rf data models reports metrics.json mlflow.db mlruns mlartifacts

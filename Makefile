@@ -26,8 +26,10 @@ test: install  ## the whole test suite, end-to-end runs included
 test-fast: install  ## unit tests only (tests/unit: no real processes, under 30 s on 2 cores)
 	pytest tests/unit
 
-lint: install
+lint: install  ## what CI and the pre-commit hooks check: ruff's lint rules and format, mypy on src/
 	ruff check src tests pipeline
+	ruff format --check src tests pipeline
+	mypy
 
 docs: install  ## the docs site on http://127.0.0.1:8000, rebuilt on every save
 	mkdocs serve

@@ -1,7 +1,7 @@
 """Sharing a machine's cores between trainings that run at the same time.
 
 torch uses every core by default; two trainings on a 2-core machine then fight over both and run
-slower together than one after the other (measured in README, "Many experiments"). With
+slower together than one after the other (measured in docs/experiments.md). With
 ``train.threads: auto`` each training registers itself in a folder shared by all processes of this
 user and, at every epoch's start, takes its share: ``cores // live trainings``, at least one thread.
 A training that started alone thus gives up cores when a second one starts, and takes them back when

@@ -1,4 +1,5 @@
-"""Bad input at every boundary (README's table): the message, the exit code, and nothing lost.
+"""Bad input at every boundary (the table in docs/pipeline.md): the message, the exit code, and
+nothing lost.
 
 A finished tiny project (data, a trained and registered model, metrics, figures, an MLflow store) is
 made once; each case feeds one kind of bad input to the command a user would run and checks the

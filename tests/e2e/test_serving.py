@@ -135,7 +135,7 @@ def test_bad_input_is_a_400_and_the_server_keeps_answering(
     server: str, batch: Callable, body: object, expected: str
 ) -> None:
     response = _post(server, body, raw=isinstance(body, str))
-    assert response.status_code == 400, response.text  # README promises 400
+    assert response.status_code == 400, response.text  # docs/serving.md promises 400
     assert expected in response.text, response.text
     assert _post(server, {"inputs": batch(1).tolist()}).status_code == 200
 

@@ -88,7 +88,7 @@ def run(
 ) -> None:
     """The whole pipeline: download (only when the dataset is missing), train, evaluate, register.
 
-    The new model version becomes champion when it beats the current one on the test set.
+    The new model version becomes champion when it beats the current one on the validation split.
 
     Example: mnist-vae run --set train.epochs=5 --set model.hidden=[256,128]
     """

@@ -146,10 +146,10 @@ def test_api_recovers_after_postgres_goes_down(team_stack: Stack, logged_run: di
                                                fault: str) -> None:
     before = team_stack.pids["postgres"]
     if fault == "restart":
-        team_stack.restart_postgres()  # as `pg_ctl restart -m fast`
+        team_stack.part("postgres").restart()  # as `pg_ctl restart -m fast`
     else:
-        team_stack.kill_postgres()  # SIGKILL to the postmaster and every backend
-        team_stack.start_postgres()  # crash recovery from the write-ahead log
+        team_stack.part("postgres").kill()  # SIGKILL to the postmaster and every backend
+        team_stack.part("postgres").start()  # crash recovery from the write-ahead log
     assert team_stack.pids["postgres"] != before
     run, tries = _until_ok(lambda: _get(team_stack, f"{API}/runs/get", _admin(team_stack),
                                         run_id=logged_run["run_id"]))
@@ -163,10 +163,10 @@ def test_api_recovers_after_postgres_goes_down(team_stack: Stack, logged_run: di
 def test_tracking_server_killed_and_started_again_keeps_runs_and_users(
     team_stack: Stack, logged_run: dict[str, str]
 ) -> None:
-    team_stack.kill_mlflow()
+    team_stack.part("mlflow").kill()
     with pytest.raises(requests.ConnectionError):
         _get(team_stack, "/health", None)
-    team_stack.start_mlflow()
+    team_stack.part("mlflow").start()
     run = _get(team_stack, f"{API}/runs/get", _admin(team_stack), run_id=logged_run["run_id"])
     assert run.status_code == 200, run.text
     password = team_stack.create_user("after-restart")
@@ -192,12 +192,12 @@ def test_paused_s3_stalls_uploads_and_keeps_its_objects(team_stack: Stack,
 def test_artifact_upload_fails_while_s3_is_down_and_works_after(team_stack: Stack,
                                                                  logged_run: dict[str, str]) -> None:
     path = f"{ARTIFACTS}/{logged_run['experiment_id']}/{logged_run['run_id']}/artifacts/during.txt"
-    team_stack.kill_s3()
+    team_stack.part("s3").kill()
     try:
         down = requests.put(team_stack.tracking_uri + path, data=b"x", auth=_admin(team_stack), timeout=120)
         assert down.status_code >= 500, down.text
     finally:
-        team_stack.start_s3()  # moto keeps objects in memory: the bucket comes back empty
+        team_stack.part("s3").start()  # moto keeps objects in memory: the bucket comes back empty
     up = requests.put(team_stack.tracking_uri + path, data=b"x", auth=_admin(team_stack), timeout=60)
     assert up.status_code == 200, up.text
     keys = [o["Key"] for o in team_stack.s3_client().list_objects_v2(Bucket=team_stack.bucket)["Contents"]]

@@ -222,10 +222,10 @@ def test_tracking_server_killed_mid_training_loses_no_metric(team) -> None:
     for line in process.stderr:
         seen.append(line)
         if f"epoch 2/{epochs}" in line:
-            team.stack.kill_mlflow()
+            team.stack.part("mlflow").kill()
             break
     time.sleep(2)
-    team.stack.start_mlflow()
+    team.stack.part("mlflow").start()
     rest, more = process.communicate(timeout=600)
     team.printed += [rest, "".join(seen), more]
     if process.returncode != 0:  # the server came back too late: one line, then resume
@@ -239,7 +239,7 @@ def test_tracking_server_killed_mid_training_loses_no_metric(team) -> None:
 
 
 def test_postgres_restarted_while_the_server_runs(team) -> None:
-    team.stack.restart_postgres()
+    team.stack.part("postgres").restart()
     assert "champion" in team.run(["mnist-vae", "models"], "alice").stdout
 
 
@@ -254,11 +254,11 @@ def test_s3_down_when_the_model_is_logged(team) -> None:
     objects = {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
                for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
                for o in page.get("Contents", [])}
-    team.stack.kill_s3()
+    team.stack.part("s3").kill()
     try:
         failed = team.run([sys.executable, "pipeline/evaluate.py"], "alice", ok=False)
     finally:
-        team.stack.start_s3()
+        team.stack.part("s3").start()
         s3 = team.stack.s3_client()
         for key, body in objects.items():
             s3.put_object(Bucket=bucket, Key=key, Body=body)

@@ -18,10 +18,9 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from mnist_vae import procs
 from mnist_vae.stack import postgres
@@ -36,22 +35,6 @@ PARTS: tuple[Part, ...] = ("postgres", "s3", "mlflow")
 _S = TypeVar("_S", bound=Server)
 
 
-def _part_methods(part: Part) -> tuple[Callable[..., None], ...]:
-    """``start``, ``stop``, ``kill`` and ``restart`` of ``part`` as methods of :class:`Stack`:
-    ``stack.kill_s3(*args)`` calls ``stack.part("s3").kill(*args)``."""
-
-    def method_for(action: str) -> Callable[..., None]:
-        def method(stack: Stack, *args: Any) -> None:
-            getattr(stack.part(part), action)(*args)
-
-        method.__name__ = f"{action}_{part}"
-        method.__qualname__ = f"Stack.{method.__name__}"
-        method.__doc__ = f"Calls :meth:`{action}` of the {part} part (see :meth:`Stack.part`)."
-        return method
-
-    return tuple(method_for(action) for action in ("start", "stop", "kill", "restart"))
-
-
 class Stack:
     """PostgreSQL, S3 (moto) and an MLflow server with basic auth, for as long as the ``with`` block runs.
 
@@ -59,8 +42,8 @@ class Stack:
 
         with Stack(tmp_path) as stack:
             env = stack.env()                # MLFLOW_TRACKING_URI, admin credentials, S3 endpoint...
-            stack.kill_postgres()            # a fault...
-            stack.start_postgres()           # ...and the recovery
+            stack.part("postgres").kill()    # a fault...
+            stack.part("postgres").start()   # ...and the recovery
 
     Args:
         workdir: Where the logs and the auth config go; kept after the stack stops. ``None``: a
@@ -321,12 +304,6 @@ class Stack:
     def part(self, name: Part) -> Server:
         """One part of the running stack, to start, stop, kill, restart, pause or resume on its own."""
         return _started({"postgres": self._postgres, "s3": self._s3, "mlflow": self._mlflow}[name])
-
-    # stack.kill_s3() is stack.part("s3").kill(), and so on; PostgreSQL's stop and restart take
-    # pg_ctl's mode ("fast" or "immediate").
-    start_postgres, stop_postgres, kill_postgres, restart_postgres = _part_methods("postgres")
-    start_s3, stop_s3, kill_s3, restart_s3 = _part_methods("s3")
-    start_mlflow, stop_mlflow, kill_mlflow, restart_mlflow = _part_methods("mlflow")
 
     def _servers(self) -> list[Server]:
         """The parts, in start order, from the stack's start to its stop."""

@@ -13,23 +13,26 @@ it.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast, get_args
 
 import numpy as np
 import torch
 
-from mnist_vae.config import EvaluateConfig, ModelConfig, TrainConfig
+from mnist_vae.benchmarks import EXPERIMENT, BenchmarkResult, log_run, machine, print_tables, table
+from mnist_vae.benchmarks import write_json as write_json  # the CLI writes the result through this module
+from mnist_vae.config import Device, EvaluateConfig, ModelConfig, TrainConfig
 from mnist_vae.data import MnistData
 from mnist_vae.evaluate import evaluate_model
-from mnist_vae.model import N_PIXELS, build_model, loss_terms
+from mnist_vae.model import N_PIXELS, VAE, build_model, loss_terms
 from mnist_vae.train import resolve_device, train_epochs
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass
@@ -52,7 +55,16 @@ class BenchSettings:
     windows: int = 3  # timed windows after one warm-up window of the same size
     target_neg_elbo: float = 100.0  # row (d)
     max_epochs_d: int = 30
-    device: str = "auto"
+    device: str = "auto"  # train.device: auto, cpu or cuda
+
+    def __post_init__(self) -> None:
+        if self.device not in get_args(Device):
+            raise ValueError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def train_device(self) -> Device:
+        """``device`` as ``train.device`` takes it (checked on construction)."""
+        return cast(Device, self.device)
 
     @property
     def budget(self) -> int:
@@ -60,8 +72,14 @@ class BenchSettings:
         return self.chunk * (self.windows + 1)
 
 
+class BenchResult(BenchmarkResult):
+    """What :func:`run_benchmark` returns and the JSON holds; ``rows`` are :class:`BenchRow` as dicts."""
+
+    rows: list[dict[str, Any]]
+
+
 @torch.no_grad()
-def _fixed_loss(model, images: np.ndarray, device: torch.device) -> float:
+def _fixed_loss(model: VAE, images: np.ndarray, device: torch.device) -> float:
     """The seed's training objective on the first 5000 test images, with fixed noise."""
     model.eval()
     torch.manual_seed(1234)
@@ -121,12 +139,18 @@ def tutorial_loop(data: MnistData, settings: BenchSettings) -> _TimedRow:
                     yield rate  # the other rows run their window now: not timed here
                     start = time.perf_counter()
 
-    return _TimedRow("a", "tutorial loop: PIL images, ToTensor, DataLoader", 32, windows(),
-                     lambda: _fixed_loss(model, data.x_test, device))
+    return _TimedRow(
+        "a",
+        "tutorial loop: PIL images, ToTensor, DataLoader",
+        32,
+        windows(),
+        lambda: _fixed_loss(model, data.x_test, device),
+    )
 
 
-def trainer_row(data: MnistData, name: str, description: str, train_cfg: TrainConfig,
-                settings: BenchSettings) -> _TimedRow:
+def trainer_row(
+    data: MnistData, name: str, description: str, train_cfg: TrainConfig, settings: BenchSettings
+) -> _TimedRow:
     """(b)/(c): this project's trainer, one epoch of ``chunk`` images per window.
 
     The budget in samples is the same as row (a)'s; the first epoch is the warm-up window.
@@ -135,8 +159,13 @@ def trainer_row(data: MnistData, name: str, description: str, train_cfg: TrainCo
     model = build_model(ModelConfig(preset="seed"), seed=train_cfg.seed)
     cfg = train_cfg.replace(epochs=settings.windows + 1, limit=settings.chunk)
     epochs = train_epochs(model, data.x_train, cfg)
-    return _TimedRow(name, description, cfg.batch_size, (s.samples_per_sec for s in epochs),
-                     lambda: _fixed_loss(model, data.x_test, device))
+    return _TimedRow(
+        name,
+        description,
+        cfg.batch_size,
+        (s.samples_per_sec for s in epochs),
+        lambda: _fixed_loss(model, data.x_test, device),
+    )
 
 
 def measure_interleaved(rows: list[_TimedRow], settings: BenchSettings) -> list[BenchRow]:
@@ -146,35 +175,45 @@ def measure_interleaved(rows: list[_TimedRow], settings: BenchSettings) -> list[
     for _ in range(settings.windows + 1):
         for row in rows:
             rates[row.name].append(next(row.windows))
-    results = []
+    results: list[BenchRow] = []
     for row in rows:
         rate = statistics.median(rates[row.name][1:])  # the first window is the warm-up
-        results.append(BenchRow(row.name, row.description, row.batch_size, rate, 60_000 / rate,
-                                row.final_loss()))
+        results.append(
+            BenchRow(row.name, row.description, row.batch_size, rate, 60_000 / rate, row.final_loss())
+        )
     return results
+
+
+class RowDTraining(TypedDict):
+    batch_size: int
+    lr: float
 
 
 # Row (d)'s presets with the training settings each is run with: conv as in params.yaml, mlp as
 # when it was the default (batch 128, lr 1e-3). Both decay the learning rate over max_epochs_d.
-ROW_D = {
+ROW_D: dict[str, tuple[ModelConfig, RowDTraining]] = {
     "mlp": (ModelConfig(preset="mlp"), {"batch_size": 128, "lr": 1e-3}),
     "conv": (ModelConfig(), {"batch_size": 256, "lr": 2e-3}),
 }
 
 
-def time_to_target(data: MnistData, settings: BenchSettings, preset: str = "conv",
-                   test_images: int = 2000) -> BenchRow:
+def time_to_target(
+    data: MnistData, settings: BenchSettings, preset: str = "conv", test_images: int = 2000
+) -> BenchRow:
     """(d): a preset trained epoch by epoch until its negative ELBO on the first ``test_images``
     test images reaches the target; the training seconds up to that epoch (evaluation not counted).
     ``seconds_to_target`` is None when ``max_epochs_d`` epochs do not reach it."""
     device = resolve_device(settings.device)
     model_cfg, train_settings = ROW_D[preset]
-    cfg = TrainConfig(device=settings.device, epochs=settings.max_epochs_d, validation=0,
-                      **train_settings)
+    cfg = TrainConfig(
+        device=settings.train_device, epochs=settings.max_epochs_d, validation=0, **train_settings
+    )
     model = build_model(model_cfg, seed=cfg.seed)
     test_x, test_y = data.x_test[:test_images], data.y_test[:test_images]
     eval_cfg = EvaluateConfig(iw_samples=1)
-    elapsed, samples, reached, history = 0.0, 0.0, None, []
+    elapsed, samples = 0.0, 0.0
+    reached: float | None = None
+    history: list[float] = []
     for stats in train_epochs(model, data.x_train, cfg):
         elapsed += stats.seconds
         samples += stats.samples_per_sec * stats.seconds
@@ -184,37 +223,51 @@ def time_to_target(data: MnistData, settings: BenchSettings, preset: str = "conv
             reached = elapsed
             break
     rate = samples / elapsed
-    return BenchRow(f"d-{preset}", f"{preset} preset to test neg. ELBO <= {settings.target_neg_elbo:g}",
-                    cfg.batch_size, rate, 60_000 / rate, seconds_to_target=reached,
-                    epochs_to_target=len(history) if reached is not None else None,
-                    neg_elbo_per_epoch=history)
+    return BenchRow(
+        f"d-{preset}",
+        f"{preset} preset to test neg. ELBO <= {settings.target_neg_elbo:g}",
+        cfg.batch_size,
+        rate,
+        60_000 / rate,
+        seconds_to_target=reached,
+        epochs_to_target=len(history) if reached is not None else None,
+        neg_elbo_per_epoch=history,
+    )
 
 
-def run_benchmark(data: MnistData, settings: BenchSettings = BenchSettings(),
-                  fast: TrainConfig | None = None) -> dict:
+def run_benchmark(
+    data: MnistData, settings: BenchSettings = BenchSettings(), fast: TrainConfig | None = None
+) -> BenchResult:
     """Runs rows (a)-(d) and returns them with the machine's description."""
-    base = TrainConfig(device=settings.device, batch_size=32, lr=1e-3, schedule="constant")
+    base = TrainConfig(device=settings.train_device, batch_size=32, lr=1e-3, schedule="constant")
     # The fastest settings measured on a 2-core CPU (README): batch 256 with torch.compile, lr raised
     # for the larger batch. On a GPU the same settings add CUDA graphs (compile's reduce-overhead).
     fast = fast or base.replace(batch_size=256, lr=3e-3, compile=True)
     timed = [
         tutorial_loop(data, settings),
         trainer_row(data, "b", "this trainer, seed preset", base, settings),
-        trainer_row(data, "b2", "row b with torch.compile", base.replace(compile=True),
-                    settings),
-        trainer_row(data, "c", f"this trainer, seed, lr {fast.lr:g}"
-                    f"{', compile' if fast.compile else ''}, {fast.precision}", fast, settings),
+        trainer_row(data, "b2", "row b with torch.compile", base.replace(compile=True), settings),
+        trainer_row(
+            data,
+            "c",
+            f"this trainer, seed, lr {fast.lr:g}{', compile' if fast.compile else ''}, {fast.precision}",
+            fast,
+            settings,
+        ),
     ]
     rows = measure_interleaved(timed, settings)
     rows.extend(time_to_target(data, settings, preset) for preset in ROW_D)
     rows.extend(concurrent_rows(data, settings))
     for row in rows:
         row.ratio = row.samples_per_sec / rows[0].samples_per_sec
-    return {"machine": machine(settings.device), "settings": asdict(settings),
-            "rows": [asdict(r) for r in rows]}
+    return {
+        "machine": machine(settings.device),
+        "settings": asdict(settings),
+        "rows": [asdict(r) for r in rows],
+    }
 
 
-def _speed_of_one_training(images: np.ndarray, threads: int | str, device: str) -> float:
+def _speed_of_one_training(images: np.ndarray, threads: int | Literal["auto"], device: Device) -> float:
     """Images/s of the default preset's second epoch over ``images`` (the first warms up)."""
     cfg = TrainConfig(device=device, epochs=2, threads=threads, validation=0)
     epochs = list(train_epochs(build_model(ModelConfig(), seed=0), images, cfg))
@@ -229,83 +282,55 @@ def concurrent_rows(data: MnistData, settings: BenchSettings) -> list[BenchRow]:
 
     images = data.x_train[: settings.chunk]
     context = multiprocessing.get_context("spawn")
-    runs = [("e1", "default preset, one training alone (threads auto)", 1, "auto"),
-            ("e2", "default preset, two trainings at once (threads auto), together", 2, "auto"),
-            ("e0", "default preset, two at once with torch's default threads, together", 2, 0)]
-    rows = []
+    runs: list[tuple[str, str, int, int | Literal["auto"]]] = [
+        ("e1", "default preset, one training alone (threads auto)", 1, "auto"),
+        ("e2", "default preset, two trainings at once (threads auto), together", 2, "auto"),
+        ("e0", "default preset, two at once with torch's default threads, together", 2, 0),
+    ]
+    rows: list[BenchRow] = []
     for name, description, n, threads in runs:
         with context.Pool(n) as pool:
-            rates = pool.starmap(_speed_of_one_training, [(images, threads, settings.device)] * n)
+            rates = pool.starmap(_speed_of_one_training, [(images, threads, settings.train_device)] * n)
         rate = sum(rates)
         rows.append(BenchRow(name, description, TrainConfig().batch_size, rate, 60_000 / rate))
     return rows
 
 
-def machine(device: str = "auto") -> dict[str, str]:
-    dev = resolve_device(device)
-    gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else ""
-    return {"device": str(dev), "torch": torch.__version__, "cpu": _cpu_model(),
-            "cpu_count": str(os.cpu_count()), "threads": str(torch.get_num_threads()), "gpu": gpu,
-            "python": platform.python_version()}
-
-
-def write_json(result: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def print_table(result: dict, console=None) -> None:
+def print_table(result: BenchResult, console: Console | None = None) -> None:
     """The rows as a rich table, with the machine in the title."""
-    from rich.console import Console
-    from rich.table import Table
-
     m = result["machine"]
-    table = Table(title=f"training speed on {m['device']} ({m['gpu'] or m['cpu']}, "
-                  f"{m['threads']} threads, torch {m['torch']})")
-    for column in ("row", "what", "batch", "samples/s", "s/epoch", "x (a)", "loss at budget",
-                   "s to target"):
-        table.add_column(column, justify="left" if column == "what" else "right",
-                         no_wrap=column != "what")
-    for r in result["rows"]:
-        table.add_row(r["name"], r["description"], str(r["batch_size"]),
-                      f"{r['samples_per_sec']:,.0f}", f"{r['seconds_per_epoch']:.1f}",
-                      f"{r['ratio']:.2f}",
-                      "" if r["loss_after_budget"] is None else f"{r['loss_after_budget']:.4f}",
-                      "" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}")
-    (console or Console()).print(table)
+    title = (
+        f"training speed on {m['device']} ({m['gpu'] or m['cpu']}, {m['threads']} threads, "
+        f"torch {m['torch']})"
+    )
+    columns = ("row", "what", "batch", "samples/s", "s/epoch", "x (a)", "loss at budget", "s to target")
+    rows = (_cells(BenchRow(**r)) for r in result["rows"])
+    print_tables([table(title, columns, rows, left="what", no_wrap=True)], console)
 
 
-def log_to_mlflow(result: dict, json_path: Path, experiment: str = "mnist-vae-bench") -> str:
+def _cells(r: BenchRow) -> list[str]:
+    return [
+        r.name,
+        r.description,
+        str(r.batch_size),
+        f"{r.samples_per_sec:,.0f}",
+        f"{r.seconds_per_epoch:.1f}",
+        f"{r.ratio:.2f}",
+        "" if r.loss_after_budget is None else f"{r.loss_after_budget:.4f}",
+        "" if r.seconds_to_target is None else f"{r.seconds_to_target:.1f}",
+    ]
+
+
+def log_to_mlflow(result: BenchResult, json_path: Path, experiment: str = EXPERIMENT) -> str:
     """Logs the result as a run of its own experiment; returns the run id."""
-    import mlflow
-
-    from mnist_vae import tracking
-
-    tracking.configure()
-    with mlflow.start_run(experiment_id=tracking.experiment_id(experiment)) as run:
-        mlflow.set_tags({f"machine.{k}": v for k, v in result["machine"].items()})
-        mlflow.log_params({f"bench.{k}": v for k, v in result["settings"].items()})
-        for r in result["rows"]:
-            for key in ("samples_per_sec", "seconds_per_epoch", "ratio", "loss_after_budget",
-                        "seconds_to_target"):
-                if r[key] is not None:
-                    mlflow.log_metric(f"{r['name']}_{key}", r[key])
-        mlflow.log_artifact(str(json_path))
-        return run.info.run_id
+    metrics = {
+        f"{r['name']}_{key}": r[key]
+        for r in result["rows"]
+        for key in ("samples_per_sec", "seconds_per_epoch", "ratio", "loss_after_budget", "seconds_to_target")
+        if r[key] is not None
+    }
+    return log_run(result, json_path, experiment, "bench", metrics)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _sync(device: torch.device):
+def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -1,4 +1,4 @@
-"""The base class of failures a user can fix.
+"""The base class of failures a user can fix, and the one line an exception is reported by.
 
 Each module defines its own subclasses where it raises them (``ConfigError`` in ``config``,
 ``DownloadError`` in ``fetch``...). The stage scripts, the CLI and MLproject turn exactly these into one
@@ -10,3 +10,19 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Something the user can fix: bad params, missing data, an unknown model, a full disk..."""
+
+
+def first_line(exc: BaseException, *, limit: int | None = None, with_type: bool = False) -> str:
+    """The first line of ``exc``'s message, for an error or warning of one line.
+
+    A message-less exception is named by its class. ``limit`` cuts the line to that many characters
+    (a server may answer with a page of HTML); ``with_type`` puts the class name first, where the
+    message alone does not say what failed (``ReadTimeout: ...``).
+    """
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    if limit is not None:
+        line = line[:limit]
+    return f"{type(exc).__name__}: {line}" if with_type else line

@@ -10,6 +10,9 @@ A mirror is one of:
 * a ``file://`` URL or a local directory holding ``<name>.gz`` or, failing that, ``<name>``.
 
 The digests are of the *uncompressed* files, so a mirror may recompress the data as it likes.
+
+This is the download stage's code and stays one module, past 400 lines: its path from mirror to
+``.npz`` reads top to bottom here, and no other stage imports any of it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 from mnist_vae.atomic import atomic_write
 from mnist_vae.config import ConfigError
 from mnist_vae.data import IMAGE_SIDE, N_CLASSES, NPZ_KEYS, MnistData
-from mnist_vae.errors import UserError
+from mnist_vae.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +101,7 @@ class _MirrorFailure(Exception):
 
 
 def resolve_mirrors(
-    configured: Sequence[str],
-    environ: Mapping[str, str] | None = None,
-    base: Path | None = None,
+    configured: Sequence[str], environ: Mapping[str, str] | None = None, base: Path | None = None
 ) -> list[str]:
     """Decides which mirrors to try, in order.
 
@@ -223,8 +224,7 @@ def parse_idx(raw: bytes, name: str) -> np.ndarray:
         raise IdxError(f"{name}: expected a 4-byte IDX magic number, got {len(raw)} bytes in all")
     if raw[:2] != b"\x00\x00":
         raise IdxError(
-            f"{name}: expected an IDX magic number starting with two zero bytes, "
-            f"got {raw[:4].hex()}"
+            f"{name}: expected an IDX magic number starting with two zero bytes, got {raw[:4].hex()}"
         )
     if raw[2] != _IDX_UBYTE:
         raise IdxError(
@@ -235,9 +235,7 @@ def parse_idx(raw: bytes, name: str) -> np.ndarray:
         raise IdxError(f"{name}: expected 1 to 3 dimensions, got {ndim}")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise IdxError(
-            f"{name}: expected a {header}-byte header for {ndim} dimensions, got {len(raw)} bytes"
-        )
+        raise IdxError(f"{name}: expected a {header}-byte header for {ndim} dimensions, got {len(raw)} bytes")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = math.prod(dims)  # Python ints, so a hostile header cannot overflow the check
     if len(raw) - header != expected:
@@ -254,10 +252,7 @@ def parse_idx(raw: bytes, name: str) -> np.ndarray:
 
 
 def download_mnist(
-    out: Path,
-    mirrors: Sequence[str],
-    timeout: float = 30.0,
-    progress: bool | None = None,
+    out: Path, mirrors: Sequence[str], timeout: float = 30.0, progress: bool | None = None
 ) -> Path:
     """Fetches, verifies and parses the four MNIST files and writes them as one ``.npz``.
 
@@ -308,16 +303,14 @@ def _http_host(mirror: str) -> str | None:
     return None
 
 
-def _fetch_http(
-    mirror: str, name: str, timeout: float, progress: Progress | None
-) -> tuple[bytes, str]:
+def _fetch_http(mirror: str, name: str, timeout: float, progress: Progress | None) -> tuple[bytes, str]:
     url = f"{mirror.rstrip('/')}/{name}.gz"
     try:
         response = requests.get(url, timeout=timeout, stream=True)
     except requests.ConnectionError as exc:  # includes ConnectTimeout: no byte was exchanged
         raise _MirrorFailure(_unreachable_reason(exc, timeout), unreachable=True) from None
     except requests.RequestException as exc:
-        raise _MirrorFailure(f"request failed: {_first_line(exc)}") from None
+        raise _MirrorFailure(f"request failed: {first_line(exc, with_type=True)}") from None
 
     with response:
         if response.status_code != 200:
@@ -332,13 +325,13 @@ def _fetch_http(
         try:
             for chunk in response.iter_content(_CHUNK):
                 chunks.append(chunk)
-                if task is not None:
+                if progress is not None and task is not None:
                     progress.advance(task, len(chunk))
         except requests.RequestException as exc:
             # The host answered, so this is a broken transfer, not an unreachable host.
-            raise _MirrorFailure(f"transfer of {url} failed: {_first_line(exc)}") from None
+            raise _MirrorFailure(f"transfer of {url} failed: {first_line(exc, with_type=True)}") from None
         finally:
-            if task is not None:
+            if progress is not None and task is not None:
                 progress.remove_task(task)
     body = b"".join(chunks)
     return (body if encoded else _gunzip(body, url)), url
@@ -348,9 +341,7 @@ def _fetch_local(mirror: str, name: str) -> tuple[bytes, str]:
     if _SCHEME.match(mirror):
         parts = urlsplit(mirror)
         if parts.netloc not in ("", "localhost"):
-            raise _MirrorFailure(
-                f"expected a file:// URL on this machine, got host {parts.netloc!r}"
-            )
+            raise _MirrorFailure(f"expected a file:// URL on this machine, got host {parts.netloc!r}")
         directory = Path(url2pathname(parts.path))
     else:
         directory = Path(mirror).expanduser()
@@ -382,9 +373,7 @@ def _verify(data: bytes, name: str) -> None:
     expected = SHA256[name]
     got = hashlib.sha256(data).hexdigest()
     if got != expected:
-        raise _MirrorFailure(
-            f"checksum mismatch: expected SHA-256 {expected}, got {got} ({len(data)} bytes)"
-        )
+        raise _MirrorFailure(f"checksum mismatch: expected SHA-256 {expected}, got {got} ({len(data)} bytes)")
 
 
 def _unreachable_reason(exc: requests.ConnectionError, timeout: float) -> str:
@@ -408,12 +397,7 @@ def _unreachable_reason(exc: requests.ConnectionError, timeout: float) -> str:
             return f"unreachable: {err.strerror}"
         nested = [err.__cause__, err.__context__, getattr(err, "reason", None), *err.args]
         stack.extend(e for e in nested if isinstance(e, BaseException))
-    return f"unreachable: {_first_line(exc)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    return f"unreachable: {first_line(exc, with_type=True)}"
 
 
 @contextlib.contextmanager
@@ -441,14 +425,11 @@ def _check_splits(arrays: Mapping[str, np.ndarray]) -> MnistData:
         images, labels = arrays[images_name], arrays[labels_name]
         if images.shape != (n, IMAGE_SIDE, IMAGE_SIDE):
             raise IdxError(
-                f"{images_name}: expected shape ({n}, {IMAGE_SIDE}, {IMAGE_SIDE}), "
-                f"got {images.shape}"
+                f"{images_name}: expected shape ({n}, {IMAGE_SIDE}, {IMAGE_SIDE}), got {images.shape}"
             )
         if labels.shape != (n,):
             raise IdxError(f"{labels_name}: expected shape ({n},), got {labels.shape}")
         if int(labels.max()) >= N_CLASSES:
-            raise IdxError(
-                f"{labels_name}: expected labels in 0..{N_CLASSES - 1}, got {int(labels.max())}"
-            )
+            raise IdxError(f"{labels_name}: expected labels in 0..{N_CLASSES - 1}, got {int(labels.max())}")
         out[f"x_{split}"], out[f"y_{split}"] = images, labels
     return MnistData(**out)

@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -20,9 +21,12 @@ from mlflow.exceptions import MlflowException
 import mnist_vae
 from mnist_vae import provenance, serving, tracking
 from mnist_vae.config import EvaluateConfig, Params
-from mnist_vae.errors import UserError
+from mnist_vae.errors import UserError, first_line
 from mnist_vae.evaluate import Evaluation, evaluate_model
 from mnist_vae.model import VAE, load_model
+
+if TYPE_CHECKING:
+    from mnist_vae.paths import Paths
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +80,13 @@ class GateData:
 
 
 def log_and_register(
-    model: VAE, params: Params, evaluation: Evaluation, test_data: tuple[np.ndarray, np.ndarray],
-    gate_data: GateData, paths, root: Path,
+    model: VAE,
+    params: Params,
+    evaluation: Evaluation,
+    test_data: tuple[np.ndarray, np.ndarray],
+    gate_data: GateData,
+    paths: Paths,
+    root: Path,
 ) -> str:
     """Logs the model as an MLflow pyfunc in the active run and registers a new version.
 
@@ -110,38 +119,41 @@ def log_and_register(
             code_paths=[str(Path(mnist_vae.__file__).parent)],
             signature=serving.signature(),
             input_example=example,
-            pip_requirements=_requirements(),
+            pip_requirements=serving.pip_requirements(),
         )
     # The test metrics go to the run and to the logged model, measured on the logged test split,
     # before any version exists: a version's page shows them from its first moment.
     test_md5 = tracking.file_md5(paths.data)
-    test_set = tracking.log_dataset(*test_data, "mnist-test", paths.data, test_md5,
-                                    context="testing")
+    test_set = tracking.log_dataset(*test_data, "mnist-test", paths.data, test_md5, context="testing")
     mlflow.log_metrics(evaluation.mlflow_metrics(), model_id=info.model_id, dataset=test_set)
     client = MlflowClient()
     tags = {f"test_{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()}
-    tags.update({
-        "git_commit": provenance.git_commit(root),
-        "dvc_data_md5": test_md5,
-        "run_id": run.info.run_id,
-        "run_link": f"runs:/{run.info.run_id}/model",
-        "test_images": str(evaluation.n_images),
-        "preset": params.model.preset,
-    })
+    tags.update(
+        {
+            "git_commit": provenance.git_commit(root),
+            "dvc_data_md5": test_md5,
+            "run_id": run.info.run_id,
+            "run_link": f"runs:/{run.info.run_id}/model",
+            "test_images": str(evaluation.n_images),
+            "preset": params.model.preset,
+        }
+    )
     description = (
         f"{params.model.preset} preset, test negative ELBO "
         f"{evaluation.metrics['neg_elbo']:.2f} nats/image on {evaluation.n_images} test images; "
-        f"run {run.info.run_id}, commit {tags['git_commit']}")
-    version = register(client, name, info.model_uri, info.model_id, run.info.run_id, tags,
-                       description)
+        f"run {run.info.run_id}, commit {tags['git_commit']}"
+    )
+    version = register(client, name, info.model_uri, info.model_id, run.info.run_id, tags, description)
     # On a server nothing serialises two pipelines: the gate re-reads and retries (see there).
     settle = 0.0 if mlflow.get_tracking_uri().startswith("sqlite:") else SETTLE_SECONDS
     with tracking.store_lock():  # two pipelines on one SQLite store: one gate decision at a time
-        decision = promotion_gate(client, name, version, model, gate_data, params.evaluate,
-                                  settle=settle)
-    gate_tags = {"registry.version": version, "registry.promoted": str(decision.promoted),
-                 "registry.gate_reason": decision.reason,
-                 "registry.gate_decision": decision.outcome}
+        decision = promotion_gate(client, name, version, model, gate_data, params.evaluate, settle=settle)
+    gate_tags = {
+        "registry.version": version,
+        "registry.promoted": str(decision.promoted),
+        "registry.gate_reason": decision.reason,
+        "registry.gate_decision": decision.outcome,
+    }
     if decision.error is not None:
         gate_tags["registry.gate_error"] = decision.error
     mlflow.set_tags(gate_tags)
@@ -152,8 +164,15 @@ def log_and_register(
     return version
 
 
-def register(client: MlflowClient, name: str, model_uri: str, model_id: str | None, run_id: str,
-             tags: dict[str, str], description: str) -> str:
+def register(
+    client: MlflowClient,
+    name: str,
+    model_uri: str,
+    model_id: str | None,
+    run_id: str,
+    tags: dict[str, str],
+    description: str,
+) -> str:
     """Creates version N of ``name`` with all its tags at once and points ``candidate`` at it.
 
     The version is created marked ``registration=pending`` and marked ``complete`` as the last
@@ -169,8 +188,13 @@ def register(client: MlflowClient, name: str, model_uri: str, model_id: str | No
         if exc.error_code not in _ALREADY_EXISTS:
             raise
     created = client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags={**tags, REGISTRATION_TAG: PENDING},
-        description=description, model_id=model_id)
+        name,
+        source=model_uri,
+        run_id=run_id,
+        tags={**tags, REGISTRATION_TAG: PENDING},
+        description=description,
+        model_id=model_id,
+    )
     version = str(created.version)
     try:
         client.set_registered_model_alias(name, CANDIDATE, version)
@@ -180,7 +204,7 @@ def register(client: MlflowClient, name: str, model_uri: str, model_id: str | No
         if isinstance(exc, MlflowException) and tracking.auth_error(exc, "") is None:
             raise RegistrationError(
                 f"registering version {version} of model {name!r} failed part way "
-                f"({_scrub(_first_line(exc))}); {withdrawn}; run again when the server is back"
+                f"({_scrub(first_line(exc))}); {withdrawn}; run again when the server is back"
             ) from None
         raise
     return version
@@ -191,10 +215,18 @@ def _withdraw(client: MlflowClient, name: str, version: str) -> str:
     try:
         client.delete_model_version(name, version)
     except (MlflowException, requests.RequestException) as exc:
-        log.warning("could not delete the incomplete version %s of %r (%s); it stays marked %s=%s",
-                    version, name, _scrub(_first_line(exc)), REGISTRATION_TAG, PENDING)
-        return (f"version {version} could not be deleted and stays marked "
-                f"{REGISTRATION_TAG}={PENDING}, left out of `mnist-vae models` and the gate")
+        log.warning(
+            "could not delete the incomplete version %s of %r (%s); it stays marked %s=%s",
+            version,
+            name,
+            _scrub(first_line(exc)),
+            REGISTRATION_TAG,
+            PENDING,
+        )
+        return (
+            f"version {version} could not be deleted and stays marked "
+            f"{REGISTRATION_TAG}={PENDING}, left out of `mnist-vae models` and the gate"
+        )
     return f"version {version} was deleted, nothing is registered"
 
 
@@ -209,15 +241,20 @@ def champion_version(client: MlflowClient, name: str) -> str | None:
         return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
-                exc.error_code == "INVALID_PARAMETER_VALUE"
-                and f"alias {CHAMPION} not found" in str(exc)):
+            exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {CHAMPION} not found" in str(exc)
+        ):
             return None
         raise
 
 
 def promotion_gate(
-    client: MlflowClient, name: str, version: str, model: VAE,
-    data: GateData, cfg: EvaluateConfig, settle: float = SETTLE_SECONDS,
+    client: MlflowClient,
+    name: str,
+    version: str,
+    model: VAE,
+    data: GateData,
+    cfg: EvaluateConfig,
+    settle: float = SETTLE_SECONDS,
 ) -> GateDecision:
     """Moves ``champion`` to ``version`` if it beats the current champion on ``data``.
 
@@ -243,35 +280,60 @@ def promotion_gate(
             current = champion_version(client, name)
             if current == version:
                 if replaced is None:
-                    return GateDecision(True, f"version {version} is the first champion "
-                                        f"(neg. ELBO {mine:.2f} on {data.what})", mine, None)
-                return GateDecision(True, f"version {version} promoted to champion: neg. ELBO "
-                                    f"{mine:.2f} < {measured[replaced]:.2f} of version {replaced} "
-                                    f"on {data.what}", mine, measured[replaced])
+                    return GateDecision(
+                        True,
+                        f"version {version} is the first champion (neg. ELBO {mine:.2f} on {data.what})",
+                        mine,
+                        None,
+                    )
+                return GateDecision(
+                    True,
+                    f"version {version} promoted to champion: neg. ELBO "
+                    f"{mine:.2f} < {measured[replaced]:.2f} of version {replaced} "
+                    f"on {data.what}",
+                    mine,
+                    measured[replaced],
+                )
             if wrote:
                 displaced_by = current  # another pipeline moved it after this gate did
             if current is not None and current not in measured:
                 measured[current] = _measure(load_vae(f"models:/{name}/{current}"), data, quick)
                 continue  # measuring took a while: read the champion again before deciding
             if current is not None and mine >= measured[current]:
-                note = (f"; it was champion briefly, until version {current} was promoted at the "
-                        "same time") if displaced_by == current else ""
-                return GateDecision(False, f"version {version} stays candidate: neg. ELBO "
-                                    f"{mine:.2f} is not better than {measured[current]:.2f} of "
-                                    f"champion version {current} on {data.what}{note}",
-                                    mine, measured[current])
+                note = (
+                    (f"; it was champion briefly, until version {current} was promoted at the same time")
+                    if displaced_by == current
+                    else ""
+                )
+                return GateDecision(
+                    False,
+                    f"version {version} stays candidate: neg. ELBO "
+                    f"{mine:.2f} is not better than {measured[current]:.2f} of "
+                    f"champion version {current} on {data.what}{note}",
+                    mine,
+                    measured[current],
+                )
             client.set_registered_model_alias(name, CHAMPION, version)
             wrote, replaced = True, current
             if settle:
                 time.sleep(settle)
         raise _GateRoundsExceeded(f"champion kept moving for {MAX_ROUNDS} rounds")
     except (MlflowException, requests.RequestException, UserError, _GateRoundsExceeded) as exc:
-        error = _scrub(_first_line(exc))
-        where = (f"champion may point at version {version} (written before the error)"
-                 if wrote else "champion is left where it was")
-        return GateDecision(False, f"could not decide for version {version} ({error}); {where}, "
-                            f"version {version} stays candidate (`mnist-vae promote {version}` "
-                            "moves champion by hand)", mine, None, error=error)
+        error = _scrub(first_line(exc))
+        where = (
+            f"champion may point at version {version} (written before the error)"
+            if wrote
+            else "champion is left where it was"
+        )
+        return GateDecision(
+            False,
+            f"could not decide for version {version} ({error}); {where}, "
+            f"version {version} stays candidate (`mnist-vae promote {version}` "
+            "moves champion by hand)",
+            mine,
+            None,
+            error=error,
+        )
 
 
 class _GateRoundsExceeded(Exception):
@@ -294,23 +356,13 @@ def load_vae(reference: str) -> VAE:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
     except (MlflowException, OSError) as exc:
-        raise ModelNotFoundError(f"model {reference!r} not found: {_first_line(exc)}") from None
+        raise ModelNotFoundError(f"model {reference!r} not found: {first_line(exc)}") from None
     found = sorted(local.rglob(serving.WEIGHTS_FILE)) if local.is_dir() else [local]
     if not found:
-        raise ModelNotFoundError(f"model {reference!r} holds no {serving.WEIGHTS_FILE}; "
-                                 "is it an mnist-vae model?")
+        raise ModelNotFoundError(
+            f"model {reference!r} holds no {serving.WEIGHTS_FILE}; is it an mnist-vae model?"
+        )
     return load_model(found[0])
-
-
-def _requirements() -> list[str]:
-    import importlib.metadata as md
-
-    return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "numpy", "pandas", "mlflow")]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _scrub(text: str) -> str:

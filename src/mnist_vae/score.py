@@ -21,12 +21,19 @@ import torch
 from mnist_vae.atomic import atomic_write
 from mnist_vae.errors import UserError
 from mnist_vae.model import N_PIXELS, VAE
-from mnist_vae.serving import neg_elbo
+from mnist_vae.serving import PixelMessages, checked_pixels, neg_elbo
 
 DEFAULT_KEY = "x_test"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 OUTPUT_SUFFIXES = (".csv", ".parquet")
-_EXPECTED = ("uint8 0-255 or float grey levels in [0, 1], of shape (N, 28, 28) or (N, 784)")
+_EXPECTED = "uint8 0-255 or float grey levels in [0, 1], of shape (N, 28, 28) or (N, 784)"
+_FILE_MESSAGES = PixelMessages(
+    shape=f"expected {_EXPECTED}, got shape {{shape}}",
+    empty="expected at least one image, got none",
+    dtype=f"expected {_EXPECTED}, got dtype {{dtype}}",
+    not_finite="expected finite grey levels in [0, 1], got NaN or infinity",
+    out_of_range="expected grey levels in [0, 1] (or uint8 0-255), got values in [{low}, {high}]",
+)
 
 
 class ScoreInputError(UserError):
@@ -61,8 +68,9 @@ def read_images(source: Path, key: str | None = None) -> Images:
     """
     source = Path(source)
     if not source.exists():
-        raise ScoreInputError(f"{source}: no such file or folder; expected an .npz, an .npy or a "
-                              "folder of PNG/JPEG images")
+        raise ScoreInputError(
+            f"{source}: no such file or folder; expected an .npz, an .npy or a folder of PNG/JPEG images"
+        )
     if source.is_dir():
         if key is not None:
             raise ScoreInputError(f"--key {key!r}: only an .npz has keys, {source} is a folder")
@@ -75,8 +83,10 @@ def read_images(source: Path, key: str | None = None) -> Images:
             raise ScoreInputError(f"--key {key!r}: only an .npz has keys, {source} is an .npy")
         array = _read_npy(source)
     else:
-        raise ScoreInputError(f"{source}: unknown kind {source.suffix or '(no suffix)'!r}; expected "
-                              "an .npz, an .npy or a folder of PNG/JPEG images")
+        raise ScoreInputError(
+            f"{source}: unknown kind {source.suffix or '(no suffix)'!r}; expected "
+            "an .npz, an .npy or a folder of PNG/JPEG images"
+        )
     what = f"{source}[{key or DEFAULT_KEY}]" if suffix == ".npz" else str(source)
     return Images(_checked(array, what), np.arange(len(array)))
 
@@ -85,12 +95,15 @@ def _read_npz(source: Path, key: str) -> np.ndarray:
     try:
         with np.load(source, allow_pickle=False) as npz:
             if key not in npz.files:
-                raise ScoreInputError(f"{source}: no array {key!r}; expected one of its arrays: "
-                                      f"{', '.join(npz.files) or '(none: the archive is empty)'}")
+                raise ScoreInputError(
+                    f"{source}: no array {key!r}; expected one of its arrays: "
+                    f"{', '.join(npz.files) or '(none: the archive is empty)'}"
+                )
             return npz[key]
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        raise ScoreInputError(f"{source}: expected an .npz archive of arrays, could not read it "
-                              f"({exc})") from None
+        raise ScoreInputError(
+            f"{source}: expected an .npz archive of arrays, could not read it ({exc})"
+        ) from None
 
 
 def _read_npy(source: Path) -> np.ndarray:
@@ -102,25 +115,7 @@ def _read_npy(source: Path) -> np.ndarray:
 
 def _checked(array: np.ndarray, what: str) -> np.ndarray:
     """The array as (N, 784), uint8 or float32 in [0, 1]; raises ScoreInputError otherwise."""
-    if array.ndim == 3 and array.shape[1:] == (28, 28):
-        array = array.reshape(len(array), N_PIXELS)
-    if array.ndim != 2 or array.shape[1] != N_PIXELS:
-        raise ScoreInputError(f"{what}: expected {_EXPECTED}, got shape {array.shape}")
-    if len(array) == 0:
-        raise ScoreInputError(f"{what}: expected at least one image, got none")
-    if array.dtype == np.uint8:
-        return array
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ScoreInputError(f"{what}: expected {_EXPECTED}, got dtype {array.dtype}")
-    array = array.astype(np.float32, copy=False)
-    # min and max propagate NaN and keep infinities: two passes check both finiteness and range.
-    low, high = float(array.min()), float(array.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise ScoreInputError(f"{what}: expected finite grey levels in [0, 1], got NaN or infinity")
-    if low < 0.0 or high > 1.0:
-        raise ScoreInputError(f"{what}: expected grey levels in [0, 1] (or uint8 0-255), got values "
-                              f"in [{low:g}, {high:g}]")
-    return array
+    return checked_pixels(array, _FILE_MESSAGES, lambda message: ScoreInputError(f"{what}: {message}"))
 
 
 def _read_folder(folder: Path) -> Images:
@@ -141,19 +136,23 @@ def check_output(out: Path) -> None:
     """
     suffix = Path(out).suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
-        raise ScoreInputError(f"{out}: unknown output kind {Path(out).suffix or '(no suffix)'!r}; "
-                              "expected a .csv or .parquet file")
+        raise ScoreInputError(
+            f"{out}: unknown output kind {Path(out).suffix or '(no suffix)'!r}; "
+            "expected a .csv or .parquet file"
+        )
     if suffix == ".parquet":
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ScoreInputError(f"{out}: writing Parquet needs pyarrow (pip install pyarrow); "
-                                  "or write a .csv") from None
+            raise ScoreInputError(
+                f"{out}: writing Parquet needs pyarrow (pip install pyarrow); or write a .csv"
+            ) from None
 
 
 @torch.inference_mode()
-def score_pixels(model: VAE, pixels: np.ndarray, seed: int = 0, latents: bool = False,
-                 batch_size: int = 4096) -> dict[str, np.ndarray]:
+def score_pixels(
+    model: VAE, pixels: np.ndarray, seed: int = 0, latents: bool = False, batch_size: int = 4096
+) -> dict[str, np.ndarray]:
     """Negative ELBO per image (nats) and, with ``latents``, the posterior means ``mu_i``.
 
     The noise of all images is drawn at once from ``torch.Generator().manual_seed(seed)``, as the
@@ -187,8 +186,15 @@ def write_table(columns: dict[str, np.ndarray | list], out: Path) -> Path:
     return atomic_write(out, lambda fh: frame.to_csv(fh, index=False))
 
 
-def score_file(model: VAE, source: Path, out: Path, key: str | None = None, seed: int = 0,
-               latents: bool = False, batch_size: int = 4096) -> ScoreResult:
+def score_file(
+    model: VAE,
+    source: Path,
+    out: Path,
+    key: str | None = None,
+    seed: int = 0,
+    latents: bool = False,
+    batch_size: int = 4096,
+) -> ScoreResult:
     """Scores every image of ``source`` and writes ``image``, ``neg_elbo`` (and ``mu_i``) to ``out``.
 
     ``image`` is the row's index in the array, or the picture's file name in a folder.

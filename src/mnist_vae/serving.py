@@ -17,8 +17,10 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +28,9 @@ import torch
 
 from mnist_vae.errors import UserError
 from mnist_vae.model import N_PIXELS, VAE, kl_divergence, load_model
+
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
 
 OUTPUTS = ("reconstruction", "latent", "score", "sample")
 MAX_SAMPLES = 1024
@@ -46,16 +51,68 @@ def _invalid(message: str) -> Exception:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+@dataclass(frozen=True)
+class PixelMessages:
+    """What :func:`checked_pixels` says of each fault, in the words of the caller's input.
+
+    ``shape`` is formatted with ``shape``, ``dtype`` with ``dtype``, ``out_of_range`` with ``low``
+    and ``high``.
+    """
+
+    shape: str
+    empty: str
+    dtype: str
+    not_finite: str
+    out_of_range: str
+
+
+def checked_pixels(
+    array: np.ndarray, messages: PixelMessages, error: Callable[[str], Exception]
+) -> np.ndarray:
+    """A batch of images as (N, 784): uint8 as it is, any float type as float32 in [0, 1].
+
+    (N, 28, 28) is flattened. Raises ``error(message)`` for another shape, an empty batch, another
+    dtype, or grey levels that are not finite or outside [0, 1].
+    """
+    if array.ndim == 3 and array.shape[1:] == (28, 28):
+        array = array.reshape(len(array), N_PIXELS)
+    if array.ndim != 2 or array.shape[1] != N_PIXELS:
+        raise error(messages.shape.format(shape=tuple(array.shape)))
+    if len(array) == 0:
+        raise error(messages.empty)
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise error(messages.dtype.format(dtype=array.dtype))
+    array = array.astype(np.float32, copy=False)
+    # min and max propagate NaN and keep infinities, so two passes check finiteness and range.
+    low, high = float(array.min()), float(array.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise error(messages.not_finite)
+    if low < 0.0 or high > 1.0:
+        raise error(messages.out_of_range.format(low=f"{low:g}", high=f"{high:g}"))
+    return array
+
+
+_REQUEST_MESSAGES = PixelMessages(
+    shape=f"expected {N_PIXELS} values per image (28x28 flattened), got an input of shape {{shape}}",
+    empty="expected at least one image, got an empty batch",
+    dtype="expected numeric pixel values, got dtype {dtype}",
+    not_finite="expected finite pixel values, got NaN or infinity",
+    out_of_range="expected grey levels in [0, 1] (divide 0-255 pixels by 255), got values in [{low}, {high}]",
+)
+
+
 def as_batch(model_input: Any) -> np.ndarray:
     """Validates a request body's data into a (B, 784) float32 array of grey levels in [0, 1]."""
     if isinstance(model_input, dict):
         if len(model_input) != 1:
-            raise _invalid(f"expected one input tensor of shape (B, {N_PIXELS}), got keys "
-                           f"{sorted(model_input)}")
+            raise _invalid(
+                f"expected one input tensor of shape (B, {N_PIXELS}), got keys {sorted(model_input)}"
+            )
         model_input = next(iter(model_input.values()))
     if isinstance(model_input, pd.DataFrame):
-        non_numeric = [c for c in model_input.columns
-                       if not pd.api.types.is_numeric_dtype(model_input[c])]
+        non_numeric = [c for c in model_input.columns if not pd.api.types.is_numeric_dtype(model_input[c])]
         if non_numeric:
             raise _invalid(f"expected numeric pixel values, column {non_numeric[0]!r} is not")
         model_input = model_input.to_numpy()
@@ -65,21 +122,7 @@ def as_batch(model_input: Any) -> np.ndarray:
         raise _invalid("expected numeric pixel values: a batch of 784 floats in [0, 1] per image") from None
     if batch.ndim == 1:
         batch = batch.reshape(1, -1)
-    if batch.ndim == 3 and batch.shape[1:] == (28, 28):
-        batch = batch.reshape(len(batch), N_PIXELS)
-    if batch.ndim != 2 or batch.shape[1] != N_PIXELS:
-        raise _invalid(f"expected {N_PIXELS} values per image (28x28 flattened), got an input of "
-                       f"shape {tuple(batch.shape)}")
-    if len(batch) == 0:
-        raise _invalid("expected at least one image, got an empty batch")
-    # min and max propagate NaN and keep infinities, so two passes check finiteness and range.
-    low, high = float(batch.min()), float(batch.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise _invalid("expected finite pixel values, got NaN or infinity")
-    if low < 0.0 or high > 1.0:
-        raise _invalid(f"expected grey levels in [0, 1] (divide 0-255 pixels by 255), got values "
-                       f"in [{low:g}, {high:g}]")
-    return batch
+    return checked_pixels(batch, _REQUEST_MESSAGES, _invalid)
 
 
 class ServedVAE:
@@ -103,8 +146,9 @@ class ServedVAE:
                 z = torch.randn(n, self.model.latent_dim, generator=torch.Generator().manual_seed(seed))
                 return self.model.pixel_means(self.model.decode(z)).numpy()
             if output == "score":
-                eps = torch.randn((len(x), self.model.latent_dim),
-                                  generator=torch.Generator().manual_seed(seed))
+                eps = torch.randn(
+                    (len(x), self.model.latent_dim), generator=torch.Generator().manual_seed(seed)
+                )
                 return pd.DataFrame({"neg_elbo": neg_elbo(self.model, x, eps).numpy()})
             mu, logvar = self.model.encode(x)
             if output == "reconstruction":
@@ -183,9 +227,12 @@ def _tune_server_process(workers: int) -> None:
     torch.set_num_threads(int(threads) if threads else max(1, cores // workers))
     sockets = _nodelay_on_server_sockets()
     # One line per worker in the server's log: what it runs with, read back from torch and the socket.
-    print(f"mnist-vae serving worker {os.getpid()}: {torch.get_num_threads()} torch threads "
-          f"({workers} workers, {cores} cores), TCP_NODELAY on {sockets} server sockets",
-          file=sys.stderr, flush=True)
+    print(
+        f"mnist-vae serving worker {os.getpid()}: {torch.get_num_threads()} torch threads "
+        f"({workers} workers, {cores} cores), TCP_NODELAY on {sockets} server sockets",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _nodelay_on_server_sockets() -> int:
@@ -206,8 +253,12 @@ def _nodelay_on_server_sockets() -> int:
         except OSError:  # not a socket, or closed since listed
             continue
         try:
-            if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
-                    and sock.getsockname()[1] != 0 and not _connected(sock)):
+            if (
+                sock.family in (socket.AF_INET, socket.AF_INET6)
+                and sock.type == socket.SOCK_STREAM
+                and sock.getsockname()[1] != 0
+                and not _connected(sock)
+            ):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 done += sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         except OSError:
@@ -225,7 +276,17 @@ def _connected(sock: socket.socket) -> bool:
     return True
 
 
-def signature():
+def pip_requirements() -> list[str]:
+    """The pinned packages a logged model of this flavour needs, at this environment's versions.
+
+    Given explicitly: MLflow would infer them by loading the model in a subprocess (seconds).
+    """
+    import importlib.metadata as md
+
+    return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "numpy", "pandas", "mlflow")]
+
+
+def signature() -> ModelSignature:
     """Input: float32 (B, 784) in [0, 1]. Params: ``output``, ``n`` (sample count) and ``seed``.
 
     The declared output is the default one, ``reconstruction``: float32 (B, 784) in [0, 1].
@@ -236,9 +297,11 @@ def signature():
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, N_PIXELS))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, N_PIXELS))]),
-        params=ParamSchema([
-            ParamSpec("output", "string", "reconstruction"),
-            ParamSpec("n", "long", 16),
-            ParamSpec("seed", "long", 0),
-        ]),
+        params=ParamSchema(
+            [
+                ParamSpec("output", "string", "reconstruction"),
+                ParamSpec("n", "long", 16),
+                ParamSpec("seed", "long", 0),
+            ]
+        ),
     )

@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -18,8 +19,11 @@ import requests
 from filelock import FileLock
 
 from mnist_vae.config import Params
-from mnist_vae.errors import UserError
+from mnist_vae.errors import UserError, first_line
 from mnist_vae.paths import project_root
+
+if TYPE_CHECKING:
+    from mlflow.data.numpy_dataset import NumpyDataset
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
@@ -104,15 +108,18 @@ def artifact_errors() -> Iterator[None]:
         uri = redacted(mlflow.get_tracking_uri())
         if _is_unreachable(exc):
             raise TrackingUnavailableError(
-                f"MLflow tracking server {uri} does not answer ({_first_line(str(exc))})") from None
+                f"MLflow tracking server {uri} does not answer ({first_line(exc, limit=200)})"
+            ) from None
         answered_errors = "ResponseError" in str(exc)
         if auth_error(exc, "") is not None or not (
-                answered_errors or getattr(exc, "error_code", None) in _STORE_FAILURES):
+            answered_errors or getattr(exc, "error_code", None) in _STORE_FAILURES
+        ):
             raise
         raise ArtifactStoreError(
             f"the artifact store of {uri} failed: "
-            f"{_first_line(str(exc))}; nothing was registered and the previous outputs are kept, "
-            "run again when it is back") from None
+            f"{first_line(exc, limit=200)}; nothing was registered and the previous outputs are kept, "
+            "run again when it is back"
+        ) from None
 
 
 def _is_unreachable(exc: Exception) -> bool:
@@ -124,17 +131,14 @@ def _is_unreachable(exc: Exception) -> bool:
         return False
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
         return True
-    return any(sign in text for sign in ("Connection refused", "NewConnectionError",
-                                          "ConnectTimeout", "Read timed out"))
+    return any(
+        sign in text
+        for sign in ("Connection refused", "NewConnectionError", "ConnectTimeout", "Read timed out")
+    )
 
 
 # What a tracking server answers when its artifact store (S3) is down behind it.
 _STORE_FAILURES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "BAD_REQUEST", "ENDPOINT_NOT_FOUND"}
-
-
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0][:200] if text else "no message"
 
 
 def auth_error(exc: Exception, action: str) -> TrackingAuthError | None:
@@ -149,11 +153,13 @@ def auth_error(exc: Exception, action: str) -> TrackingAuthError | None:
         who = f"user {user!r} (wrong password?)" if user else "an anonymous client"
         return TrackingAuthError(
             f"authentication failed at {uri} for {who}: set {USER_ENV} and {PASSWORD_ENV} to an "
-            "account of that server")
+            "account of that server"
+        )
     if code == "PERMISSION_DENIED":
         return TrackingAuthError(
             f"user {user or '(anonymous)'} may not {action} at {uri} (HTTP 403); ask the "
-            "server's admin for that permission, or use an account that has it")
+            "server's admin for that permission, or use an account that has it"
+        )
     return None
 
 
@@ -203,7 +209,7 @@ def _sqlite_path(uri: str) -> Path | None:
     prefix = "sqlite:///"
     if not uri.startswith(prefix) or uri == prefix or ":memory:" in uri:
         return None
-    return Path(uri[len(prefix):].split("?", 1)[0])
+    return Path(uri[len(prefix) :].split("?", 1)[0])
 
 
 def experiment_id(name: str, root: Path | None = None) -> str:
@@ -219,8 +225,11 @@ def experiment_id(name: str, root: Path | None = None) -> str:
         with server_errors(f"create experiment {name!r}"):
             return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
-        # Another process created it between our lookup and create.
-        return mlflow.get_experiment_by_name(name).experiment_id
+        # Another process created it between our lookup and create; if not, the create's error.
+        created = mlflow.get_experiment_by_name(name)
+        if created is None:
+            raise
+        return created.experiment_id
 
 
 def file_md5(path: Path) -> str:
@@ -245,23 +254,29 @@ def redacted(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}@{hostport}"))
 
 
-def log_dataset(images: np.ndarray, labels: np.ndarray, name: str, source: Path, file_md5: str,
-                context: str):
+def log_dataset(
+    images: np.ndarray, labels: np.ndarray, name: str, source: Path, file_md5: str, context: str
+) -> NumpyDataset:
     """Logs a split as an input of the active run, its digest that of the DVC-tracked file and split.
 
     The digest names the file (its MD5, as in dvc.lock) and the rows taken from it, so the run page
     shows which data, exactly, a model saw.
     """
     import mlflow
+    from mlflow.data.numpy_dataset import from_numpy
 
     digest = hashlib.md5(f"{file_md5}:{name}:{len(images)}".encode()).hexdigest()[:8]
     with warnings.catch_warnings():
         # MLflow registers two local-file source classes under one name and warns that a path
         # "can be interpreted in multiple ways"; both record the same path.
         warnings.filterwarnings("ignore", message="The specified dataset source")
-        dataset = mlflow.data.from_numpy(images.reshape(len(images), -1), targets=labels,
-                                         source=str(Path(source).resolve()), name=name,
-                                         digest=digest)
+        dataset = from_numpy(
+            images.reshape(len(images), -1),
+            targets=labels,
+            source=str(Path(source).resolve()),
+            name=name,
+            digest=digest,
+        )
     mlflow.log_input(dataset, context=context)
     return dataset
 

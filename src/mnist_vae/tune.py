@@ -18,16 +18,26 @@ import logging
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from mnist_vae.config import ConfigError, load_params
-from mnist_vae.errors import UserError
+from mnist_vae.config import ConfigError, Params, load_params
+from mnist_vae.errors import UserError, first_line
+from mnist_vae.search_space import SearchSpace, load_space, yaml_text
+
+# The search space's names, as this module's callers (the CLI, the tests) import them.
+from mnist_vae.search_space import SearchSpaceError as SearchSpaceError
+
+if TYPE_CHECKING:
+    from optuna import Study
+    from optuna.storages import BaseStorage
+    from optuna.trial import Trial
+
+    from mnist_vae.data import MnistData
 
 log = logging.getLogger(__name__)
 
@@ -37,128 +47,8 @@ PARENT_ATTR = "mlflow_parent_run_id"
 STORAGE_ENV = "MNIST_VAE_TUNE_STORAGE"
 
 
-class SearchSpaceError(UserError):
-    """The search space file is missing, malformed, names an unknown param or an impossible range."""
-
-
 class TuneError(UserError):
     """The search ended without a result, or its storage cannot be used."""
-
-
-class _Range(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    low: float
-    high: float
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _possible(self) -> _Range:
-        if not self.low < self.high:
-            raise ValueError(f"expected low < high, got low {self.low:g}, high {self.high:g}")
-        if self.log and self.low <= 0:
-            raise ValueError(f"expected low > 0 on a log scale, got {self.low:g}")
-        return self
-
-
-class _Dimension(BaseModel):
-    """One searched param: exactly one of ``float``, ``int`` or ``categorical``."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    float: _Range | None = None
-    int: _Range | None = None
-    categorical: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> _Dimension:
-        kinds = [k for k in ("float", "int", "categorical") if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            raise ValueError(f"expected exactly one of float, int, categorical, got {kinds or 'none'}")
-        if self.categorical is not None and not self.categorical:
-            raise ValueError("expected at least one choice")
-        return self
-
-    @property
-    def kind(self) -> Literal["float", "int", "categorical"]:
-        return next(k for k in ("float", "int", "categorical") if getattr(self, k) is not None)
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    fixed: dict[str, Any]
-    params: dict[str, _Dimension]
-    sets: tuple[str, ...] = ()  # the command line's --set, between ``fixed`` and a trial's values
-
-    def suggest(self, trial) -> dict[str, Any]:
-        """The trial's values, as params.yaml values (a categorical list choice comes back a list)."""
-        values = {}
-        for key, dim in self.params.items():
-            if dim.kind == "float":
-                values[key] = trial.suggest_float(key, dim.float.low, dim.float.high, log=dim.float.log)
-            elif dim.kind == "int":
-                values[key] = trial.suggest_int(key, round(dim.int.low), round(dim.int.high),
-                                                log=dim.int.log)
-            else:
-                # Optuna's choices are scalars: lists travel as their YAML text.
-                choice = trial.suggest_categorical(key, [_text(c) for c in dim.categorical])
-                values[key] = yaml.safe_load(choice)
-        return values
-
-    def overrides(self, values: dict[str, Any]) -> list[str]:
-        """``section.key=value`` strings over params.yaml: the fixed ones, --set, the trial's."""
-        items = [*(f"{k}={_text(v)}" for k, v in self.fixed.items()), *self.sets,
-                 *(f"{k}={_text(v)}" for k, v in values.items())]
-        last = {item.partition("=")[0].strip(): item for item in items}  # a later key wins
-        return list(last.values())
-
-
-def load_space(path: Path, params_file: Path, base_overrides: Sequence[str] = ()) -> SearchSpace:
-    """Reads and checks a search space: every key a params.yaml key, every value possible.
-
-    Each range end and each choice is validated as that param would be, so a search never starts a
-    trial that would fail on its params.
-
-    Raises:
-        SearchSpaceError: The file is missing or malformed, or a key or range is impossible.
-    """
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise SearchSpaceError(f"{path}: search space file not found") from None
-    except yaml.YAMLError as exc:
-        raise SearchSpaceError(f"{path}: not valid YAML ({exc})") from None
-    unknown = sorted(set(raw) - {"fixed", "params"}) if isinstance(raw, dict) else ["(not a mapping)"]
-    if unknown:
-        raise SearchSpaceError(f"{path}: unknown section {unknown[0]!r}; expected fixed and params")
-    if not raw.get("params"):
-        raise SearchSpaceError(f"{path}: params: expected at least one param to search")
-    fixed = raw.get("fixed") or {}
-    params = {}
-    for key, spec in raw["params"].items():
-        try:
-            params[key] = _Dimension.model_validate(spec)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            message = error["msg"].removeprefix("Value error, ")
-            raise SearchSpaceError(f"{path}: params.{key}{'.' + where if where else ''}: "
-                                   f"{message}") from None
-    space = SearchSpace(fixed=fixed, params=params, sets=tuple(base_overrides))
-    for key, dim in params.items():
-        if dim.kind == "categorical":
-            samples = dim.categorical
-        else:
-            rng = dim.float if dim.kind == "float" else dim.int
-            samples = [rng.low, rng.high] if dim.kind == "float" else [round(rng.low), round(rng.high)]
-        for value in samples:
-            try:
-                load_params(params_file, space.overrides({key: value}))
-            except ConfigError as exc:
-                raise SearchSpaceError(f"{path}: params.{key}: {exc}") from None
-    try:
-        load_params(params_file, space.overrides({}))
-    except ConfigError as exc:
-        raise SearchSpaceError(f"{path}: fixed: {exc}") from None
-    return space
 
 
 @dataclass(frozen=True)
@@ -174,8 +64,11 @@ class TuneSettings:
 
     def storage_url(self) -> str:
         """``storage``, else ``$MNIST_VAE_TUNE_STORAGE``, else the journal ``.tune/STUDY.journal``."""
-        return (self.storage or os.environ.get(STORAGE_ENV, "").strip()
-                or f"journal:{Path('.tune') / (self.study + '.journal')}")
+        return (
+            self.storage
+            or os.environ.get(STORAGE_ENV, "").strip()
+            or f"journal:{Path('.tune') / (self.study + '.journal')}"
+        )
 
 
 @dataclass(frozen=True)
@@ -188,7 +81,7 @@ class TuneResult:
     pruned: int
 
 
-def _storage(url: str):
+def _storage(url: str) -> BaseStorage:
     """Optuna's storage for ``url``.
 
     Raises:
@@ -210,12 +103,12 @@ def _storage(url: str):
         return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
     except sqlalchemy.exc.OperationalError as exc:
         # The driver's message names host and port, never the password.
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+        reason = first_line(exc.orig) if exc.orig is not None else type(exc).__name__
         raise TuneError(f"Optuna storage {redacted(url)} cannot be used: {reason}") from None
 
 
 @contextlib.contextmanager
-def _trial_lock(url: str, storage, study: str) -> Iterator[None]:
+def _trial_lock(url: str, storage: BaseStorage, study: str) -> Iterator[None]:
     """Serialises counting a study's trials and creating one, across every process on the study.
 
     Optuna numbers trials atomically but has no "at most N": two processes that both see N - 1
@@ -228,6 +121,9 @@ def _trial_lock(url: str, storage, study: str) -> Iterator[None]:
         with FileLock(url.removeprefix("journal:") + ".ask.lock"):
             yield
         return
+    from optuna.storages import RDBStorage
+
+    assert isinstance(storage, RDBStorage), "a storage URL other than journal: is a database's"
     engine = storage.engine
     if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
         with FileLock(engine.url.database + ".ask.lock"):
@@ -236,8 +132,9 @@ def _trial_lock(url: str, storage, study: str) -> Iterator[None]:
     if engine.dialect.name == "postgresql":
         from sqlalchemy import text
 
-        key = int.from_bytes(hashlib.sha256(f"mnist-vae tune {study}".encode()).digest()[:8], "big",
-                             signed=True)
+        key = int.from_bytes(
+            hashlib.sha256(f"mnist-vae tune {study}".encode()).digest()[:8], "big", signed=True
+        )
         with engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
             try:
@@ -263,21 +160,27 @@ def tune(settings: TuneSettings) -> TuneResult:
     from mnist_vae.paths import project_root
 
     space = load_space(settings.space_file, settings.params_file, settings.overrides)
-    params = load_params(settings.params_file, space.overrides({}))
-    if params.train.validation == 0:
-        raise ConfigError("train.validation: expected a validation split to choose on, got 0")
+    params = _trial_params(settings, space.overrides({}))
     root = project_root()
     tracking.configure(root)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=settings.study, storage=_storage(settings.storage_url()),
-                                direction="minimize", load_if_exists=True)
+    study = optuna.create_study(
+        study_name=settings.study,
+        storage=_storage(settings.storage_url()),
+        direction="minimize",
+        load_if_exists=True,
+    )
     parent_id = study.user_attrs.get(PARENT_ATTR)
     if parent_id is None:
         experiment = tracking.experiment_id(params.mlflow.experiment, root)
         with mlflow.start_run(experiment_id=experiment, run_name=f"tune-{settings.study}") as parent:
-            mlflow.set_tags({"tune.study": settings.study,
-                             "tune.storage": tracking.redacted(settings.storage_url()),
-                             "tune.space": Path(settings.space_file).read_text()})
+            mlflow.set_tags(
+                {
+                    "tune.study": settings.study,
+                    "tune.storage": tracking.redacted(settings.storage_url()),
+                    "tune.space": Path(settings.space_file).read_text(),
+                }
+            )
             mlflow.log_param("tune.trials", settings.trials)
             parent_id = parent.info.run_id
         study.set_user_attr(PARENT_ATTR, parent_id)
@@ -285,16 +188,20 @@ def tune(settings: TuneSettings) -> TuneResult:
         _worker(settings, parent_id)
     else:
         context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=_worker_process, args=(settings, parent_id), daemon=False)
-                   for _ in range(settings.jobs)]
+        workers = [
+            context.Process(target=_worker_process, args=(settings, parent_id), daemon=False)
+            for _ in range(settings.jobs)
+        ]
         for w in workers:
             w.start()
         for w in workers:
             w.join()
         failed = [w.exitcode for w in workers if w.exitcode != 0]
         if failed:
-            raise TuneError(f"{len(failed)} of {len(workers)} tune worker processes failed (exit codes "
-                            f"{', '.join(map(str, failed))}); their errors are printed above")
+            raise TuneError(
+                f"{len(failed)} of {len(workers)} tune worker processes failed (exit codes "
+                f"{', '.join(map(str, failed))}); their errors are printed above"
+            )
     return _finish(study, space, parent_id, settings)
 
 
@@ -318,10 +225,12 @@ def _worker(settings: TuneSettings, parent_id: str) -> None:
     tracking.configure()
     url = settings.storage_url()
     storage = _storage(url)
-    study = optuna.load_study(study_name=settings.study, storage=storage,
-                              sampler=optuna.samplers.TPESampler(),
-                              pruner=optuna.pruners.MedianPruner(n_startup_trials=2,
-                                                                 n_warmup_steps=1))
+    study = optuna.load_study(
+        study_name=settings.study,
+        storage=storage,
+        sampler=optuna.samplers.TPESampler(),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    )
     space = load_space(settings.space_file, settings.params_file, settings.overrides)
     data = load_mnist(settings.data)
     while True:
@@ -343,8 +252,26 @@ def _worker(settings: TuneSettings, parent_id: str) -> None:
         study.tell(trial, value)
 
 
-def _run_trial(trial, values: dict[str, Any], space: SearchSpace, settings: TuneSettings, data,
-               parent_id: str) -> float:
+def _trial_params(settings: TuneSettings, overrides: list[str]) -> Params:
+    """The params of a trial with ``overrides``, which must leave a validation split to choose on.
+
+    Raises:
+        ConfigError: A param is invalid, or ``train.validation`` is 0.
+    """
+    params = load_params(settings.params_file, overrides)
+    if params.train.validation == 0:
+        raise ConfigError("train.validation: expected a validation split to choose on, got 0")
+    return params
+
+
+def _run_trial(
+    trial: Trial,
+    values: dict[str, Any],
+    space: SearchSpace,
+    settings: TuneSettings,
+    data: MnistData,
+    parent_id: str,
+) -> float:
     """Trains one trial in an MLflow child run; returns its last validation negative ELBO."""
     import math
 
@@ -355,20 +282,29 @@ def _run_trial(trial, values: dict[str, Any], space: SearchSpace, settings: Tune
     from mnist_vae.train import Trainer
 
     overrides = space.overrides(values)
-    params = load_params(settings.params_file, overrides)
+    params = _trial_params(settings, overrides)
     x_train, _, x_val, _ = data.split(params.train.validation)
-    trainer = Trainer(build_model(params.model, seed=params.train.seed), x_train, params.train,
-                      validation=x_val)
+    trainer = Trainer(
+        build_model(params.model, seed=params.train.seed), x_train, params.train, validation=x_val
+    )
     experiment = mlflow.get_run(parent_id).info.experiment_id
-    with mlflow.start_run(experiment_id=experiment, run_name=f"{settings.study}-trial-{trial.number}",
-                          tags={"mlflow.parentRunId": parent_id, "tune.study": settings.study,
-                                "tune.trial": str(trial.number),
-                                "tune.overrides": " ".join(overrides)}) as run:
-        mlflow.log_params({k: _text(v) for k, v in params.flat().items()
-                           if not k.startswith(("evaluate.", "data."))})
+    with mlflow.start_run(
+        experiment_id=experiment,
+        run_name=f"{settings.study}-trial-{trial.number}",
+        tags={
+            "mlflow.parentRunId": parent_id,
+            "tune.study": settings.study,
+            "tune.trial": str(trial.number),
+            "tune.overrides": " ".join(overrides),
+        },
+    ) as run:
+        mlflow.log_params(
+            {k: yaml_text(v) for k, v in params.flat().items() if not k.startswith(("evaluate.", "data."))}
+        )
         value = math.inf
         for stats in trainer.epochs(progress=False):
             mlflow.log_metrics(stats.metrics(), step=stats.epoch)
+            assert stats.val_neg_elbo is not None, "a trial's params have a validation split"
             value = stats.val_neg_elbo
             if not math.isfinite(value):
                 break
@@ -376,41 +312,49 @@ def _run_trial(trial, values: dict[str, Any], space: SearchSpace, settings: Tune
             if trial.should_prune():
                 mlflow.set_tag("tune.state", "PRUNED")
                 mlflow.end_run("KILLED")
-                log.info("trial %d pruned after epoch %d (val neg. ELBO %.2f)", trial.number,
-                         stats.epoch, value)
+                log.info(
+                    "trial %d pruned after epoch %d (val neg. ELBO %.2f)", trial.number, stats.epoch, value
+                )
                 raise optuna.TrialPruned()
         mlflow.set_tag("tune.state", "COMPLETE")
         mlflow.log_metric("val_neg_elbo_final", value)
-        log.info("trial %d: val neg. ELBO %.2f with %s (run %s)", trial.number, value,
-                 " ".join(overrides), run.info.run_id)
+        log.info(
+            "trial %d: val neg. ELBO %.2f with %s (run %s)",
+            trial.number,
+            value,
+            " ".join(overrides),
+            run.info.run_id,
+        )
     return value
 
 
-def _finish(study, space: SearchSpace, parent_id: str, settings: TuneSettings) -> TuneResult:
+def _finish(study: Study, space: SearchSpace, parent_id: str, settings: TuneSettings) -> TuneResult:
     import mlflow
     import optuna
 
     states = optuna.trial.TrialState
     trials = [t for t in study.get_trials(deepcopy=False) if t.number < settings.trials]
     if not any(t.state == states.COMPLETE for t in trials):
-        raise TuneError(f"study {settings.study!r}: no trial completed (all pruned or failed); "
-                        "widen the search space or train longer (fixed: train.epochs)")
+        raise TuneError(
+            f"study {settings.study!r}: no trial completed (all pruned or failed); "
+            "widen the search space or train longer (fixed: train.epochs)"
+        )
     best = study.best_trial
+    best_value = best.value
+    assert best_value is not None, "the best trial is a completed one, with a value"
     values = {key: yaml.safe_load(v) if isinstance(v, str) else v for key, v in best.params.items()}
     dvc_args = " ".join(f"-S '{item}'" for item in space.overrides(values))
     client = mlflow.MlflowClient()
     for key, value in values.items():
-        client.set_tag(parent_id, f"best.{key}", _text(value))
-    client.log_metric(parent_id, "best_val_neg_elbo", best.value)
+        client.set_tag(parent_id, f"best.{key}", yaml_text(value))
+    client.log_metric(parent_id, "best_val_neg_elbo", best_value)
     client.set_tag(parent_id, "best.trial", str(best.number))
     client.set_tag(parent_id, "best.dvc_exp_run", f"dvc exp run {dvc_args}")
-    return TuneResult(parent_run_id=parent_id, best_value=best.value, best_params=values,
-                      dvc_args=dvc_args, trials=len(trials),
-                      pruned=sum(t.state == states.PRUNED for t in trials))
-
-
-def _text(value: Any) -> str:
-    """A value as params.yaml / ``-S`` would write it (lists in flow style: ``[512, 256]``)."""
-    if isinstance(value, str):
-        return value
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return TuneResult(
+        parent_run_id=parent_id,
+        best_value=best_value,
+        best_params=values,
+        dvc_args=dvc_args,
+        trials=len(trials),
+        pruned=sum(t.state == states.PRUNED for t in trials),
+    )

@@ -1,14 +1,27 @@
-"""Row (d) of the benchmark: the training seconds until a preset reaches a test negative ELBO."""
+"""Row (d) of the benchmark: the training seconds until a preset reaches a test negative ELBO; the
+result's table, JSON and MLflow run."""
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
-from mnist_vae.bench import ROW_D, BenchSettings, time_to_target
+from mnist_vae.bench import (
+    ROW_D,
+    BenchResult,
+    BenchSettings,
+    log_to_mlflow,
+    print_table,
+    time_to_target,
+    write_json,
+)
 from mnist_vae.config import ModelConfig
 from mnist_vae.data import MnistData
 
@@ -30,8 +43,7 @@ def test_row_d_stops_at_the_first_epoch_that_reaches_the_target(data: MnistData)
     # A target first met after epoch 2: the same (seeded) training stops there, and counts the
     # training seconds of those two epochs only.
     target = history[1] + 0.25 * (history[0] - history[1])
-    reached = time_to_target(data, replace(unreachable, target_neg_elbo=target), "mlp",
-                             test_images=100)
+    reached = time_to_target(data, replace(unreachable, target_neg_elbo=target), "mlp", test_images=100)
     assert reached.epochs_to_target == 2
     assert reached.neg_elbo_per_epoch == pytest.approx(history[:2], rel=1e-4)
     assert reached.seconds_to_target is not None and reached.seconds_to_target > 0
@@ -44,7 +56,104 @@ def test_row_d_trains_the_conv_preset_as_params_yaml_does(repo_root) -> None:
 
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     conv, settings = ROW_D["conv"]
-    assert conv == ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in params["model"].items()})
+    assert conv == ModelConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in params["model"].items()}
+    )
     assert settings == {"batch_size": params["train"]["batch_size"], "lr": params["train"]["lr"]}
     assert ROW_D["mlp"][0].preset == "mlp"
+
+
+def _result() -> BenchResult:
+    machine = {
+        "device": "cpu",
+        "torch": "2.9.0",
+        "cpu": "Test CPU",
+        "cpu_count": "2",
+        "threads": "2",
+        "gpu": "",
+        "python": "3.11.9",
+    }
+    row = {
+        "loss_after_budget": None,
+        "seconds_to_target": None,
+        "epochs_to_target": None,
+        "neg_elbo_per_epoch": None,
+    }
+    rows = [
+        {
+            **row,
+            "name": "a",
+            "description": "tutorial loop",
+            "batch_size": 32,
+            "samples_per_sec": 1234.4,
+            "seconds_per_epoch": 48.6,
+            "ratio": 1.0,
+            "loss_after_budget": 0.12344,
+        },
+        {
+            **row,
+            "name": "d-mlp",
+            "description": "mlp preset to test neg. ELBO <= 100",
+            "batch_size": 128,
+            "samples_per_sec": 5000.0,
+            "seconds_per_epoch": 12.0,
+            "ratio": 4.05,
+            "seconds_to_target": 36.04,
+            "epochs_to_target": 3,
+            "neg_elbo_per_epoch": [120.0, 104.0, 99.5],
+        },
+    ]
+    return {"machine": machine, "settings": {"chunk": 32, "device": "cpu"}, "rows": rows}
+
+
+def test_the_table_shows_each_row_against_row_a_and_the_machine() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    print_table(_result(), console)
+    lines = out.getvalue().splitlines()
+    assert "training speed on cpu (Test CPU, 2 threads, torch 2.9.0)" in lines[0]
+    a = next(line for line in lines if "tutorial loop" in line).split("│")
+    assert [cell.strip() for cell in a[1:-1]] == [
+        "a",
+        "tutorial loop",
+        "32",
+        "1,234",
+        "48.6",
+        "1.00",
+        "0.1234",
+        "",
+    ]
+    d = next(line for line in lines if "mlp preset" in line).split("│")
+    assert [cell.strip() for cell in d[1:-1]][-3:] == ["4.05", "", "36.0"]
+
+
+def test_the_result_is_written_as_json_and_logged_as_one_run(
+    tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # the embedded store keeps artifacts beside the project
+    result = _result()
+    path = write_json(result, tmp_path / "reports" / "bench.json")
+    assert json.loads(path.read_text()) == result
+    run = mlflow.get_run(log_to_mlflow(result, path))
+    assert run.data.metrics == {
+        "a_samples_per_sec": 1234.4,
+        "a_seconds_per_epoch": 48.6,
+        "a_ratio": 1.0,
+        "a_loss_after_budget": 0.12344,
+        "d-mlp_samples_per_sec": 5000.0,
+        "d-mlp_seconds_per_epoch": 12.0,
+        "d-mlp_ratio": 4.05,
+        "d-mlp_seconds_to_target": 36.04,
+    }
+    assert run.data.params == {"bench.chunk": "32", "bench.device": "cpu"}
+    assert run.data.tags["machine.cpu"] == "Test CPU" and run.data.tags["machine.threads"] == "2"
+    assert mlflow.get_experiment(run.info.experiment_id).name == "mnist-vae-bench"
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)] == ["bench.json"]
+
+
+def test_settings_refuse_a_device_train_does_not_know() -> None:
+    with pytest.raises(ValueError, match="device: expected auto, cpu or cuda, got 'gpu'"):
+        BenchSettings(device="gpu")
+    assert BenchSettings(device="cpu").train_device == "cpu"

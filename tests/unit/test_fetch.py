@@ -53,9 +53,7 @@ def http_mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         def log_message(self, *args: object) -> None:  # keep pytest's output clean
             pass
 
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), partial(QuietHandler, directory=str(root))
-    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -145,8 +143,11 @@ def test_unsupported_scheme_is_a_config_error() -> None:
 
 
 def test_checksum_mismatch_falls_through(
-    tiny_idx: dict[str, bytes], tmp_path: Path, caplog: pytest.LogCaptureFixture,
-    idx_bytes: IdxBytes, make_mirror: MakeMirror,
+    tiny_idx: dict[str, bytes],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    idx_bytes: IdxBytes,
+    make_mirror: MakeMirror,
 ) -> None:
     name = "train-labels-idx1-ubyte"
     bad = make_mirror(tmp_path / "bad", {name: idx_bytes(np.array([1, 1, 1]))})
@@ -158,7 +159,9 @@ def test_checksum_mismatch_falls_through(
 
 
 def test_truncated_gzip_falls_through(
-    tiny_idx: dict[str, bytes], tmp_path: Path, make_mirror: MakeMirror,
+    tiny_idx: dict[str, bytes],
+    tmp_path: Path,
+    make_mirror: MakeMirror,
 ) -> None:
     name = "t10k-images-idx3-ubyte"
     broken = tmp_path / "broken"
@@ -169,7 +172,9 @@ def test_truncated_gzip_falls_through(
 
 
 def test_missing_directory_falls_through_and_plain_files_count(
-    tiny_idx: dict[str, bytes], tmp_path: Path, make_mirror: MakeMirror,
+    tiny_idx: dict[str, bytes],
+    tmp_path: Path,
+    make_mirror: MakeMirror,
 ) -> None:
     name = "t10k-labels-idx1-ubyte"
     plain = make_mirror(tmp_path / "plain", tiny_idx, compress=False)
@@ -178,7 +183,10 @@ def test_missing_directory_falls_through_and_plain_files_count(
 
 
 def test_all_mirrors_failing_lists_each_reason(
-    tiny_idx: dict[str, bytes], tmp_path: Path, idx_bytes: IdxBytes, make_mirror: MakeMirror,
+    tiny_idx: dict[str, bytes],
+    tmp_path: Path,
+    idx_bytes: IdxBytes,
+    make_mirror: MakeMirror,
 ) -> None:
     name = "train-images-idx3-ubyte"
     wrong = make_mirror(tmp_path / "wrong", {name: idx_bytes(np.zeros((1, 28, 28)))})
@@ -207,7 +215,9 @@ def test_all_mirrors_failing_lists_each_reason(
 
 
 def test_unreachable_host_is_skipped_for_later_files(
-    tiny_idx: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_idx: dict[str, bytes],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     make_mirror: MakeMirror,
 ) -> None:
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the refusal must come from the port, not a proxy
@@ -232,7 +242,9 @@ def test_unreachable_host_is_skipped_for_later_files(
 
 
 def test_http_mirror_with_progress_and_404_fall_through(
-    tiny_idx: dict[str, bytes], http_mirror: tuple[str, Path], monkeypatch: pytest.MonkeyPatch,
+    tiny_idx: dict[str, bytes],
+    http_mirror: tuple[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
     make_mirror: MakeMirror,
 ) -> None:
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
@@ -255,7 +267,9 @@ def test_unknown_file_name_is_rejected() -> None:
 
 
 def test_download_writes_one_npz_that_loads_back(
-    tiny_idx: dict[str, bytes], tiny_splits: dict[str, int], tmp_path: Path,
+    tiny_idx: dict[str, bytes],
+    tiny_splits: dict[str, int],
+    tmp_path: Path,
     make_mirror: MakeMirror,
 ) -> None:
     mirror = make_mirror(tmp_path / "mirror", tiny_idx)
@@ -271,7 +285,9 @@ def test_download_writes_one_npz_that_loads_back(
 
 
 def test_failed_fetch_leaves_previous_output_alone(
-    tiny_idx: dict[str, bytes], tmp_path: Path, make_mirror: MakeMirror,
+    tiny_idx: dict[str, bytes],
+    tmp_path: Path,
+    make_mirror: MakeMirror,
 ) -> None:
     out = tmp_path / "mnist.npz"
     out.write_bytes(b"previous")
@@ -283,22 +299,25 @@ def test_failed_fetch_leaves_previous_output_alone(
 
 
 def test_wrong_sizes_are_rejected_before_writing(
-    tiny_idx: dict[str, bytes], tmp_path: Path, make_mirror: MakeMirror,
+    tiny_idx: dict[str, bytes],
+    tmp_path: Path,
+    make_mirror: MakeMirror,
 ) -> None:
     # Without ``tiny_splits`` the official 60000/10000 sizes apply, which the tiny files miss.
     out = tmp_path / "mnist.npz"
     out.write_bytes(b"previous")
     mirror = make_mirror(tmp_path / "mirror", tiny_idx)
-    with pytest.raises(
-        IdxError, match=r"train-images-idx3-ubyte: expected shape \(60000, 28, 28\)"
-    ):
+    with pytest.raises(IdxError, match=r"train-images-idx3-ubyte: expected shape \(60000, 28, 28\)"):
         download_mnist(out, [str(mirror)], progress=False)
     assert out.read_bytes() == b"previous"
 
 
 def test_failed_write_removes_temp_file(
-    tiny_idx: dict[str, bytes], tiny_splits: dict[str, int], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, make_mirror: MakeMirror,
+    tiny_idx: dict[str, bytes],
+    tiny_splits: dict[str, int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_mirror: MakeMirror,
 ) -> None:
     out = tmp_path / "mnist.npz"
     out.write_bytes(b"previous")
@@ -313,5 +332,3 @@ def test_failed_write_removes_temp_file(
         download_mnist(out, [str(mirror)], progress=False)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror", "mnist.npz"]
-
-

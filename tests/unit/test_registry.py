@@ -44,5 +44,6 @@ def test_the_champion_read_tells_a_missing_alias_from_a_failure(client: MlflowCl
 
 def test_a_password_in_an_error_is_scrubbed() -> None:
     text = "API request to https://alice:s3@cret@mlflow.example:5000/api failed; see http://h/x"
-    assert registry._scrub(text) == ("API request to https://alice@mlflow.example:5000/api "
-                                     "failed; see http://h/x")
+    assert registry._scrub(text) == (
+        "API request to https://alice@mlflow.example:5000/api failed; see http://h/x"
+    )

@@ -47,8 +47,7 @@ def _served_scores(vae: VAE, images: np.ndarray, seed: int = 0) -> np.ndarray:
 def test_scores_equal_the_served_score_output_for_the_same_seed(vae: VAE, images: np.ndarray) -> None:
     for seed in (0, 7):
         expected = _served_scores(vae, images, seed)
-        np.testing.assert_array_equal(score_pixels(vae, images.reshape(5, 784), seed)["neg_elbo"],
-                                      expected)
+        np.testing.assert_array_equal(score_pixels(vae, images.reshape(5, 784), seed)["neg_elbo"], expected)
         # Batches smaller than the input take the same draws.
         chunked = score_pixels(vae, images.reshape(5, 784), seed, batch_size=2)["neg_elbo"]
         np.testing.assert_allclose(chunked, expected, rtol=1e-5)
@@ -57,12 +56,14 @@ def test_scores_equal_the_served_score_output_for_the_same_seed(vae: VAE, images
 
 def test_float_input_scores_as_its_uint8_twin(vae: VAE, images: np.ndarray) -> None:
     as_float = images.reshape(5, 784).astype(np.float32) / 255.0
-    np.testing.assert_array_equal(score_pixels(vae, as_float)["neg_elbo"],
-                                  score_pixels(vae, images.reshape(5, 784))["neg_elbo"])
+    np.testing.assert_array_equal(
+        score_pixels(vae, as_float)["neg_elbo"], score_pixels(vae, images.reshape(5, 784))["neg_elbo"]
+    )
 
 
-def test_npz_scores_x_test_by_default_and_any_key(vae: VAE, tmp_path: Path,
-                                                  write_dataset: Callable[..., Path]) -> None:
+def test_npz_scores_x_test_by_default_and_any_key(
+    vae: VAE, tmp_path: Path, write_dataset: Callable[..., Path]
+) -> None:
     npz = write_dataset(tmp_path / "mnist.npz", 6, n_test=4)
     out = score_file(vae, npz, tmp_path / "scores.csv")
     table = pd.read_csv(out.path)
@@ -83,8 +84,9 @@ def test_npy_of_uint8_or_float(vae: VAE, images: np.ndarray, tmp_path: Path, sha
         np.testing.assert_allclose(table["neg_elbo"], expected, rtol=1e-5)
 
 
-def test_folder_of_pictures_names_each_row_by_file(vae: VAE, tmp_path: Path,
-                                                   stroke_picture: Callable[..., Path]) -> None:
+def test_folder_of_pictures_names_each_row_by_file(
+    vae: VAE, tmp_path: Path, stroke_picture: Callable[..., Path]
+) -> None:
     folder = tmp_path / "digits"
     folder.mkdir()
     stroke_picture(folder / "b.png")
@@ -97,12 +99,10 @@ def test_folder_of_pictures_names_each_row_by_file(vae: VAE, tmp_path: Path,
 
 def test_parquet_with_latents(vae: VAE, images: np.ndarray, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", images)
-    table = pd.read_parquet(score_file(vae, tmp_path / "x.npy", tmp_path / "s.parquet",
-                                       latents=True).path)
+    table = pd.read_parquet(score_file(vae, tmp_path / "x.npy", tmp_path / "s.parquet", latents=True).path)
     assert list(table.columns) == ["image", "neg_elbo", "mu_0", "mu_1", "mu_2"]
     mu = vae.encode(torch.from_numpy(images.reshape(5, 784).astype(np.float32) / 255))[0]
-    np.testing.assert_allclose(table[["mu_0", "mu_1", "mu_2"]].to_numpy(), mu.detach().numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(table[["mu_0", "mu_1", "mu_2"]].to_numpy(), mu.detach().numpy(), atol=1e-6)
     assert table.equals(pd.read_parquet(tmp_path / "s.parquet"))
     csv = pd.read_csv(score_file(vae, tmp_path / "x.npy", tmp_path / "s.csv", latents=True).path)
     np.testing.assert_allclose(csv.to_numpy(), table.to_numpy(), rtol=1e-6)
@@ -121,26 +121,48 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str | None, str]]:
     (tmp / "empty_dir").mkdir()
     return {
         "missing": (tmp / "nope.npz", None, "nope.npz: no such file or folder; expected an .npz"),
-        "suffix": (tmp / "notes.txt", None, "unknown kind '.txt'; expected an .npz, an .npy or a "
-                                            "folder of PNG/JPEG images"),
-        "shape": (tmp / "shape.npy", None, "expected uint8 0-255 or float grey levels in [0, 1], of "
-                                           "shape (N, 28, 28) or (N, 784), got shape (3, 10)"),
-        "range": (tmp / "range.npy", None, "expected grey levels in [0, 1] (or uint8 0-255), got "
-                                           "values in [2, 2]"),
+        "suffix": (
+            tmp / "notes.txt",
+            None,
+            "unknown kind '.txt'; expected an .npz, an .npy or a folder of PNG/JPEG images",
+        ),
+        "shape": (
+            tmp / "shape.npy",
+            None,
+            "expected uint8 0-255 or float grey levels in [0, 1], of "
+            "shape (N, 28, 28) or (N, 784), got shape (3, 10)",
+        ),
+        "range": (
+            tmp / "range.npy",
+            None,
+            "expected grey levels in [0, 1] (or uint8 0-255), got values in [2, 2]",
+        ),
         "nan": (tmp / "nan.npy", None, "expected finite grey levels in [0, 1], got NaN or infinity"),
         "dtype": (tmp / "ints.npy", None, "got dtype int64"),
         "no-images": (tmp / "empty.npy", None, "expected at least one image, got none"),
-        "key": (tmp / "keys.npz", "x_val", "keys.npz: no array 'x_val'; expected one of its arrays: "
-                                           "x_test"),
+        "key": (tmp / "keys.npz", "x_val", "keys.npz: no array 'x_val'; expected one of its arrays: x_test"),
         "key-of-npy": (tmp / "shape.npy", "x_test", "only an .npz has keys"),
         "corrupt": (tmp / "corrupt.npy", None, "expected an .npy array, could not read it"),
-        "empty-folder": (tmp / "empty_dir", None, "no PNG or JPEG files (expected *.png, *.jpg or "
-                                                  "*.jpeg)"),
+        "empty-folder": (tmp / "empty_dir", None, "no PNG or JPEG files (expected *.png, *.jpg or *.jpeg)"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "suffix", "shape", "range", "nan", "dtype", "no-images",
-                                  "key", "key-of-npy", "corrupt", "empty-folder"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "suffix",
+        "shape",
+        "range",
+        "nan",
+        "dtype",
+        "no-images",
+        "key",
+        "key-of-npy",
+        "corrupt",
+        "empty-folder",
+    ],
+)
 def test_bad_input_is_a_one_line_user_error(tmp_path: Path, case: str) -> None:
     source, key, expected = _bad_inputs(tmp_path)[case]
     with pytest.raises(ScoreInputError) as info:
@@ -156,11 +178,15 @@ def test_unreadable_picture_is_an_image_error(tmp_path: Path) -> None:
         read_images(tmp_path)
 
 
-def test_bad_output_fails_before_scoring(vae: VAE, images: np.ndarray, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_output_fails_before_scoring(
+    vae: VAE, images: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     np.save(tmp_path / "x.npy", images)
-    with pytest.raises(ScoreInputError, match=r"s\.json: unknown output kind '\.json'; expected a "
-                                              r"\.csv or \.parquet file"):
+    with pytest.raises(
+        ScoreInputError,
+        match=r"s\.json: unknown output kind '\.json'; expected a "
+        r"\.csv or \.parquet file",
+    ):
         score_file(vae, tmp_path / "x.npy", tmp_path / "s.json")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
     with pytest.raises(ScoreInputError, match="writing Parquet needs pyarrow"):
@@ -169,7 +195,8 @@ def test_bad_output_fails_before_scoring(vae: VAE, images: np.ndarray, tmp_path:
 
 
 def test_cli_scores_a_folder_and_reports_bad_input_in_one_line(
-        vae: VAE, images: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vae: VAE, images: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     save_model(vae, tmp_path / "model.pt")
     for i, image in enumerate(images[:2]):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
@@ -180,5 +207,7 @@ def test_cli_scores_a_folder_and_reports_bad_input_in_one_line(
     assert "scored 2 images" in result.output and len(pd.read_csv(tmp_path / "s.csv")) == 2
     result = runner.invoke(app, ["score", "nope.npy", "--model", "model.pt"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert result.output.strip() == "error: nope.npy: no such file or folder; expected an .npz, an " \
-                                    ".npy or a folder of PNG/JPEG images"
+    assert (
+        result.output.strip() == "error: nope.npy: no such file or folder; expected an .npz, an "
+        ".npy or a folder of PNG/JPEG images"
+    )

@@ -20,8 +20,10 @@ LATENT = 3
 
 
 # Both presets a user registers: every output works for the MLP and the convolutional model.
-PRESETS = {"mlp": ModelConfig(preset="mlp", hidden=(16,), latent=LATENT),
-           "conv": ModelConfig(preset="conv", channels=(4, 8), blocks=1, dense=16, latent=LATENT)}
+PRESETS = {
+    "mlp": ModelConfig(preset="mlp", hidden=(16,), latent=LATENT),
+    "conv": ModelConfig(preset="conv", channels=(4, 8), blocks=1, dense=16, latent=LATENT),
+}
 
 
 @pytest.fixture(params=sorted(PRESETS))
@@ -56,8 +58,17 @@ def test_as_batch_accepts_each_shape_a_body_gives() -> None:
         ([["x"] * 784], "expected numeric pixel values"),
         ({"a": np.zeros((1, 784)), "b": np.zeros((1, 784))}, "expected one input tensor"),
     ],
-    ids=["10-values", "empty", "nan", "infinity", "above-1", "below-0", "text-columns", "text",
-         "two-tensors"],
+    ids=[
+        "10-values",
+        "empty",
+        "nan",
+        "infinity",
+        "above-1",
+        "below-0",
+        "text-columns",
+        "text",
+        "two-tensors",
+    ],
 )
 def test_as_batch_rejects_bad_input_as_invalid_parameter(model_input: object, expected: str) -> None:
     with pytest.raises(MlflowException) as info:
@@ -79,8 +90,7 @@ def test_reconstruction_is_the_default_output(served: ServedVAE) -> None:
 def test_latent_output_has_mu_and_logvar_columns(served: ServedVAE) -> None:
     x = _batch(4)
     latent = served.predict(x, {"output": "latent"})
-    assert list(latent.columns) == [f"mu_{i}" for i in range(LATENT)] + [f"logvar_{i}"
-                                                                          for i in range(LATENT)]
+    assert list(latent.columns) == [f"mu_{i}" for i in range(LATENT)] + [f"logvar_{i}" for i in range(LATENT)]
     mu, logvar = served.model.encode(torch.from_numpy(x))
     np.testing.assert_allclose(latent.iloc[:, :LATENT].to_numpy(), mu.detach().numpy(), atol=1e-6)
     np.testing.assert_allclose(latent.iloc[:, LATENT:].to_numpy(), logvar.detach().numpy(), atol=1e-6)
@@ -106,8 +116,10 @@ def test_sample_draws_n_images_whatever_the_input(served: ServedVAE) -> None:
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
-        ({"output": "everything"}, "unknown output 'everything': expected one of reconstruction, "
-                                   "latent, score, sample"),
+        (
+            {"output": "everything"},
+            "unknown output 'everything': expected one of reconstruction, latent, score, sample",
+        ),
         ({"output": "sample", "n": 0}, "parameter 'n': expected an integer in 1..1024, got 0"),
         ({"output": "sample", "n": 1025}, "parameter 'n': expected an integer in 1..1024"),
         ({"output": "sample", "n": True}, "parameter 'n': expected an integer in 1..1024, got True"),
@@ -130,6 +142,7 @@ def test_mlflow_loads_the_weights_folder(served: ServedVAE, tmp_path: Path) -> N
 
 def test_signature_declares_the_input_and_params() -> None:
     sig = signature()
-    assert sig.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32",
-                                                                      "shape": (-1, 784)}}]
+    assert sig.inputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 784)}}
+    ]
     assert {p.name: p.default for p in sig.params} == {"output": "reconstruction", "n": 16, "seed": 0}

@@ -11,19 +11,22 @@ from mnist_vae.procs import free_port
 from mnist_vae.tracking import TrackingUnavailableError, check_reachable, redacted
 
 
-@pytest.mark.parametrize(("uri", "shown"), [
-    ("http://alice:s3cret@host:5000/path?x=1", "http://alice@host:5000/path?x=1"),
-    ("https://alice:s3cret@Host.Example.com", "https://alice@Host.Example.com"),
-    ("http://alice:p@ss:w0rd@host", "http://alice@host"),  # "@" and ":" in the password
-    ("http://alice:s3cret@host:notaport", "http://alice@host:notaport"),
-    ("http://alice:s3cret@[::1]:5000", "http://alice@[::1]:5000"),
-    ("http://alice:@host", "http://alice@host"),  # an empty password
-    ("postgresql+psycopg://optuna:s3cret@db/optuna", "postgresql+psycopg://optuna@db/optuna"),
-    ("http://alice@host:5000", "http://alice@host:5000"),  # no password: unchanged
-    ("http://host:5000", "http://host:5000"),
-    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
-    ("journal:.tune/mnist-vae.journal", "journal:.tune/mnist-vae.journal"),
-])
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("http://alice:s3cret@host:5000/path?x=1", "http://alice@host:5000/path?x=1"),
+        ("https://alice:s3cret@Host.Example.com", "https://alice@Host.Example.com"),
+        ("http://alice:p@ss:w0rd@host", "http://alice@host"),  # "@" and ":" in the password
+        ("http://alice:s3cret@host:notaport", "http://alice@host:notaport"),
+        ("http://alice:s3cret@[::1]:5000", "http://alice@[::1]:5000"),
+        ("http://alice:@host", "http://alice@host"),  # an empty password
+        ("postgresql+psycopg://optuna:s3cret@db/optuna", "postgresql+psycopg://optuna@db/optuna"),
+        ("http://alice@host:5000", "http://alice@host:5000"),  # no password: unchanged
+        ("http://host:5000", "http://host:5000"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("journal:.tune/mnist-vae.journal", "journal:.tune/mnist-vae.journal"),
+    ],
+)
 def test_redacted_drops_only_the_password(uri: str, shown: str) -> None:
     assert redacted(uri) == shown
 

@@ -9,11 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_vae.config import ModelConfig, TrainConfig
+from mnist_vae import train as train_module
+from mnist_vae.config import ConfigError, ModelConfig, TrainConfig
 from mnist_vae.cores import available_cores
 from mnist_vae.errors import UserError
 from mnist_vae.model import build_model
-from mnist_vae.train import DeviceError, Trainer, learning_rate, resolve_device, train_model
+from mnist_vae.train import (
+    DeviceError,
+    Trainer,
+    TrainingDataError,
+    learning_rate,
+    resolve_device,
+    train_model,
+)
 
 Losses = Callable[[TrainConfig], list[float]]
 
@@ -23,14 +31,17 @@ def images(tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]]) -> np.ndar
     return tiny_images(128)[0]
 
 
-TINY = {"mlp": ModelConfig(preset="mlp", hidden=(32,), latent=4),
-        "conv": ModelConfig(preset="conv", channels=(4, 8), blocks=1, dense=32, latent=4)}
+TINY = {
+    "mlp": ModelConfig(preset="mlp", hidden=(32,), latent=4),
+    "conv": ModelConfig(preset="conv", channels=(4, 8), blocks=1, dense=32, latent=4),
+}
 
 
 @pytest.fixture(params=sorted(TINY))
 def losses(images: np.ndarray, request: pytest.FixtureRequest) -> Losses:
     """``losses(cfg)``: the per-epoch training loss of a tiny model of each preset trained with
     ``cfg``: every switch works for the MLP and the convolutional VAE alike."""
+
     def train(cfg: TrainConfig) -> list[float]:
         model = build_model(TINY[request.param], seed=cfg.seed)
         return [s.loss for s in train_model(model, images, cfg, progress=False)]
@@ -61,6 +72,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("inductor: no C++ compiler\nmore detail")
+
         return run
 
     cfg = TrainConfig(device="cpu", epochs=2, batch_size=32, seed=1)
@@ -73,9 +85,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(
     assert compiled == eager
 
 
-def test_tf32_without_cuda_warns_and_trains_in_fp32(
-    losses: Losses, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_tf32_without_cuda_warns_and_trains_in_fp32(losses: Losses, caplog: pytest.LogCaptureFixture) -> None:
     if torch.cuda.is_available():
         pytest.skip("tf32 is used on CUDA; the fallback only happens without it")
     with caplog.at_level(logging.WARNING, logger="mnist_vae.train"):
@@ -91,8 +101,11 @@ def test_bf16_autocast_trains(losses: Losses) -> None:
 
 
 def test_iwae_objective_and_dynamic_binarisation_train(losses: Losses) -> None:
-    history = losses(TrainConfig(device="cpu", epochs=3, batch_size=32, lr=3e-3, objective="iwae",
-                                 iw_samples=5, binarize=True))
+    history = losses(
+        TrainConfig(
+            device="cpu", epochs=3, batch_size=32, lr=3e-3, objective="iwae", iw_samples=5, binarize=True
+        )
+    )
     assert history[-1] < history[0]
 
 
@@ -139,3 +152,38 @@ def test_cuda_without_a_gpu_is_a_user_error() -> None:
         resolve_device("cuda")
     assert isinstance(info.value, UserError)
     assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("which", ["training", "validation"])
+def test_images_other_than_uint8_are_a_user_error_naming_the_dtype(images: np.ndarray, which: str) -> None:
+    cfg = TrainConfig(device="cpu", epochs=1, batch_size=32)
+    floats = images.astype(np.float32) / 255
+    train, validation = (floats, images[:32]) if which == "training" else (images, floats[:32])
+    model = build_model(TINY["mlp"], seed=0)
+    with pytest.raises(
+        TrainingDataError,
+        match=rf"^{which} images: expected uint8 grey levels 0-255, "
+        r"got dtype float32$",
+    ) as info:
+        Trainer(model, train, cfg, validation=validation)
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error(
+    images: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train_module, "rank_and_world", lambda: (0, 3))
+    model = build_model(TINY["mlp"], seed=0)
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.batch_size: expected a multiple of the 3 processes, "
+        r"so that each step's batch splits evenly over them, got 32$",
+    ):
+        Trainer(model, images, TrainConfig(device="cpu", epochs=1, batch_size=32))
+    # Fewer images than train.batch_size: the batch is all of them, and the message says so.
+    with pytest.raises(
+        ConfigError,
+        match=r"got 100 \(the number of training images, fewer than "
+        r"train.batch_size\)$",
+    ):
+        Trainer(model, images[:100], TrainConfig(device="cpu", epochs=1, batch_size=128))

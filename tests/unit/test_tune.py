@@ -43,47 +43,75 @@ class _Trial:
 
 
 def test_list_choices_travel_as_text_and_come_back_as_lists(space_file, repo_root: Path) -> None:
-    path = space_file({"fixed": {"train.epochs": 2},
-                       "params": {"model.hidden": {"categorical": [[64], [128, 64]]},
-                                  "train.lr": {"float": {"low": 1e-4, "high": 1e-2, "log": True}}}})
+    path = space_file(
+        {
+            "fixed": {"train.epochs": 2},
+            "params": {
+                "model.hidden": {"categorical": [[64], [128, 64]]},
+                "train.lr": {"float": {"low": 1e-4, "high": 1e-2, "log": True}},
+            },
+        }
+    )
     space = load_space(path, repo_root / "params.yaml", ["train.limit=100"])
     values = space.suggest(_Trial())
     assert values == {"model.hidden": [128, 64], "train.lr": 1e-4}
-    assert space.overrides(values) == ["train.epochs=2", "train.limit=100",
-                                       "model.hidden=[128, 64]", "train.lr=0.0001"]
+    assert space.overrides(values) == [
+        "train.epochs=2",
+        "train.limit=100",
+        "model.hidden=[128, 64]",
+        "train.lr=0.0001",
+    ]
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ({"params": {"train.learning_rate": {"float": {"low": 0.001, "high": 0.01}}}},
-     "params.train.learning_rate: train.learning_rate: unknown key"),
-    ({"params": {"train.lr": {"float": {"low": 0.01, "high": 0.001}}}},
-     "params.train.lr.float: expected low < high, got low 0.01, high 0.001"),
-    ({"params": {"train.lr": {"float": {"low": 0, "high": 0.1, "log": True}}}},
-     "expected low > 0 on a log scale"),
-    ({"params": {"train.lr": {"float": {"low": 0.001, "high": 2.0}}}},
-     "params.train.lr: train.lr: expected a learning rate in (0, 1), got 2.0"),
-    ({"params": {"model.activation": {"categorical": ["relu", "swish"]}}},
-     "params.model.activation: model.activation: expected one of"),
-    ({"params": {"train.lr": {"uniform": [0.1, 0.2]}}}, "params.train.lr.uniform: Extra inputs"),
-    ({"params": {}}, "params: expected at least one param to search"),
-    ({"fixed": {"train.epochs": 0}, "params": {"train.lr": {"categorical": [0.001]}}},
-     "train.epochs: expected an integer >= 1, got 0"),
-])
-def test_bad_search_space_is_one_line_naming_it(space_file, repo_root: Path, content: dict,
-                                                message: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            {"params": {"train.learning_rate": {"float": {"low": 0.001, "high": 0.01}}}},
+            "params.train.learning_rate: train.learning_rate: unknown key",
+        ),
+        (
+            {"params": {"train.lr": {"float": {"low": 0.01, "high": 0.001}}}},
+            "params.train.lr.float: expected low < high, got low 0.01, high 0.001",
+        ),
+        (
+            {"params": {"train.lr": {"float": {"low": 0, "high": 0.1, "log": True}}}},
+            "expected low > 0 on a log scale",
+        ),
+        (
+            {"params": {"train.lr": {"float": {"low": 0.001, "high": 2.0}}}},
+            "params.train.lr: train.lr: expected a learning rate in (0, 1), got 2.0",
+        ),
+        (
+            {"params": {"model.activation": {"categorical": ["relu", "swish"]}}},
+            "params.model.activation: model.activation: expected one of",
+        ),
+        ({"params": {"train.lr": {"uniform": [0.1, 0.2]}}}, "params.train.lr.uniform: Extra inputs"),
+        ({"params": {}}, "params: expected at least one param to search"),
+        (
+            {"fixed": {"train.epochs": 0}, "params": {"train.lr": {"categorical": [0.001]}}},
+            "train.epochs: expected an integer >= 1, got 0",
+        ),
+    ],
+)
+def test_bad_search_space_is_one_line_naming_it(
+    space_file, repo_root: Path, content: dict, message: str
+) -> None:
     with pytest.raises(SearchSpaceError) as info:
         load_space(space_file(content), repo_root / "params.yaml")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
 
-def test_tune_with_a_bad_space_exits_1_before_any_run(space_file, tmp_path: Path,
-                                                      repo_root: Path, monkeypatch) -> None:
+def test_tune_with_a_bad_space_exits_1_before_any_run(
+    space_file, tmp_path: Path, repo_root: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     path = space_file({"params": {"model.depth": {"int": {"low": 1, "high": 3}}}})
-    result = CliRunner().invoke(app, ["tune", "--space", str(path), "--params",
-                                      str(repo_root / "params.yaml"), "--trials", "2"])
+    result = CliRunner().invoke(
+        app, ["tune", "--space", str(path), "--params", str(repo_root / "params.yaml"), "--trials", "2"]
+    )
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model.depth" in lines[0]
@@ -91,13 +119,19 @@ def test_tune_with_a_bad_space_exits_1_before_any_run(space_file, tmp_path: Path
 
 
 def test_storage_comes_from_the_option_then_the_environment_then_the_journal(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from dataclasses import replace
 
     from mnist_vae.tune import STORAGE_ENV, TuneSettings
 
-    settings = TuneSettings(space_file=Path("space.yaml"), params_file=Path("params.yaml"),
-                            data=Path("data/mnist.npz"), trials=4, study="s")
+    settings = TuneSettings(
+        space_file=Path("space.yaml"),
+        params_file=Path("params.yaml"),
+        data=Path("data/mnist.npz"),
+        trials=4,
+        study="s",
+    )
     monkeypatch.delenv(STORAGE_ENV, raising=False)
     assert settings.storage_url() == "journal:.tune/s.journal"
     monkeypatch.setenv(STORAGE_ENV, "postgresql+psycopg://optuna@db/optuna")

@@ -1,6 +1,7 @@
 """Commands that train: the pipeline's stages (``download``, ``train``, ``run``), the named profiles of
 params, and the hyperparameter search (``tune``)."""
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -59,55 +60,59 @@ def download(
     Console().print(f"wrote {out}")
 
 
-def train(
-    params: ParamsOption = Path("params.yaml"),
-    data: DataOption = Path("data/mnist.npz"),
-    overrides: SetOption = None,
-    profile: ProfileOption = None,
-) -> None:
-    """Train the VAE as the train stage does, logging the run to MLflow.
+def _training_command(whole: bool, doc: str) -> Callable[..., None]:
+    """``train`` (``whole=False``) or ``run``: the same options, the same params; ``run`` also
+    downloads a missing dataset, then evaluates and registers."""
+
+    def command(
+        params: ParamsOption = Path("params.yaml"),
+        data: DataOption = Path("data/mnist.npz"),
+        overrides: SetOption = None,
+        profile: ProfileOption = None,
+    ) -> None:
+        from mnist_vae import tracking
+        from mnist_vae.stages import download, evaluate, train
+
+        resolved = _params(params, overrides, profile)
+        tracking.configure()  # an unreachable server fails now, not after the download
+        paths = Paths(data=data)
+        console = Console()
+        if whole and data.is_file():
+            console.print(f"dataset {data} present; not downloading (`mnist-vae download` refetches)")
+        elif whole:
+            download.run(resolved, paths)
+        run_id = train.run(resolved, paths)
+        if not whole:
+            console.print(f"trained: MLflow run {run_id}, weights in {paths.model}")
+            return
+        with busy("evaluating and registering"):
+            evaluation = evaluate.run(resolved, paths)
+        console.print(f"test metrics of MLflow run {run_id}:")
+        console.print(metrics_table(evaluation))
+
+    command.__doc__ = doc
+    return command
+
+
+train = _training_command(
+    whole=False,
+    doc="""Train the VAE as the train stage does, logging the run to MLflow.
 
     Writes models/model.pt, models/run.json and reports/train_history.csv.
 
     Example: mnist-vae train --set train.epochs=3 --set model.latent=16
-    """
-    from mnist_vae import tracking
-    from mnist_vae.stages import train as stage
+    """,
+)
 
-    resolved = _params(params, overrides, profile)
-    tracking.configure()
-    run_id = stage.run(resolved, Paths(data=data))
-    Console().print(f"trained: MLflow run {run_id}, weights in {Paths().model}")
-
-
-def run(
-    params: ParamsOption = Path("params.yaml"),
-    data: DataOption = Path("data/mnist.npz"),
-    overrides: SetOption = None,
-    profile: ProfileOption = None,
-) -> None:
-    """The whole pipeline: download (only when the dataset is missing), train, evaluate, register.
+run = _training_command(
+    whole=True,
+    doc="""The whole pipeline: download (only when the dataset is missing), train, evaluate, register.
 
     The new model version becomes champion when it beats the current one on the validation split.
 
-    Example: mnist-vae run --set train.epochs=5 --set model.hidden=[256,128]
-    """
-    from mnist_vae import tracking
-    from mnist_vae.stages import download, evaluate, train
-
-    resolved = _params(params, overrides, profile)
-    tracking.configure()  # an unreachable server fails now, not after the download
-    paths = Paths(data=data)
-    console = Console()
-    if data.is_file():
-        console.print(f"dataset {data} present; not downloading (`mnist-vae download` refetches)")
-    else:
-        download.run(resolved, paths)
-    run_id = train.run(resolved, paths)
-    with busy("evaluating and registering"):
-        evaluation = evaluate.run(resolved, paths)
-    console.print(f"test metrics of MLflow run {run_id}:")
-    console.print(metrics_table(evaluation))
+    Example: mnist-vae run --set train.epochs=5 --set model.latent=16
+    """,
+)
 
 
 def profile(

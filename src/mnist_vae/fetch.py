@@ -11,8 +11,7 @@ A mirror is one of:
 
 The digests are of the *uncompressed* files, so a mirror may recompress the data as it likes.
 
-This is the download stage's code and stays one module, past 400 lines: its path from mirror to
-``.npz`` reads top to bottom here, and no other stage imports any of it.
+The IDX format itself is read by :mod:`mnist_vae.idx`.
 """
 
 from __future__ import annotations
@@ -21,12 +20,10 @@ import contextlib
 import gzip
 import hashlib
 import logging
-import math
 import os
 import re
 import socket
 import sys
-import tempfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,12 +41,12 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
 from mnist_vae.atomic import atomic_write
 from mnist_vae.config import ConfigError
 from mnist_vae.data import IMAGE_SIDE, N_CLASSES, NPZ_KEYS, MnistData
 from mnist_vae.errors import UserError, first_line
+from mnist_vae.idx import IdxError, parse_idx
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +74,6 @@ SPLITS: dict[str, tuple[str, str, int]] = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
 }
 
-_IDX_UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 16
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -85,10 +81,6 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 class DownloadError(UserError):
     """No mirror delivered a file with the expected checksum."""
-
-
-class IdxError(UserError, ValueError):
-    """Bytes are not a well-formed IDX file of unsigned bytes, or the files disagree."""
 
 
 class _MirrorFailure(Exception):
@@ -200,55 +192,6 @@ def fetch_file(
         f"{name}: no mirror delivered a file with the expected SHA-256; tried, in order:\n"
         + "\n".join(failures)
     )
-
-
-def parse_idx(raw: bytes, name: str) -> np.ndarray:
-    """Parses an IDX file of unsigned bytes (the format of the MNIST distribution).
-
-    Layout: two zero bytes, a type code (0x08 for uint8), the number of dimensions, one big-endian
-    uint32 per dimension, then the values in C order.
-
-    Args:
-        raw: The uncompressed file.
-        name: The file's name, for error messages.
-
-    Returns:
-        A writable uint8 array of the stored shape.
-
-    Raises:
-        IdxError: The header is malformed or the data is not exactly as long as the header says.
-    """
-    # torchvision's reader only asserts on a bad header or length, so check them here to name the
-    # file and what was expected.
-    if len(raw) < 4:
-        raise IdxError(f"{name}: expected a 4-byte IDX magic number, got {len(raw)} bytes in all")
-    if raw[:2] != b"\x00\x00":
-        raise IdxError(
-            f"{name}: expected an IDX magic number starting with two zero bytes, got {raw[:4].hex()}"
-        )
-    if raw[2] != _IDX_UBYTE:
-        raise IdxError(
-            f"{name}: expected IDX type code 0x{_IDX_UBYTE:02x} (unsigned byte), got 0x{raw[2]:02x}"
-        )
-    ndim = raw[3]
-    if not 1 <= ndim <= 3:
-        raise IdxError(f"{name}: expected 1 to 3 dimensions, got {ndim}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise IdxError(f"{name}: expected a {header}-byte header for {ndim} dimensions, got {len(raw)} bytes")
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = math.prod(dims)  # Python ints, so a hostile header cannot overflow the check
-    if len(raw) - header != expected:
-        shape = "x".join(map(str, dims))
-        raise IdxError(
-            f"{name}: expected {expected} bytes of data after the header (shape {shape}), "
-            f"got {len(raw) - header}"
-        )
-    # The reader takes a path only.
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "file.idx"
-        path.write_bytes(raw)
-        return read_sn3_pascalvincent_tensor(str(path)).numpy()
 
 
 def download_mnist(

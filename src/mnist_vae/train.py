@@ -1,7 +1,6 @@
 """The training loop: one code path for CPU and CUDA, for every preset.
 
-This is the train stage's code and stays one module, past 400 lines: the helpers after
-:class:`Trainer` (precision, the ``torch.compile`` fallback, progress bars) serve its loop alone.
+Its speed switches live in :mod:`mnist_vae.speed`, its progress bars in :mod:`mnist_vae.progress`.
 """
 
 from __future__ import annotations
@@ -9,11 +8,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,11 +18,10 @@ import torch
 from mnist_vae.config import ConfigError, TrainConfig
 from mnist_vae.cores import Threads
 from mnist_vae.distributed import rank_and_world
-from mnist_vae.errors import UserError, first_line
+from mnist_vae.errors import UserError
 from mnist_vae.model import N_PIXELS, VAE, kl_divergence, loss_terms
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
+from mnist_vae.progress import EpochBars, want_progress
+from mnist_vae.speed import Compiled, autocast_for
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +41,14 @@ class EpochStats:
     seconds: float
     threads: int = 0  # torch CPU threads used in this epoch
     val_neg_elbo: float | None = None  # nats/image on the validation split (None: no split)
+
+    def summary(self, epochs: int) -> str:
+        """One line for the log: ``epoch 3/42: loss ... img/s``."""
+        return (
+            f"epoch {self.epoch}/{epochs}: loss {self.loss:.4f} recon {self.recon:.3f} "
+            f"kl {self.kl:.3f} mse/px {self.mse_pixel:.4f} kl/px {self.kl_pixel:.4f} "
+            f"{self.samples_per_sec:,.0f} img/s"
+        )
 
     def metrics(self) -> dict[str, float]:
         """The stats as MLflow metric names (``val_neg_elbo``, the rest ``train_*``)."""
@@ -207,8 +211,8 @@ class Trainer:
         # Fused Adam: one pass over all parameters. On a 2-core CPU it trains the seed preset at
         # batch 32 about 1.3x faster than the default (foreach) implementation; on CUDA, one kernel.
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True)
-        self.autocast = _precision(cfg.precision, self.device)
-        self.loss_fn = _Compiled(loss_terms, self.device) if cfg.compile else loss_terms
+        self.autocast = autocast_for(cfg.precision, self.device)
+        self.loss_fn = Compiled(loss_terms, self.device) if cfg.compile else loss_terms
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.epoch = 0  # epochs completed
         self.step = 0
@@ -247,7 +251,7 @@ class Trainer:
             self.epoch + 1,
             cfg.epochs,
         )
-        bars = _Bars(cfg.epochs, self.steps_per_epoch, enabled=_want_progress(progress), done=self.epoch)
+        bars = EpochBars(cfg.epochs, self.steps_per_epoch, enabled=want_progress(progress), done=self.epoch)
         with bars, contextlib.closing(self.threads):
             while self.epoch < cfg.epochs:
                 try:
@@ -257,11 +261,11 @@ class Trainer:
                         f"out of memory on {self.device} training batches of {self.batch}; lower "
                         "train.batch_size (or train.iw_samples), or train on another device"
                     ) from None
-                bars.end_epoch(stats)
+                bars.end_epoch(stats.summary(cfg.epochs), stats.loss)
                 yield stats
         self.model.eval()
 
-    def _run_epoch(self, bars: _Bars) -> EpochStats:
+    def _run_epoch(self, bars: EpochBars) -> EpochStats:
         cfg, model, optimizer, batch = self.cfg, self.model, self.optimizer, self.batch
         epoch = self.epoch + 1
         threads = self.threads.update()
@@ -350,96 +354,3 @@ class Trainer:
             total += nll.sum().double()
         self.model.train()
         return total.item() / len(self.validation)
-
-
-def _precision(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """Sets up ``train.precision``; returns the context the forward pass runs in.
-
-    tf32 speeds up float32 matrix products on Ampere and newer GPUs; bf16 runs the forward pass under
-    autocast. Where a choice is unavailable it falls back to fp32 with one warning.
-    """
-    if precision == "tf32":
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        else:
-            log.warning("train.precision tf32 needs CUDA; training in fp32 on %s", device)
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            log.warning("this GPU has no bf16; training in fp32")
-        else:
-            return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-class _Compiled:
-    """``torch.compile`` of the loss (CUDA graphs on a GPU), falling back to eager with one warning."""
-
-    def __init__(self, fn: Callable, device: torch.device) -> None:
-        self.fn = fn
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        try:
-            self.compiled: Callable | None = torch.compile(fn, mode=mode, dynamic=False)
-        except Exception as exc:  # torch.compile itself unavailable on this platform
-            log.warning("torch.compile unavailable (%s); training without it", first_line(exc))
-            self.compiled = None
-
-    def __call__(self, *args: Any) -> Any:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as exc:  # compilation happens on the first call
-                log.warning("torch.compile failed (%s); training without it", first_line(exc))
-                self.compiled = None
-        return self.fn(*args)
-
-
-def _want_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else progress
-
-
-class _Bars:
-    """Epoch and batch progress bars on a terminal, one log line per epoch otherwise."""
-
-    def __init__(self, epochs: int, steps: int, enabled: bool, done: int = 0) -> None:
-        self.epochs, self.steps, self.enabled, self.done = epochs, steps, enabled, done
-        self._progress: Progress | None = None
-
-    def __enter__(self) -> _Bars:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-                transient=False,
-            )
-            progress.start()
-            self._epoch_task = progress.add_task("epochs", total=self.epochs, info="", completed=self.done)
-            self._batch_task = progress.add_task("batches", total=self.steps, info="")
-            self._progress = progress
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def advance_batch(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._batch_task)
-
-    def end_epoch(self, s: EpochStats) -> None:
-        line = (
-            f"epoch {s.epoch}/{self.epochs}: loss {s.loss:.4f} recon {s.recon:.3f} "
-            f"kl {s.kl:.3f} mse/px {s.mse_pixel:.4f} kl/px {s.kl_pixel:.4f} "
-            f"{s.samples_per_sec:,.0f} img/s"
-        )
-        if self._progress is None:
-            log.info(line)
-            return
-        self._progress.update(self._epoch_task, advance=1, info=f"loss {s.loss:.4f}")
-        self._progress.reset(self._batch_task, total=self.steps, info="")
-        self._progress.console.log(line)

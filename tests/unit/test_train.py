@@ -78,7 +78,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(
     cfg = TrainConfig(device="cpu", epochs=2, batch_size=32, seed=1)
     eager = losses(cfg)
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with caplog.at_level(logging.WARNING, logger="mnist_vae.train"):
+    with caplog.at_level(logging.WARNING, logger="mnist_vae.speed"):
         compiled = losses(TrainConfig(device="cpu", epochs=2, batch_size=32, seed=1, compile=True))
     warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert warnings == ["torch.compile failed (inductor: no C++ compiler); training without it"]
@@ -88,7 +88,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(
 def test_tf32_without_cuda_warns_and_trains_in_fp32(losses: Losses, caplog: pytest.LogCaptureFixture) -> None:
     if torch.cuda.is_available():
         pytest.skip("tf32 is used on CUDA; the fallback only happens without it")
-    with caplog.at_level(logging.WARNING, logger="mnist_vae.train"):
+    with caplog.at_level(logging.WARNING, logger="mnist_vae.speed"):
         tf32 = losses(TrainConfig(device="cpu", epochs=2, batch_size=32, precision="tf32"))
     assert any("tf32 needs CUDA" in r.getMessage() for r in caplog.records)
     assert tf32 == losses(TrainConfig(device="cpu", epochs=2, batch_size=32))

@@ -80,7 +80,8 @@ def bench(
         chunk=chunk, target_neg_elbo=target, max_epochs_d=max_epochs, device=device
     )
     mnist = load_mnist(data)
-    logging.getLogger("mnist_vae.train").setLevel(logging.WARNING)  # the table says it all
+    for name in ("mnist_vae.train", "mnist_vae.progress"):  # the table says it all
+        logging.getLogger(name).setLevel(logging.WARNING)
     with busy("benchmarking rows (a)-(e), about ten minutes on a 2-core CPU"):
         result = benchmark.run_benchmark(mnist, settings)
     _report(benchmark, result, out, log=not no_mlflow)

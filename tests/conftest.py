@@ -43,11 +43,11 @@ def _tiny_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _write_dataset(path: Path, n_train: int, n_test: int = 64, train_seed: int = 1,
-                   test_seed: int = 2) -> Path:
+def _write_dataset(
+    path: Path, n_train: int, n_test: int = 64, train_seed: int = 1, test_seed: int = 2
+) -> Path:
     """A dataset file in the format the download stage writes, made of :func:`_tiny_images`."""
-    (x_train, y_train), (x_test, y_test) = _tiny_images(n_train, train_seed), _tiny_images(n_test,
-                                                                                           test_seed)
+    (x_train, y_train), (x_test, y_test) = _tiny_images(n_train, train_seed), _tiny_images(n_test, test_seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
@@ -119,8 +119,7 @@ def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                 _empty_mlflow_db: Path) -> Iterator[str]:
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_mlflow_db: Path) -> Iterator[str]:
     """An embedded MLflow store ``tmp_path/mlflow.db`` for the test, through
     ``MLFLOW_TRACKING_URI``; the process-wide URIs that ``tracking.configure`` sets are reset
     afterwards."""
@@ -129,8 +128,15 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     shutil.copyfile(_empty_mlflow_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME",
-                 "MLFLOW_EXPERIMENT_ID", "MNIST_MIRRORS", "DVC_EXP_NAME", "DVC_ROOT"):
+    for name in (
+        "MLFLOW_REGISTRY_URI",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_EXPERIMENT_NAME",
+        "MLFLOW_EXPERIMENT_ID",
+        "MNIST_MIRRORS",
+        "DVC_EXP_NAME",
+        "DVC_ROOT",
+    ):
         monkeypatch.delenv(name, raising=False)
     yield uri
     while mlflow.active_run() is not None:
@@ -213,10 +219,14 @@ def tiny_splits(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Lets ``download_mnist`` accept the tiny files' sizes instead of 60000/10000; returns them."""
     from mnist_vae import fetch
 
-    monkeypatch.setattr(fetch, "SPLITS", {
-        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", TINY_SPLITS["train"]),
-        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", TINY_SPLITS["test"]),
-    })
+    monkeypatch.setattr(
+        fetch,
+        "SPLITS",
+        {
+            "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", TINY_SPLITS["train"]),
+            "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", TINY_SPLITS["test"]),
+        },
+    )
     return TINY_SPLITS
 
 
@@ -224,18 +234,22 @@ def tiny_splits(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 def _project_env(root: Path) -> dict[str, str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
     for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MNIST_MIRRORS", "DVC_EXP_NAME", "DVC_ROOT"):
         env.pop(name, None)
     return env
 
 
 # Small enough to train for a few epochs in seconds on 2 cores, big enough to learn the bars.
-SMALL_PROJECT = {"model": {"preset": "mlp", "hidden": [64], "latent": 4},
-                 "train": {"device": "cpu", "epochs": 5, "batch_size": 16, "lr": 0.002, "limit": 0,
-                           "threads": 1},
-                 "evaluate": {"iw_samples": 2, "n_images": 4}}
+SMALL_PROJECT = {
+    "model": {"preset": "mlp", "hidden": [64], "latent": 4},
+    "train": {"device": "cpu", "epochs": 5, "batch_size": 16, "lr": 0.002, "limit": 0, "threads": 1},
+    "evaluate": {"iw_samples": 2, "n_images": 4},
+}
 
 
 def _make_project(root: Path, n_train: int = 2000, validation: int = 100) -> dict[str, str]:
@@ -253,8 +267,9 @@ def _make_project(root: Path, n_train: int = 2000, validation: int = 100) -> dic
 def _copy_repo(root: Path, changes: dict[str, dict[str, Any]]) -> Path:
     """The files this checkout tracks or would track (code, params, dvc.yaml and dvc.lock; no
     outputs) copied into ``root``, with some params changed: a fresh clone of the working tree."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -312,21 +327,27 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path, ping: str, timeo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"{url}: the server exited ({process.returncode}):\n"
-                                 f"{log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"{url}: the server exited ({process.returncode}):\n{log.read_text()[-3000:]}"
+            )
         try:
             if requests.get(f"{url}{ping}", timeout=2).status_code == 200:
                 return
         except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still busy
             pass
         time.sleep(0.5)
-    raise AssertionError(f"{url}{ping} did not answer 200 within {timeout:.0f}s:\n"
-                         f"{log.read_text()[-3000:]}")
+    raise AssertionError(f"{url}{ping} did not answer 200 within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
 @contextlib.contextmanager
-def _http_server(command: list[str], log: Path, ping: str = "/ping", env: dict[str, str] | None = None,
-                 cwd: Path | None = None, timeout: float = 180) -> Iterator[str]:
+def _http_server(
+    command: list[str],
+    log: Path,
+    ping: str = "/ping",
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 180,
+) -> Iterator[str]:
     """Runs ``command --host 127.0.0.1 --port PORT`` (a free port) in its own process group, logging
     to ``log``; yields its URL once ``ping`` answers 200, and always stops the group (workers
     included) at the end; a watchdog stops it should the test process be killed first."""
@@ -334,8 +355,13 @@ def _http_server(command: list[str], log: Path, ping: str = "/ping", env: dict[s
 
     port = procs.free_port()
     with procs.Watchdog() as watchdog, open(log, "w") as out:
-        process = procs.start([*command, "--host", "127.0.0.1", "--port", str(port)], log=out,
-                              env=env, cwd=cwd, watchdog=watchdog)
+        process = procs.start(
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            log=out,
+            env=env,
+            cwd=cwd,
+            watchdog=watchdog,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(url, process, log, ping, timeout)

@@ -127,9 +127,7 @@ def _registered(client: MlflowClient, name: str):
     except MlflowException as exc:
         if exc.error_code != _NOT_FOUND:
             raise
-    raise ModelNotFoundError(
-        f"no registered model {name!r}; train and register one with `mnist-vae run`"
-    )
+    raise ModelNotFoundError(f"no registered model {name!r}; train and register one with `mnist-vae run`")
 
 
 def _check_version(client: MlflowClient, name: str, version: str) -> None:
@@ -145,4 +143,5 @@ def _check_version(client: MlflowClient, name: str, version: str) -> None:
     if (found.tags or {}).get(REGISTRATION_TAG) == PENDING:
         raise ModelNotFoundError(
             f"version {version} of {name!r} is an incomplete registration "
-            f"({REGISTRATION_TAG}={PENDING}); delete it, and register a new one")
+            f"({REGISTRATION_TAG}={PENDING}); delete it, and register a new one"
+        )

@@ -46,8 +46,10 @@ def atomic_open(path: Path | str, mode: int = 0o644) -> Iterator[BinaryIO]:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if _is_no_space(exc):
-            raise DiskFullError(f"no space left on the device while writing {path}; "
-                                f"free some space in {path.parent.resolve()} and run again") from exc
+            raise DiskFullError(
+                f"no space left on the device while writing {path}; "
+                f"free some space in {path.parent.resolve()} and run again"
+            ) from exc
         raise
 
 

@@ -48,7 +48,10 @@ class DataConfig(_Frozen):
     # Lax (strict=False) only to take a YAML list for the tuple; the items stay strict.
     mirrors: tuple[str, ...] = Field(
         ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
-        strict=False, min_length=1, description="at least one mirror")
+        strict=False,
+        min_length=1,
+        description="at least one mirror",
+    )
     timeout: float = Field(30.0, gt=0, description="a positive number of seconds")
 
 
@@ -66,10 +69,12 @@ class ModelConfig(_Frozen):
     """
 
     preset: Preset = "conv"
-    hidden: tuple[int, ...] = Field((512, 256), strict=False, min_length=1,
-                                    description="at least one hidden layer")
-    channels: tuple[int, ...] = Field((16, 32), strict=False, min_length=1, max_length=2,
-                                      description="one or two convolution stages")
+    hidden: tuple[int, ...] = Field(
+        (512, 256), strict=False, min_length=1, description="at least one hidden layer"
+    )
+    channels: tuple[int, ...] = Field(
+        (16, 32), strict=False, min_length=1, max_length=2, description="one or two convolution stages"
+    )
     blocks: int = Field(0, ge=0, le=8, description="an integer in 0..8 (residual blocks per stage)")
     dense: int = Field(512, ge=0, description="0 (no dense layer) or a positive width")
     latent: int = Field(32, gt=0, description="a positive integer")
@@ -78,8 +83,9 @@ class ModelConfig(_Frozen):
     @field_validator("hidden", "channels")
     @classmethod
     def _positive_widths(cls, widths: tuple[int, ...], info: Any) -> tuple[int, ...]:
-        _check(all(width > 0 for width in widths), f"model.{info.field_name}",
-               "positive layer widths", widths)
+        _check(
+            all(width > 0 for width in widths), f"model.{info.field_name}", "positive layer widths", widths
+        )
         return widths
 
 
@@ -92,14 +98,22 @@ class TrainConfig(_Frozen):
     lr: float = Field(1e-3, gt=0, lt=1, description="a learning rate in (0, 1)")
     adam_eps: float = Field(1e-8, gt=0, lt=1, description="Adam's epsilon in (0, 1)")
     schedule: Schedule = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0,
-                                description="a number of epochs between 0 and train.epochs")
+    warmup_epochs: float = Field(0.0, ge=0, description="a number of epochs between 0 and train.epochs")
     seed: int = Field(0, ge=0, description="an integer >= 0")
     limit: int = Field(0, ge=0, description="0 (all 60000 images) or a positive count")
-    validation: int = Field(10_000, ge=0, le=50_000, description=(
-        "a number of images in 0..50000 (the last ones of the 60000 held out; 0: none)"))
-    threads: Literal["auto"] | int = Field("auto", union_mode="left_to_right", description=(
-        "auto (share the cores with concurrent trainings), 0 (torch's default) or a thread count"))
+    validation: int = Field(
+        10_000,
+        ge=0,
+        le=50_000,
+        description=("a number of images in 0..50000 (the last ones of the 60000 held out; 0: none)"),
+    )
+    threads: Literal["auto"] | int = Field(
+        "auto",
+        union_mode="left_to_right",
+        description=(
+            "auto (share the cores with concurrent trainings), 0 (torch's default) or a thread count"
+        ),
+    )
     objective: Objective = "elbo"
     iw_samples: int = Field(1, ge=1, description="an integer >= 1")
     binarize: bool = False
@@ -109,14 +123,24 @@ class TrainConfig(_Frozen):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Self:
-        _check(self.batch_size % self.nproc == 0, "train.batch_size",
-               f"a multiple of train.nproc ({self.nproc}): each process takes an equal shard",
-               self.batch_size)
-        _check(self.threads == "auto" or self.threads >= 0, "train.threads",
-               "auto (share the cores with concurrent trainings), 0 (torch's default) or a thread "
-               "count", self.threads)
-        _check(self.warmup_epochs <= self.epochs, "train.warmup_epochs",
-               "a number of epochs between 0 and train.epochs", self.warmup_epochs)
+        _check(
+            self.batch_size % self.nproc == 0,
+            "train.batch_size",
+            f"a multiple of train.nproc ({self.nproc}): each process takes an equal shard",
+            self.batch_size,
+        )
+        _check(
+            self.threads == "auto" or self.threads >= 0,
+            "train.threads",
+            "auto (share the cores with concurrent trainings), 0 (torch's default) or a thread count",
+            self.threads,
+        )
+        _check(
+            self.warmup_epochs <= self.epochs,
+            "train.warmup_epochs",
+            "a number of epochs between 0 and train.epochs",
+            self.warmup_epochs,
+        )
         return self
 
 
@@ -149,9 +173,12 @@ class Params(_Frozen):
 
     @model_validator(mode="after")
     def _iwae_needs_bernoulli(self) -> Self:
-        _check(self.train.objective == "elbo" or self.model.preset != "seed", "train.objective",
-               "elbo with model.preset seed (the IWAE bound needs a Bernoulli likelihood)",
-               self.train.objective)
+        _check(
+            self.train.objective == "elbo" or self.model.preset != "seed",
+            "train.objective",
+            "elbo with model.preset seed (the IWAE bound needs a Bernoulli likelihood)",
+            self.train.objective,
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,8 +187,11 @@ class Params(_Frozen):
 
     def flat(self) -> dict[str, Any]:
         """The resolved parameters as ``{"section.key": value}``, as MLflow logs them."""
-        return {f"{section}.{key}": value
-                for section, values in self.to_dict().items() for key, value in values.items()}
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
 
 
 class _Loader(yaml.SafeLoader):
@@ -179,8 +209,9 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_params(path: Path | str = "params.yaml",
-                overrides: Sequence[str] | Mapping[str, Any] = ()) -> Params:
+def load_params(
+    path: Path | str = "params.yaml", overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> Params:
     """Reads and validates a params file.
 
     Args:
@@ -233,8 +264,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 _M = TypeVar("_M", bound=BaseModel)
-_TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-               "string_type": "a string", "model_type": "a mapping of keys"}
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "model_type": "a mapping of keys",
+}
 
 
 def _validate(cls: type[_M], raw: dict[str, Any], section: tuple[str, ...]) -> _M:
@@ -259,9 +295,11 @@ def _config_error(error: ErrorDetails, section: tuple[str, ...]) -> ConfigError:
         loc.append(part)
         if part not in fields:
             break
-        if len(loc) < len(section) + len(error["loc"]) and \
-                isinstance(fields[part].annotation, type) and \
-                issubclass(fields[part].annotation, BaseModel):
+        if (
+            len(loc) < len(section) + len(error["loc"])
+            and isinstance(fields[part].annotation, type)
+            and issubclass(fields[part].annotation, BaseModel)
+        ):
             owner = fields[part].annotation
     key = ".".join(loc)
     if error["type"] == "extra_forbidden" and len(loc) == 1:

@@ -59,16 +59,22 @@ def registry_folder() -> Path:
 def _check_private(folder: Path) -> None:
     info = folder.lstat()
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise CoresRegistryError(f"{folder}: expected a folder of live trainings, found a link or a "
-                                 f"file; remove it, or set ${CORES_DIR_ENV} to a private folder")
+        raise CoresRegistryError(
+            f"{folder}: expected a folder of live trainings, found a link or a "
+            f"file; remove it, or set ${CORES_DIR_ENV} to a private folder"
+        )
     if info.st_uid != os.getuid():
-        raise CoresRegistryError(f"{folder}: expected a folder owned by uid {os.getuid()}, owned by "
-                                 f"uid {info.st_uid}; remove it, or set ${CORES_DIR_ENV} to a "
-                                 "private folder")
+        raise CoresRegistryError(
+            f"{folder}: expected a folder owned by uid {os.getuid()}, owned by "
+            f"uid {info.st_uid}; remove it, or set ${CORES_DIR_ENV} to a "
+            "private folder"
+        )
     if info.st_mode & 0o022:
-        raise CoresRegistryError(f"{folder}: others may write there (mode "
-                                 f"{stat.S_IMODE(info.st_mode):o}); expected 0700 or 0755: "
-                                 f"chmod 700 {folder}")
+        raise CoresRegistryError(
+            f"{folder}: others may write there (mode "
+            f"{stat.S_IMODE(info.st_mode):o}); expected 0700 or 0755: "
+            f"chmod 700 {folder}"
+        )
 
 
 def available_cores() -> int:

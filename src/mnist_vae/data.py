@@ -44,8 +44,10 @@ class MnistData:
         ``(x_train, y_train, x_val, y_val)``. The validation split is the same whatever the seed,
         so every model of a sweep is chosen on the same images."""
         if not 0 <= validation < len(self.x_train):
-            raise ConfigError(f"train.validation: expected fewer images than the "
-                              f"{len(self.x_train)} of the training split, got {validation}")
+            raise ConfigError(
+                f"train.validation: expected fewer images than the "
+                f"{len(self.x_train)} of the training split, got {validation}"
+            )
         cut = len(self.x_train) - validation
         return self.x_train[:cut], self.y_train[:cut], self.x_train[cut:], self.y_train[cut:]
 
@@ -89,8 +91,7 @@ def load_mnist(path: Path) -> MnistData:
                 )
         if x.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
             raise DatasetFormatError(
-                f"{path}: expected x_{split} of shape (N, {IMAGE_SIDE}, {IMAGE_SIDE}), "
-                f"got {x.shape}"
+                f"{path}: expected x_{split} of shape (N, {IMAGE_SIDE}, {IMAGE_SIDE}), got {x.shape}"
             )
         if len(y) != len(x):
             raise DatasetFormatError(
@@ -98,7 +99,5 @@ def load_mnist(path: Path) -> MnistData:
                 f"got {len(x)} images and {len(y)} labels"
             )
         if len(y) and int(y.max()) >= N_CLASSES:
-            raise DatasetFormatError(
-                f"{path}: expected y_{split} in 0..{N_CLASSES - 1}, got {int(y.max())}"
-            )
+            raise DatasetFormatError(f"{path}: expected y_{split} in 0..{N_CLASSES - 1}, got {int(y.max())}")
     return MnistData(**arrays)

@@ -30,8 +30,15 @@ def relaunch(nproc: int, script: str, argv: list[str]) -> int:
     (each then stops as a single-process training does on SIGTERM: checkpoint kept, run KILLED);
     this process waits for them. Ctrl-C at a terminal reaches them all without help.
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", script, *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        script,
+        *argv,
+    ]
     process = subprocess.Popen(command)
 
     def forward(signum: int, frame: object) -> None:

@@ -97,8 +97,11 @@ def evaluate_model(
         sums["bce"] += model.bernoulli_nll(model.decode(z), x).sum().item()
         sums["kl"] += kl.sum().item()
         # The tutorial's loss on the test set, for the seed preset's comparison.
-        sampled_sse = (model.decode(z) - x).square().sum(-1) if model.arch.likelihood == "gaussian" \
+        sampled_sse = (
+            (model.decode(z) - x).square().sum(-1)
+            if model.arch.likelihood == "gaussian"
             else (torch.sigmoid(model.decode(z)) - x).square().sum(-1)
+        )
         sums["loss_tutorial"] += ((sampled_sse + kl) / N_PIXELS).sum().item()
         mean_recon = model.pixel_means(model.decode(mu))
         per_image_mse = (mean_recon - x).square().mean(-1).double().cpu()
@@ -119,13 +122,10 @@ def evaluate_model(
         "nll_iw": sums["nll_iw"] / n,
         # Standard error of that mean over the test images (their spread, not the estimator's
         # bias): what separates two models measured on a subset.
-        "nll_iw_se": math.sqrt(max(sums["nll_iw_sq"] / n - (sums["nll_iw"] / n) ** 2, 0.0)
-                               / max(n - 1, 1)),
+        "nll_iw_se": math.sqrt(max(sums["nll_iw_sq"] / n - (sums["nll_iw"] / n) ** 2, 0.0) / max(n - 1, 1)),
         "loss_tutorial": sums["loss_tutorial"] / n,
     }
-    per_digit = {
-        d: (digit_sse[d] / digit_count[d]).item() for d in range(10) if digit_count[d] > 0
-    }
+    per_digit = {d: (digit_sse[d] / digit_count[d]).item() for d in range(10) if digit_count[d] > 0}
     return Evaluation(metrics=metrics, per_digit_mse=per_digit, n_images=n)
 
 
@@ -149,7 +149,11 @@ def sample(model: VAE, n: int, seed: int = 0, device: torch.device | str = "cpu"
 
 @torch.no_grad()
 def latent_traversal(
-    model: VAE, image: np.ndarray, dims: int = 8, steps: int = 11, span: float = 3.0,
+    model: VAE,
+    image: np.ndarray,
+    dims: int = 8,
+    steps: int = 11,
+    span: float = 3.0,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Decodes one image's posterior mean with single latent units swept over [-span, span].
@@ -169,8 +173,9 @@ def latent_traversal(
 
 
 @torch.no_grad()
-def latent_projection(model: VAE, images: np.ndarray, device: torch.device | str = "cpu"
-                      ) -> tuple[np.ndarray, float]:
+def latent_projection(
+    model: VAE, images: np.ndarray, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, float]:
     """Posterior means of uint8 images on their first two principal components.
 
     Returns the (N, 2) points and the share of the means' variance those two components explain.
@@ -184,8 +189,13 @@ def latent_projection(model: VAE, images: np.ndarray, device: torch.device | str
 
 
 def write_figures(
-    model: VAE, images: np.ndarray, out_dir: Path, n: int = 8, seed: int = 0,
-    device: torch.device | str = "cpu", labels: np.ndarray | None = None,
+    model: VAE,
+    images: np.ndarray,
+    out_dir: Path,
+    n: int = 8,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    labels: np.ndarray | None = None,
     latent_points: int = 5000,
 ) -> list[Path]:
     """Draws the evaluation figures into ``out_dir`` and returns their paths.
@@ -198,17 +208,26 @@ def write_figures(
     out_dir = Path(out_dir)
     originals = images[: 2 * n]
     recon = reconstruct(model, originals, device)
-    paths = [write_png(out_dir / "reconstructions.png", image_grid(originals / 255.0, columns=n),
-                       image_grid(recon, columns=n))]
-    paths.append(write_png(out_dir / "samples.png",
-                           image_grid(sample(model, 64, seed, device), columns=8)))
+    paths = [
+        write_png(
+            out_dir / "reconstructions.png",
+            image_grid(originals / 255.0, columns=n),
+            image_grid(recon, columns=n),
+        )
+    ]
+    paths.append(write_png(out_dir / "samples.png", image_grid(sample(model, 64, seed, device), columns=8)))
     steps = 11
     traversal = latent_traversal(model, images[0], steps=steps, device=device)
     paths.append(write_png(out_dir / "traversal.png", image_grid(traversal, columns=steps)))
     if labels is not None:
         points, explained = latent_projection(model, images[:latent_points], device)
-        paths.append(write_scatter(
-            out_dir / "latent.png", points, labels[:latent_points],
-            f"posterior means of {len(points):,} test digits, {model.latent_dim}-D latent space "
-            f"projected on 2 principal components ({explained:.0%} of the variance)"))
+        paths.append(
+            write_scatter(
+                out_dir / "latent.png",
+                points,
+                labels[:latent_points],
+                f"posterior means of {len(points):,} test digits, {model.latent_dim}-D latent space "
+                f"projected on 2 principal components ({explained:.0%} of the variance)",
+            )
+        )
     return paths

@@ -43,8 +43,15 @@ def write_scatter(path: Path, points: np.ndarray, labels: np.ndarray, title: str
     try:
         for digit in range(10):
             chosen = labels == digit
-            axes.scatter(points[chosen, 0], points[chosen, 1], s=3, alpha=0.6,
-                         color=plt.get_cmap("tab10")(digit), label=str(digit), rasterized=True)
+            axes.scatter(
+                points[chosen, 0],
+                points[chosen, 1],
+                s=3,
+                alpha=0.6,
+                color=plt.get_cmap("tab10")(digit),
+                label=str(digit),
+                rasterized=True,
+            )
         axes.legend(title="digit", markerscale=4, loc="upper right", fontsize=8, ncols=2)
         axes.set_title(title, fontsize=10)
         axes.set_xlabel("first principal component")

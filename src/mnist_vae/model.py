@@ -69,8 +69,9 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Architecture:
-        return cls(**{**values, "hidden": tuple(values["hidden"]),
-                      "channels": tuple(values.get("channels", ()))})
+        return cls(
+            **{**values, "hidden": tuple(values["hidden"]), "channels": tuple(values.get("channels", ()))}
+        )
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Architecture:
@@ -78,14 +79,26 @@ class Architecture:
             # The tutorial: Linear 784-256-64-20 (mu and sigma, 10 each), Linear 10-64-256-784,
             # ReLU between hidden layers, raw output compared to the pixels by MSE. (A purely
             # linear version levels off at a loss of 0.0512, above the tutorial's 0.0477.)
-            return cls(hidden=(256, 64), latent=10, activation="relu", likelihood="gaussian",
-                       sigma_head=True)
+            return cls(hidden=(256, 64), latent=10, activation="relu", likelihood="gaussian", sigma_head=True)
         if cfg.preset == "conv":
-            return cls(hidden=(), latent=cfg.latent, activation=cfg.activation,
-                       likelihood="bernoulli", sigma_head=False, kind="conv",
-                       channels=cfg.channels, blocks=cfg.blocks, dense=cfg.dense)
-        return cls(hidden=cfg.hidden, latent=cfg.latent, activation=cfg.activation,
-                   likelihood="bernoulli", sigma_head=False)
+            return cls(
+                hidden=(),
+                latent=cfg.latent,
+                activation=cfg.activation,
+                likelihood="bernoulli",
+                sigma_head=False,
+                kind="conv",
+                channels=cfg.channels,
+                blocks=cfg.blocks,
+                dense=cfg.dense,
+            )
+        return cls(
+            hidden=cfg.hidden,
+            latent=cfg.latent,
+            activation=cfg.activation,
+            likelihood="bernoulli",
+            sigma_head=False,
+        )
 
 
 class VAE(nn.Module):
@@ -207,14 +220,14 @@ def loss_terms(model: nn.Module, x: torch.Tensor, iw_samples: int = 1) -> LossTe
     return LossTerms(loss=loss, recon=recon, kl=kl, out=out)
 
 
-def _iwae_terms(model: VAE, x: torch.Tensor, out: torch.Tensor, mu: torch.Tensor,
-                logvar: torch.Tensor, eps: torch.Tensor) -> LossTerms:
+def _iwae_terms(
+    model: VAE, x: torch.Tensor, out: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
+) -> LossTerms:
     assert model.arch.likelihood == "bernoulli", "the IWAE bound needs the Bernoulli likelihood"
     k = eps.shape[0]
     z = mu + torch.exp(0.5 * logvar) * eps  # (k, B, latent), the draws the decoder saw
     nll = F.binary_cross_entropy_with_logits(out, x.expand(k, -1, -1), reduction="none").sum(-1)
-    log_w = -nll + _standard_normal_log_prob(z) - (_standard_normal_log_prob(eps)
-                                                   - 0.5 * logvar.sum(-1))
+    log_w = -nll + _standard_normal_log_prob(z) - (_standard_normal_log_prob(eps) - 0.5 * logvar.sum(-1))
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
     return LossTerms(loss=-bound.mean(), recon=nll[0], kl=kl_divergence(mu, logvar), out=out[0])
 

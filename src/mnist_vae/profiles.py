@@ -60,12 +60,15 @@ _BINARIZED_CONV = (
 PROFILES: dict[str, tuple[str, ...]] = {
     "burda2015-vae": (*_BURDA2015, "train.objective=elbo", "train.iw_samples=1"),
     "burda2015-iwae": (*_BURDA2015, "train.objective=iwae", "train.iw_samples=50"),
-    "binarized-conv": (*_BINARIZED_CONV, "train.epochs=70", "train.objective=elbo",
-                       "train.iw_samples=1"),
+    "binarized-conv": (*_BINARIZED_CONV, "train.epochs=70", "train.objective=elbo", "train.iw_samples=1"),
     # The IWAE bound decodes k samples per image: with k = 5 an epoch costs about 3x the ELBO's
     # (counted in multiply-adds, not timed), so 24 epochs for the same 30 minutes.
-    "binarized-conv-iwae": (*_BINARIZED_CONV, "train.epochs=24", "train.objective=iwae",
-                            "train.iw_samples=5"),
+    "binarized-conv-iwae": (
+        *_BINARIZED_CONV,
+        "train.epochs=24",
+        "train.objective=iwae",
+        "train.iw_samples=5",
+    ),
 }
 
 

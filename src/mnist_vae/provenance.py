@@ -64,5 +64,4 @@ def _is_output(path: PurePosixPath, outputs: set[PurePosixPath]) -> bool:
 
 
 def _git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout

@@ -20,13 +20,19 @@ from mnist_vae.errors import UserError
 def parse_args(stage: str, argv: list[str] | None, description: str | None) -> Params:
     """Reads ``--params`` and ``--set`` and returns the validated params; sets up logging."""
     parser = argparse.ArgumentParser(prog=f"pipeline/{stage}.py", description=description)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file (default: params.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. --set train.epochs=3 (repeatable)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     return load_params(args.params, args.overrides)
 
 
@@ -39,12 +45,13 @@ def reporting(stage: str) -> Iterator[None]:
         print(f"error: {stage}: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"error: {stage}: interrupted; the last finished epoch's checkpoint is kept, run "
-              "again to resume", file=sys.stderr)
+        print(
+            f"error: {stage}: interrupted; the last finished epoch's checkpoint is kept, run again to resume",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 
 def one_line(message: str) -> str:
     """A multi-line message (a download's per-mirror reasons) joined into one line."""
-    return "; ".join(part.strip() for part in message.strip().splitlines() if part.strip()) \
-        .replace(":;", ":")
+    return "; ".join(part.strip() for part in message.strip().splitlines() if part.strip()).replace(":;", ":")

@@ -26,14 +26,21 @@ STAGES = {"download": download.main, "train": train.main, "evaluate": evaluate.m
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, write_dataset: Callable[..., Path],
-            write_params: Callable[..., Path]) -> Iterator[Path]:
+def project(
+    tmp_path_factory: pytest.TempPathFactory,
+    write_dataset: Callable[..., Path],
+    write_params: Callable[..., Path],
+) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("finished")
     write_dataset(root / "data" / "mnist.npz", 256 + 64)
-    write_params(root / "params.yaml", {
-        "model": {"preset": "mlp", "hidden": [32], "latent": 4},
-        "train": {"device": "cpu", "epochs": 1, "batch_size": 64, "threads": 1, "validation": 64},
-        "evaluate": {"iw_samples": 2, "n_images": 4}})
+    write_params(
+        root / "params.yaml",
+        {
+            "model": {"preset": "mlp", "hidden": [32], "latent": 4},
+            "train": {"device": "cpu", "epochs": 1, "batch_size": 64, "threads": 1, "validation": 64},
+            "evaluate": {"iw_samples": 2, "n_images": 4},
+        },
+    )
     (root / "notes.txt").write_text("not a picture\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -48,8 +55,11 @@ def project(tmp_path_factory: pytest.TempPathFactory, write_dataset: Callable[..
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "mlflow.db.lock"}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "mlflow.db.lock"
+    }
 
 
 def truncated_mirror(folder: Path, shared_mnist: Path) -> Path:
@@ -57,34 +67,48 @@ def truncated_mirror(folder: Path, shared_mnist: Path) -> Path:
     folder.mkdir(exist_ok=True)
     for source in shared_mnist.glob("*-ubyte.gz"):
         data = source.read_bytes()
-        (folder / source.name).write_bytes(data[: len(data) // 3] if "train-images" in source.name
-                                           else data)
+        (folder / source.name).write_bytes(data[: len(data) // 3] if "train-images" in source.name else data)
     return folder
 
 
 CASES = {
     # name: (how to run it, what the one line says)
-    "params typo": (("stage", "train", "--set", "train.epoch=3"),
-                    "error: train: train.epoch: unknown key; expected one of"),
-    "params out of range": (("stage", "evaluate", "--set", "evaluate.iw_samples=0"),
-                            "error: evaluate: evaluate.iw_samples: expected an integer >= 1, got 0"),
-    "truncated download": (("stage", "download"),
-                           "error: download: train-images-idx3-ubyte: no mirror delivered a file with "
-                           "the expected SHA-256; tried, in order:"),
+    "params typo": (
+        ("stage", "train", "--set", "train.epoch=3"),
+        "error: train: train.epoch: unknown key; expected one of",
+    ),
+    "params out of range": (
+        ("stage", "evaluate", "--set", "evaluate.iw_samples=0"),
+        "error: evaluate: evaluate.iw_samples: expected an integer >= 1, got 0",
+    ),
+    "truncated download": (
+        ("stage", "download"),
+        "error: download: train-images-idx3-ubyte: no mirror delivered a file with "
+        "the expected SHA-256; tried, in order:",
+    ),
     "truncated dataset file": (("cli", "train", "--data", "broken.npz"), "broken.npz"),
-    "unknown model version": (("cli", "evaluate", "models:/mnist-vae/99"),
-                              "error: model 'models:/mnist-vae/99' not found"),
+    "unknown model version": (
+        ("cli", "evaluate", "models:/mnist-vae/99"),
+        "error: model 'models:/mnist-vae/99' not found",
+    ),
     "unknown alias": (("cli", "sample", "--model", "models:/mnist-vae@best"), "not found"),
-    "not an image": (("cli", "reconstruct", "notes.txt"),
-                     "notes.txt: not an image Pillow can read (expected PNG, JPEG, ...)"),
-    "tracking server down": (("stage", "train"), "MLflow tracking server http://127.0.0.1:9 cannot "
-                             "be reached"),
+    "not an image": (
+        ("cli", "reconstruct", "notes.txt"),
+        "notes.txt: not an image Pillow can read (expected PNG, JPEG, ...)",
+    ),
+    "tracking server down": (
+        ("stage", "train"),
+        "MLflow tracking server http://127.0.0.1:9 cannot be reached",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_clear_line_and_loses_nothing(
-    case: str, project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    case: str,
+    project: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
     shared_mnist: Path,
 ) -> None:
     (kind, *argv), expected = CASES[case]
@@ -114,9 +138,14 @@ def test_bad_input_is_one_clear_line_and_loses_nothing(
         (project / "broken.npz").unlink(missing_ok=True)
     # Log lines (MLflow's, the downloader's warnings) aside, one line: even the download's list of
     # mirrors tried is joined into it.
-    lines = [line for line in message.splitlines() if line.strip()
-             and not line.startswith(("WARNING", "INFO")) and " WARNING " not in line
-             and " INFO " not in line]
+    lines = [
+        line
+        for line in message.splitlines()
+        if line.strip()
+        and not line.startswith(("WARNING", "INFO"))
+        and " WARNING " not in line
+        and " INFO " not in line
+    ]
     assert code == 1, message
     assert len(lines) == 1 and lines[0].startswith("error: "), message
     assert expected in lines[0]

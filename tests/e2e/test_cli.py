@@ -66,22 +66,32 @@ def fake_mnist(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory,
-            write_params: Callable[..., Path]) -> Iterator[Path]:
+def project(tmp_path_factory: pytest.TempPathFactory, write_params: Callable[..., Path]) -> Iterator[Path]:
     """A project folder holding the fake dataset, small params and version 1, the champion."""
     root = tmp_path_factory.mktemp("project")
     rng = np.random.default_rng(0)
     x_train, y_train = fake_mnist(512, rng)
     x_test, y_test = fake_mnist(200, rng)
     (root / "data").mkdir()
-    np.savez_compressed(root / "data" / "mnist.npz", x_train=x_train, y_train=y_train,
-                        x_test=x_test, y_test=y_test)
+    np.savez_compressed(
+        root / "data" / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test
+    )
     # 412 images to train on (the first 256 used), the last 100 held out for the promotion gate.
-    write_params(root / "params.yaml", {
-        "model": {"preset": "mlp", "hidden": [32], "latent": 4},
-        "train": {"device": "cpu", "epochs": 3, "batch_size": 64, "limit": 256, "threads": 1,
-                  "validation": 100},
-        "evaluate": {"batch_size": 100, "iw_samples": 2, "limit": 100, "n_images": 4}})
+    write_params(
+        root / "params.yaml",
+        {
+            "model": {"preset": "mlp", "hidden": [32], "latent": 4},
+            "train": {
+                "device": "cpu",
+                "epochs": 3,
+                "batch_size": 64,
+                "limit": 256,
+                "threads": 1,
+                "validation": 100,
+            },
+            "evaluate": {"batch_size": 100, "iw_samples": 2, "limit": 100, "n_images": 4},
+        },
+    )
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -98,15 +108,15 @@ def project(tmp_path_factory: pytest.TempPathFactory,
 
 @pytest.fixture
 def client(project: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db",
-                        registry_uri=f"sqlite:///{project}/mlflow.db")
+    return MlflowClient(
+        tracking_uri=f"sqlite:///{project}/mlflow.db", registry_uri=f"sqlite:///{project}/mlflow.db"
+    )
 
 
 # --- run, evaluate, compare ---------------------------------------------------------------------
 
 
-def test_run_trained_with_the_override_and_registered_a_champion(project: Path,
-                                                                  client: MlflowClient) -> None:
+def test_run_trained_with_the_override_and_registered_a_champion(project: Path, client: MlflowClient) -> None:
     history = (project / "reports" / "train_history.csv").read_text().splitlines()
     assert len(history) == 2, "--set train.epochs=1 must beat the file's 3 epochs"
     assert "val_neg_elbo" in history[0].split(",") and history[1].split(",")[-1] != ""
@@ -114,8 +124,10 @@ def test_run_trained_with_the_override_and_registered_a_champion(project: Path,
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
 
 
-@pytest.mark.parametrize("reference", ["models:/mnist-vae/1", "models:/mnist-vae@champion",
-                                       "runs:/{run_id}/model", "models/model.pt"])
+@pytest.mark.parametrize(
+    "reference",
+    ["models:/mnist-vae/1", "models:/mnist-vae@champion", "runs:/{run_id}/model", "models/model.pt"],
+)
 def test_evaluate_accepts_every_kind_of_reference(project: Path, reference: str) -> None:
     run_id = json.loads((project / "models" / "run.json").read_text())["run_id"]
     result = ok("evaluate", reference.format(run_id=run_id))
@@ -192,13 +204,16 @@ def test_promote_then_rollback(project: Path, client: MlflowClient) -> None:
 # --- errors that need the registry --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["evaluate", "models:/mnist-vae/99"], "model 'models:/mnist-vae/99' not found"),
-    (["evaluate", "models:/mnist-vae@nope"], "model 'models:/mnist-vae@nope' not found"),
-    (["sample", "--model", "models:/other-model/1"], "not found"),
-    (["promote", "99"], "no version 99"),
-    (["promote", "x"], "model version 'x': expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["evaluate", "models:/mnist-vae/99"], "model 'models:/mnist-vae/99' not found"),
+        (["evaluate", "models:/mnist-vae@nope"], "model 'models:/mnist-vae@nope' not found"),
+        (["sample", "--model", "models:/other-model/1"], "not found"),
+        (["promote", "99"], "no version 99"),
+        (["promote", "x"], "model version 'x': expected a positive integer"),
+    ],
+)
 def test_unknown_models_are_one_line(project: Path, args: list[str], expected: str) -> None:
     assert_one_line_error(invoke(*args), expected)
 
@@ -208,8 +223,19 @@ def test_unknown_models_are_one_line(project: Path, args: list[str], expected: s
 
 def test_bench_prints_rows_a_to_d_writes_json_and_logs_a_run(project: Path) -> None:
     """The smallest benchmark: one batch per window, one epoch of row (d); compiles rows b2 and c."""
-    result = ok("bench", "--device", "cpu", "--chunk", "32", "--max-epochs", "1", "--target", "1000",
-                "--out", "reports/bench.json")
+    result = ok(
+        "bench",
+        "--device",
+        "cpu",
+        "--chunk",
+        "32",
+        "--max-epochs",
+        "1",
+        "--target",
+        "1000",
+        "--out",
+        "reports/bench.json",
+    )
     rows = json.loads((project / "reports" / "bench.json").read_text())["rows"]
     # Rows (a)-(d), then any further rows the benchmark grows (e.g. concurrent trainings). Row
     # (d)'s stopping rule has a unit test (tests/unit/test_bench.py); here it runs for both presets.
@@ -218,7 +244,8 @@ def test_bench_prints_rows_a_to_d_writes_json_and_logs_a_run(project: Path) -> N
     assert rows[0]["ratio"] == 1.0
     for r in rows:
         assert r["samples_per_sec"] > 0 and r["ratio"] == pytest.approx(
-            r["samples_per_sec"] / rows[0]["samples_per_sec"])
+            r["samples_per_sec"] / rows[0]["samples_per_sec"]
+        )
     assert all(np.isfinite(r["loss_after_budget"]) for r in rows[:4])
     assert all(r["seconds_to_target"] is not None for r in rows[4:6])  # 1000 nats: one epoch
     assert "tutorial loop" in result.output and "x (a)" in result.output

@@ -18,9 +18,15 @@ pytestmark = pytest.mark.slow
 
 
 def _train(root: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "pipeline/train.py"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "pipeline/train.py"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_epoch(root: Path, epoch: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -37,8 +43,10 @@ def _wait_for_epoch(root: Path, epoch: int, process: subprocess.Popen, timeout: 
 
 
 def test_sigkill_mid_epoch_resumes_to_the_same_result(
-    tmp_path: Path, make_project: Callable[..., dict[str, str]],
-    history_losses: Callable[[Path], list[float]], project_runs: Callable[..., tuple],
+    tmp_path: Path,
+    make_project: Callable[..., dict[str, str]],
+    history_losses: Callable[[Path], list[float]],
+    project_runs: Callable[..., tuple],
 ) -> None:
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     env_ref, env = make_project(reference), make_project(crashed)
@@ -66,7 +74,9 @@ def test_sigkill_mid_epoch_resumes_to_the_same_result(
 
 
 def test_sigterm_keeps_the_checkpoint_and_marks_the_run_killed(
-    tmp_path: Path, make_project: Callable[..., dict[str, str]], project_runs: Callable[..., tuple],
+    tmp_path: Path,
+    make_project: Callable[..., dict[str, str]],
+    project_runs: Callable[..., tuple],
 ) -> None:
     env = make_project(tmp_path)
     process = _train(tmp_path, env)

@@ -27,8 +27,10 @@ def _train(root: Path, env: dict[str, str], *overrides: str) -> subprocess.Compl
 
 
 def test_two_gloo_processes_match_one(
-    tmp_path: Path, make_project: Callable[..., dict[str, str]],
-    history_losses: Callable[[Path], list[float]], project_runs: Callable[..., tuple],
+    tmp_path: Path,
+    make_project: Callable[..., dict[str, str]],
+    history_losses: Callable[[Path], list[float]],
+    project_runs: Callable[..., tuple],
 ) -> None:
     single, double = tmp_path / "single", tmp_path / "double"
     # 1024 images to train on, 100 held out. The margin is thin: 924 training images give 4.6 % in
@@ -51,13 +53,19 @@ def test_two_gloo_processes_match_one(
 
 
 def test_sigterm_to_the_stage_reaches_torchrun_workers(
-    tmp_path: Path, make_project: Callable[..., dict[str, str]],
+    tmp_path: Path,
+    make_project: Callable[..., dict[str, str]],
 ) -> None:
     root = tmp_path / "project"
     env = make_project(root, n_train=600, validation=100)
-    stage = subprocess.Popen([sys.executable, "pipeline/train.py", "--set", "train.nproc=2",
-                              "--set", "train.epochs=500"], cwd=root, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stage = subprocess.Popen(
+        [sys.executable, "pipeline/train.py", "--set", "train.nproc=2", "--set", "train.epochs=500"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         # Training has begun when the first epoch's checkpoint is written: then the SIGTERM.

@@ -20,8 +20,14 @@ def test_real_mnist_from_the_offline_mirror(tmp_path: Path, repo_root: Path, sha
     shutil.copytree(repo_root / "pipeline", tmp_path / "pipeline")
     shutil.copy2(repo_root / "params.yaml", tmp_path / "params.yaml")
     env = {**os.environ, "MNIST_MIRRORS": str(shared_mnist)}
-    result = subprocess.run([sys.executable, "pipeline/download.py"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "pipeline/download.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["mnist.npz"]
 

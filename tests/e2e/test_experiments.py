@@ -24,21 +24,26 @@ TINY = {
 }
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) \
-        -> subprocess.CompletedProcess:
+def _run(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600
+) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
 
 @pytest.fixture(scope="module")
-def dvc_project(tmp_path_factory: pytest.TempPathFactory, copy_repo, shared_mnist: Path,
-                venv_bin: Path) -> tuple[Path, dict[str, str]]:
+def dvc_project(
+    tmp_path_factory: pytest.TempPathFactory, copy_repo, shared_mnist: Path, venv_bin: Path
+) -> tuple[Path, dict[str, str]]:
     """A git + DVC copy of the repo with tiny params, reproduced and committed."""
     root = tmp_path_factory.mktemp("exps") / "project"
     copy_repo(root, TINY)
-    env = {**os.environ, "MNIST_MIRRORS": str(shared_mnist),
-           "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MNIST_MIRRORS": str(shared_mnist),
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+    }
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT"):
         env.pop(name, None)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -117,16 +122,16 @@ def test_a_grid_through_the_queue_with_two_jobs(dvc_project) -> None:
         assert name in runs, f"no MLflow run named {name} in the project's store"
         assert runs[name].data.tags["dvc.exp_name"] == name
         metrics = shown[name]["metrics"]["metrics.json"]["data"]
-        assert metrics["neg_elbo"] == pytest.approx(runs[name].data.metrics["test_neg_elbo"],
-                                                    rel=1e-5)
+        assert metrics["neg_elbo"] == pytest.approx(runs[name].data.metrics["test_neg_elbo"], rel=1e-5)
     assert {runs[n].data.params["train.lr"] for n in names} == {"0.0015", "0.003"}
 
 
 # --- the promotion gate chooses on the validation split ----------------------------------------
 
 
-def test_gate_follows_validation_when_test_disagrees(tmp_path: Path, tiny_images, mlflow_store,
-                                                     monkeypatch, repo_root: Path) -> None:
+def test_gate_follows_validation_when_test_disagrees(
+    tmp_path: Path, tiny_images, mlflow_store, monkeypatch, repo_root: Path
+) -> None:
     """Validation images are white pages, test images are bars: a model trained on bars is better
     on test but worse on validation, and the gate keeps the champion trained on white pages."""
     import mlflow
@@ -143,15 +148,34 @@ def test_gate_follows_validation_when_test_disagrees(tmp_path: Path, tiny_images
     bars, bar_labels = tiny_images(400, seed=1)
     white = np.full((100, 28, 28), 255, dtype=np.uint8)
     test_x, test_y = tiny_images(100, seed=2)
-    np.savez(tmp_path / "mnist.npz", x_train=np.concatenate([bars, white]),
-             y_train=np.concatenate([bar_labels, np.zeros(100, np.uint8)]), x_test=test_x,
-             y_test=test_y)
-    params = load_params(repo_root / "params.yaml", [
-        "model.preset=mlp", "model.hidden=[32]", "model.latent=4", "train.validation=100", "train.epochs=3",
-        "train.batch_size=20", "train.device=cpu", "evaluate.iw_samples=2", "evaluate.n_images=4"])
-    paths = Paths(data=tmp_path / "mnist.npz", model=tmp_path / "model.pt",
-                  run=tmp_path / "run.json", metrics=tmp_path / "metrics.json",
-                  figures=tmp_path / "figures")
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=np.concatenate([bars, white]),
+        y_train=np.concatenate([bar_labels, np.zeros(100, np.uint8)]),
+        x_test=test_x,
+        y_test=test_y,
+    )
+    params = load_params(
+        repo_root / "params.yaml",
+        [
+            "model.preset=mlp",
+            "model.hidden=[32]",
+            "model.latent=4",
+            "train.validation=100",
+            "train.epochs=3",
+            "train.batch_size=20",
+            "train.device=cpu",
+            "evaluate.iw_samples=2",
+            "evaluate.n_images=4",
+        ],
+    )
+    paths = Paths(
+        data=tmp_path / "mnist.npz",
+        model=tmp_path / "model.pt",
+        run=tmp_path / "run.json",
+        metrics=tmp_path / "metrics.json",
+        figures=tmp_path / "figures",
+    )
     data = load_mnist(paths.data)
     test_scores = {}
     for name, images in (("white", np.repeat(white, 4, axis=0)), ("bars", bars)):
@@ -166,14 +190,15 @@ def test_gate_follows_validation_when_test_disagrees(tmp_path: Path, tiny_images
         evaluate.run(params, paths)
         test_scores[name] = json.loads(paths.metrics.read_text())["neg_elbo"]
         assert test_scores[name] == pytest.approx(
-            evaluate_model(trainer.model, data.x_test, data.y_test, params.evaluate)
-            .metrics["neg_elbo"])
+            evaluate_model(trainer.model, data.x_test, data.y_test, params.evaluate).metrics["neg_elbo"]
+        )
     assert test_scores["bars"] < test_scores["white"]  # better on the test set...
     client = mlflow.MlflowClient(mlflow_store)
     champion = client.get_model_version_by_alias("mnist-vae", "champion")
     assert str(champion.version) == "1"  # ...but not chosen: it is worse on the validation split
-    reason = client.get_run(client.get_model_version("mnist-vae", "2").run_id) \
-        .data.tags["registry.gate_reason"]
+    reason = client.get_run(client.get_model_version("mnist-vae", "2").run_id).data.tags[
+        "registry.gate_reason"
+    ]
     assert "stays candidate" in reason and "validation split (100 images)" in reason
 
 
@@ -201,8 +226,12 @@ def test_threads_auto_gives_each_of_two_trainings_fewer_threads(tmp_path: Path) 
     env = {**os.environ, "MNIST_VAE_CORES_DIR": str(tmp_path / "trainings")}
 
     def start(epochs: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", _TRAIN_AND_REPORT_THREADS, str(epochs)],
-                                env=env, stdout=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", _TRAIN_AND_REPORT_THREADS, str(epochs)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     alone = start(2)
     alone_threads = [int(x) for x in alone.communicate(timeout=300)[0].split()]
@@ -238,8 +267,9 @@ def tune_project(tmp_path: Path, make_project) -> tuple[Path, dict[str, str]]:
 def _children(root: Path, parent_id: str) -> list:
     client = _client(root)
     experiment = client.get_experiment_by_name("mnist-vae")
-    return client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
 
 
 def test_tune_four_trials_two_jobs(tune_project) -> None:
@@ -257,15 +287,16 @@ def test_tune_four_trials_two_jobs(tune_project) -> None:
     best = min(complete, key=lambda c: c.data.metrics["val_neg_elbo_final"])
     assert len(best.data.metrics) and "val_neg_elbo" in best.data.metrics
     parent = _client(root).get_run(parent_id)
-    assert parent.data.metrics["best_val_neg_elbo"] == pytest.approx(
-        best.data.metrics["val_neg_elbo_final"])
+    assert parent.data.metrics["best_val_neg_elbo"] == pytest.approx(best.data.metrics["val_neg_elbo_final"])
     # The printed `dvc exp run -S ...` reproduces the best trial's params exactly.
     line = next(line for line in out.splitlines() if line.startswith("reproduce: dvc exp run "))
     overrides = re.findall(r"-S '([^']*)'", line)
     reproduced = load_params(root / "params.yaml", overrides).flat()
     for key in ("train.lr", "model.latent", "model.hidden", "train.epochs"):
-        assert str(reproduced[key]) == best.data.params[key] or \
-            ",".join(map(str, reproduced[key])) == best.data.params[key], key
+        assert (
+            str(reproduced[key]) == best.data.params[key]
+            or ",".join(map(str, reproduced[key])) == best.data.params[key]
+        ), key
 
 
 def test_two_tune_processes_share_one_study(tune_project) -> None:
@@ -274,13 +305,19 @@ def test_two_tune_processes_share_one_study(tune_project) -> None:
 
     root, env = tune_project
     command = ["mnist-vae", "tune", "--trials", "4", "--study", "shared"]
-    first, second = (subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for _ in range(2))
+    first, second = (
+        subprocess.Popen(
+            command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    )
     for process in (first, second):
         out, err = process.communicate(timeout=600)
         assert process.returncode == 0, err
-    study = optuna.load_study(study_name="shared", storage=JournalStorage(
-        JournalFileBackend(str(root / ".tune" / "shared.journal"))))
+    study = optuna.load_study(
+        study_name="shared",
+        storage=JournalStorage(JournalFileBackend(str(root / ".tune" / "shared.journal"))),
+    )
     states = optuna.trial.TrialState
     done = [t for t in study.trials if t.state in (states.COMPLETE, states.PRUNED)]
     assert sorted(t.number for t in done) == [0, 1, 2, 3]

@@ -25,8 +25,11 @@ pytestmark = pytest.mark.slow
 
 API = "/api/2.0/mlflow"
 # A failing endpoint fails at once: no retries with back-off.
-NO_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
+NO_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "300",
+}
 # Answers a request itself (a status code), or lets it through (None); may block to order requests.
 Rule = Callable[[str, str, dict[str, list[str]], bytes], int | None]
 # Called once a request that was let through has been answered by the server.
@@ -73,18 +76,29 @@ class _Forward(BaseHTTPRequestHandler):
         self.server.seen.append((self.command, self.path))
         status = self.server.rule(self.command, split.path, parse_qs(split.query), body)
         if status is not None:
-            self._reply(status, {"Content-Type": "application/json"}, json.dumps(
-                {"error_code": "INTERNAL_ERROR", "message": "the test's proxy failed this request"}
-            ).encode())
+            self._reply(
+                status,
+                {"Content-Type": "application/json"},
+                json.dumps(
+                    {"error_code": "INTERNAL_ERROR", "message": "the test's proxy failed this request"}
+                ).encode(),
+            )
             return
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in ("host", "content-length", "transfer-encoding", "connection")}
-        answer = requests.request(self.command, self.server.upstream + self.path, headers=headers,
-                                  data=body, timeout=300)
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() not in ("host", "content-length", "transfer-encoding", "connection")
+        }
+        answer = requests.request(
+            self.command, self.server.upstream + self.path, headers=headers, data=body, timeout=300
+        )
         self.server.after(self.command, split.path, body)
         # requests has decoded the body: its length and encoding headers no longer apply.
-        kept = {k: v for k, v in answer.headers.items() if k.lower() not in (
-            "content-length", "transfer-encoding", "connection", "content-encoding")}
+        kept = {
+            k: v
+            for k, v in answer.headers.items()
+            if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")
+        }
         self._reply(answer.status_code, kept, answer.content)
 
     def _reply(self, status: int, headers: dict[str, str], content: bytes) -> None:
@@ -100,14 +114,25 @@ class _Forward(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, venv_bin: Path,
-           http_server: Callable) -> Iterator[str]:
+def server(tmp_path_factory: pytest.TempPathFactory, venv_bin: Path, http_server: Callable) -> Iterator[str]:
     """A real tracking server for the module: SQLite backend, artifacts proxied into a folder."""
     root = tmp_path_factory.mktemp("gate-server")
-    with http_server([str(venv_bin / "mlflow"), "server", "--workers", "1",
-                      "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
-                      "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")],
-                     root / "server.log", ping="/health", timeout=600) as url:
+    with http_server(
+        [
+            str(venv_bin / "mlflow"),
+            "server",
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'backend.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        root / "server.log",
+        ping="/health",
+        timeout=600,
+    ) as url:
         yield url
 
 
@@ -122,8 +147,9 @@ def proxy(server: str) -> Iterator[Proxy]:
     proxy.server_close()
 
 
-def _stage(stage: str, root: Path, env: dict[str, str], *settings: str,
-           ok: bool = True) -> subprocess.CompletedProcess:
+def _stage(
+    stage: str, root: Path, env: dict[str, str], *settings: str, ok: bool = True
+) -> subprocess.CompletedProcess:
     args = [sys.executable, f"pipeline/{stage}.py"]
     for setting in settings:
         args += ["--set", setting]
@@ -133,11 +159,16 @@ def _stage(stage: str, root: Path, env: dict[str, str], *settings: str,
     return result
 
 
-def _project(root: Path, make_project: Callable[..., dict[str, str]], proxy: Proxy,
-             model_name: str) -> tuple[dict[str, str], list[str]]:
+def _project(
+    root: Path, make_project: Callable[..., dict[str, str]], proxy: Proxy, model_name: str
+) -> tuple[dict[str, str], list[str]]:
     """A project whose stages talk to the proxy, with its own temp folder; its --set settings."""
-    env = {**make_project(root, n_train=1200, validation=200), "MLFLOW_TRACKING_URI": proxy.url,
-           **NO_RETRIES, "TMPDIR": str(root / "tmp")}
+    env = {
+        **make_project(root, n_train=1200, validation=200),
+        "MLFLOW_TRACKING_URI": proxy.url,
+        **NO_RETRIES,
+        "TMPDIR": str(root / "tmp"),
+    }
     (root / "tmp").mkdir()
     return env, [f"mlflow.registered_model={model_name}", "evaluate.iw_samples=1"]
 
@@ -159,7 +190,10 @@ def _warnings(stderr: str) -> list[str]:
 
 
 def test_a_gate_that_cannot_read_the_champion_leaves_it_alone(
-    server: str, proxy: Proxy, tmp_path: Path, make_project: Callable[..., dict[str, str]],
+    server: str,
+    proxy: Proxy,
+    tmp_path: Path,
+    make_project: Callable[..., dict[str, str]],
 ) -> None:
     """The server fails the gate's read of the registered model (HTTP 500): `champion` stays on
     version 1, version 2 stays `candidate`, the run says why, and the stage exits 0 with one
@@ -197,7 +231,10 @@ def test_a_gate_that_cannot_read_the_champion_leaves_it_alone(
 
 
 def test_a_registration_failing_part_way_leaves_nothing_behind(
-    server: str, proxy: Proxy, tmp_path: Path, make_project: Callable[..., dict[str, str]],
+    server: str,
+    proxy: Proxy,
+    tmp_path: Path,
+    make_project: Callable[..., dict[str, str]],
 ) -> None:
     """The server fails (a) the weights' upload, (b) the `candidate` alias after the version was
     created: each time no version remains, no temporary folder remains, the stage ends with one
@@ -217,8 +254,10 @@ def test_a_registration_failing_part_way_leaves_nothing_behind(
             return 500 if json.loads(body)["alias"] == "candidate" else None
         return None
 
-    for rule, expected in ((fail_model_upload, "failed"),
-                           (fail_candidate, "version 1 was deleted, nothing is registered")):
+    for rule, expected in (
+        (fail_model_upload, "failed"),
+        (fail_candidate, "version 1 was deleted, nothing is registered"),
+    ):
         proxy.rule = rule
         result = _stage("evaluate", tmp_path, env, *settings, ok=False)
         assert result.returncode == 1, result.stderr
@@ -229,8 +268,9 @@ def test_a_registration_failing_part_way_leaves_nothing_behind(
         assert not (tmp_path / "metrics.json").exists()
         left = sorted(p.name for p in (tmp_path / "tmp").iterdir())
         assert not [n for n in left if n.startswith("mnist-vae")], left
-    assert any(method == "POST" and path == f"{API}/model-versions/create"
-               for method, path in proxy.seen), "the second failure came after the version existed"
+    assert any(method == "POST" and path == f"{API}/model-versions/create" for method, path in proxy.seen), (
+        "the second failure came after the version existed"
+    )
 
     created: list[dict] = []
 
@@ -244,8 +284,15 @@ def test_a_registration_failing_part_way_leaves_nothing_behind(
     _stage("evaluate", tmp_path, env, *settings)
     assert len(created) == 1
     tags = {t["key"]: t["value"] for t in created[0]["tags"]}
-    assert {"test_neg_elbo", "test_nll_iw", "git_commit", "dvc_data_md5", "run_id", "run_link",
-            "preset"} <= set(tags)
+    assert {
+        "test_neg_elbo",
+        "test_nll_iw",
+        "git_commit",
+        "dvc_data_md5",
+        "run_id",
+        "run_link",
+        "preset",
+    } <= set(tags)
     assert tags["registration"] == "pending" and created[0]["description"]
     (version,) = client.search_model_versions(f"name='{name}'")
     assert version.tags["registration"] == "complete"
@@ -268,12 +315,14 @@ def _validation_neg_elbo(root: Path) -> float:
     params = load_params(root / "params.yaml")
     _, _, images, labels = load_mnist(root / "data" / "mnist.npz").split(params.train.validation)
     quick = params.evaluate.replace(iw_samples=1, limit=0)
-    return evaluate_model(load_model(root / "models" / "model.pt"), images, labels,
-                          quick).metrics["neg_elbo"]
+    return evaluate_model(load_model(root / "models" / "model.pt"), images, labels, quick).metrics["neg_elbo"]
 
 
 def test_two_pipelines_finishing_at_once_leave_the_better_champion(
-    server: str, proxy: Proxy, tmp_path: Path, make_project: Callable[..., dict[str, str]],
+    server: str,
+    proxy: Proxy,
+    tmp_path: Path,
+    make_project: Callable[..., dict[str, str]],
 ) -> None:
     """Two pipelines in separate project folders (separate lock folders) register against one
     server at once. Both read the same champion and both move it; the proxy lets the better one's
@@ -290,8 +339,9 @@ def test_two_pipelines_finishing_at_once_leave_the_better_champion(
     assert client.get_registered_model(name).aliases["champion"] == "1"
     scores = {key: _validation_neg_elbo(roots[key]) for key in ("a", "b")}
     better, worse = sorted(scores, key=scores.get)
-    run_of = {key: json.loads((roots[key] / "models" / "run.json").read_text())["run_id"]
-              for key in ("a", "b")}
+    run_of = {
+        key: json.loads((roots[key] / "models" / "run.json").read_text())["run_id"] for key in ("a", "b")
+    }
 
     worse_arrived, better_written = threading.Event(), threading.Event()
     first_writes: list[str] = []
@@ -326,9 +376,17 @@ def test_two_pipelines_finishing_at_once_leave_the_better_champion(
 
     proxy.after = after
     proxy.rule = better_first
-    jobs = {key: subprocess.Popen([sys.executable, "pipeline/evaluate.py", *(
-        arg for s in settings for arg in ("--set", s))], cwd=roots[key], env=envs[key][0],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for key in ("a", "b")}
+    jobs = {
+        key: subprocess.Popen(
+            [sys.executable, "pipeline/evaluate.py", *(arg for s in settings for arg in ("--set", s))],
+            cwd=roots[key],
+            env=envs[key][0],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for key in ("a", "b")
+    }
     outputs = {key: job.communicate(timeout=600) for key, job in jobs.items()}
     for key, job in jobs.items():
         assert job.returncode == 0, outputs[key]
@@ -336,14 +394,17 @@ def test_two_pipelines_finishing_at_once_leave_the_better_champion(
     assert first_writes[:2] in ([better, worse], [worse, better]), first_writes
     assert worse_arrived.is_set() and better_written.is_set(), "the writes did not race"
 
-    versions = {key: str(next(v.version for v in client.search_model_versions(f"name='{name}'")
-                              if v.run_id == run_of[key])) for key in ("a", "b")}
+    versions = {
+        key: str(
+            next(v.version for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_of[key])
+        )
+        for key in ("a", "b")
+    }
     champion = client.get_registered_model(name).aliases["champion"]
     assert champion == versions[better], (scores, versions, outputs)
     # Both decisions are logged; every promotion names the champion it displaced, and the alias
     # ends on the one promoted version that nothing displaced.
-    reasons = {versions[key]: _run_tags(client, roots[key])["registry.gate_reason"]
-               for key in ("a", "b")}
+    reasons = {versions[key]: _run_tags(client, roots[key])["registry.gate_reason"] for key in ("a", "b")}
     for key in ("a", "b"):
         assert reasons[versions[key]] in outputs[key][0], outputs[key]
     promoted = {v for v, r in reasons.items() if r.startswith(f"version {v} promoted")}

@@ -26,8 +26,9 @@ def _tracked_copy(root: Path, dest: Path) -> Path:
 def _changed_code_and_params(project: Path, dvc: Path) -> dict[str, list[str]]:
     """Per stage, the git-tracked deps and the params that differ from dvc.lock (the data and
     model files are absent from a fresh clone: their absence is not a change of code)."""
-    out = subprocess.run([str(dvc), "status", "--json"], cwd=project, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [str(dvc), "status", "--json"], cwd=project, capture_output=True, text=True, check=True
+    ).stdout
     changed: dict[str, list[str]] = {}
     for stage, changes in json.loads(out or "{}").items():
         for change in changes if isinstance(changes, list) else []:
@@ -41,21 +42,27 @@ def _changed_code_and_params(project: Path, dvc: Path) -> dict[str, list[str]]:
     return changed
 
 
-def test_dvc_lock_matches_the_committed_code_and_params(tmp_path: Path, repo_root: Path,
-                                                         venv_bin: Path) -> None:
+def test_dvc_lock_matches_the_committed_code_and_params(
+    tmp_path: Path, repo_root: Path, venv_bin: Path
+) -> None:
     project = _tracked_copy(repo_root, tmp_path / "clone")
     assert _changed_code_and_params(project, venv_bin / "dvc") == {}, (
         "dvc.lock is not the result of this code and params.yaml: run `dvc repro` and commit "
-        "dvc.lock and metrics.json with the change")
+        "dvc.lock and metrics.json with the change"
+    )
 
 
-@pytest.mark.parametrize(("module", "function", "stage"), [
-    ("src/mnist_vae/evaluate.py", "def select(", "evaluate"),
-    ("src/mnist_vae/fetch.py", "def resolve_mirrors(", "download"),
-    ("src/mnist_vae/train.py", "def learning_rate(", "train"),
-])
-def test_editing_a_function_reruns_only_its_stage(tmp_path: Path, repo_root: Path, venv_bin: Path,
-                                                  module: str, function: str, stage: str) -> None:
+@pytest.mark.parametrize(
+    ("module", "function", "stage"),
+    [
+        ("src/mnist_vae/evaluate.py", "def select(", "evaluate"),
+        ("src/mnist_vae/fetch.py", "def resolve_mirrors(", "download"),
+        ("src/mnist_vae/train.py", "def learning_rate(", "train"),
+    ],
+)
+def test_editing_a_function_reruns_only_its_stage(
+    tmp_path: Path, repo_root: Path, venv_bin: Path, module: str, function: str, stage: str
+) -> None:
     project = _tracked_copy(repo_root, tmp_path / "clone")
     source = (project / module).read_text()
     assert function in source

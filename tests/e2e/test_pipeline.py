@@ -31,17 +31,24 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, copy_repo, shared_mnist: Path,
-            venv_bin: Path) -> tuple[Path, dict[str, str]]:
+def project(
+    tmp_path_factory: pytest.TempPathFactory, copy_repo, shared_mnist: Path, venv_bin: Path
+) -> tuple[Path, dict[str, str]]:
     """A fresh copy of the repo (tracked and new files, no outputs), with small params, reproduced."""
     root = tmp_path_factory.mktemp("e2e") / "project"
     copy_repo(root, SMALL)
-    env = {**os.environ, "MNIST_MIRRORS": str(shared_mnist),
-           "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MNIST_MIRRORS": str(shared_mnist),
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MLFLOW_RUN_ID", None)
-    for args in (["git", "init", "-q"], ["git", "add", "-A"],
-                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for args in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         _run(args, root, env)
     _run(["dvc", "repro"], root, env)
     # What `make install` does on a fresh clone: the offline page template of `dvc plots show`.
@@ -79,8 +86,9 @@ FIGURES = ("reconstructions.png", "samples.png", "latent.png", "traversal.png")
 
 def _offline_page(html: str) -> None:
     """The page loads nothing from the network: no remote script, style or image, Vega inline."""
-    remote = re.findall(r"""<(?:script|link|img)\b[^>]*\b(?:src|href)\s*=\s*["']?(?:https?:)?//""", html,
-                        flags=re.IGNORECASE)
+    remote = re.findall(
+        r"""<(?:script|link|img)\b[^>]*\b(?:src|href)\s*=\s*["']?(?:https?:)?//""", html, flags=re.IGNORECASE
+    )
     assert not remote, remote
     assert "cdn.jsdelivr.net" not in html
     assert "vegaEmbed" in html and len(html) > 500_000  # the bundled libraries, inline
@@ -88,7 +96,7 @@ def _offline_page(html: str) -> None:
 
 def _body(html: str) -> str:
     """The page's body: what follows the last <body> tag (the inline bundle's text holds some)."""
-    return html[html.rindex("<body>"):]
+    return html[html.rindex("<body>") :]
 
 
 def test_dvc_plots_show_works_offline_with_curves_and_figures(
@@ -106,13 +114,16 @@ def test_dvc_plots_show_works_offline_with_curves_and_figures(
 
 
 def test_dvc_plots_diff_shows_two_revisions_figures_side_by_side(
-    project: tuple[Path, dict[str, str]], tmp_path: Path,
+    project: tuple[Path, dict[str, str]],
+    tmp_path: Path,
 ) -> None:
     root, env = project
     clone = tmp_path / "clone"
     shutil.copytree(root, clone, symlinks=True)
-    for args in (["git", "add", "-A"],
-                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run 1"]):
+    for args in (
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run 1"],
+    ):
         _run(args, clone, env)
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["evaluate"]["seed"] = 1  # other samples in samples.png: the evaluate stage only
@@ -146,8 +157,10 @@ def test_mlflow_run_has_epochs_params_tags_and_artifacts(
     assert run.data.params["model.channels"] == "8,16"
     assert run.data.metrics["test_neg_elbo"] > 0
     assert len(run.data.tags["mlflow.source.git.commit"]) >= 40
-    assert run.data.tags["dvc.data.md5"] == yaml.safe_load((root / "dvc.lock").read_text())[
-        "stages"]["download"]["outs"][0]["md5"]
+    assert (
+        run.data.tags["dvc.data.md5"]
+        == yaml.safe_load((root / "dvc.lock").read_text())["stages"]["download"]["outs"][0]["md5"]
+    )
     # The first version is champion; the gate measured it on the held-out split, not the test set.
     assert run.data.tags["registry.gate_reason"].startswith("version 1 is the first champion")
     assert "on the validation split (1000 images)" in run.data.tags["registry.gate_reason"]
@@ -156,7 +169,8 @@ def test_mlflow_run_has_epochs_params_tags_and_artifacts(
 
 
 def test_registered_model_reconstructs_better_than_the_mean_image(
-    project: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch,
+    project: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import mlflow
 
@@ -217,11 +231,29 @@ def test_dvc_push_then_fresh_clone_pulls_without_retraining(
 def test_mlproject_train_entry_point(project: tuple[Path, dict[str, str]]) -> None:
     """`mlflow run . -e train --env-manager local -P epochs=1` trains into the project's store."""
     root, env = project
-    _run(["mlflow", "run", ".", "-e", "train", "--env-manager", "local", "--experiment-name",
-          "mnist-vae", "-P", "epochs=1", "-P", "limit=1000"], root, env)
+    _run(
+        [
+            "mlflow",
+            "run",
+            ".",
+            "-e",
+            "train",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "mnist-vae",
+            "-P",
+            "epochs=1",
+            "-P",
+            "limit=1000",
+        ],
+        root,
+        env,
+    )
     client = _client(root)
-    runs = client.search_runs([client.get_experiment_by_name("mnist-vae").experiment_id],
-                              order_by=["attribute.start_time DESC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("mnist-vae").experiment_id], order_by=["attribute.start_time DESC"]
+    )
     assert len(runs) == 2
     newest = runs[0]
     assert newest.data.params["train.epochs"] == "1"

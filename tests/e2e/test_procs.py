@@ -31,8 +31,7 @@ time.sleep(300)
 
 def test_a_killed_parent_leaves_no_server(tmp_path: Path) -> None:
     mark = tmp_path / "stop-command-ran"
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(mark)], stdout=subprocess.PIPE,
-                              text=True)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(mark)], stdout=subprocess.PIPE, text=True)
     try:
         group, watchdog = map(int, parent.stdout.readline().split())
         deadline = time.monotonic() + 30

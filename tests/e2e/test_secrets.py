@@ -26,9 +26,13 @@ def _refusing_server(stack: Stack) -> str:
 
 
 @pytest.mark.parametrize("server", [_dead_server, _refusing_server], ids=["dead", "refusing"])
-def test_no_password_in_output_or_files(server: Callable[[Stack], str], team_stack: Stack,
-                                        tmp_path: Path, make_project: Callable[..., dict[str, str]],
-                                        venv_bin: Path) -> None:
+def test_no_password_in_output_or_files(
+    server: Callable[[Stack], str],
+    team_stack: Stack,
+    tmp_path: Path,
+    make_project: Callable[..., dict[str, str]],
+    venv_bin: Path,
+) -> None:
     root = tmp_path / "project"
     env = make_project(root, n_train=200, validation=50)
     uri = server(team_stack)
@@ -41,8 +45,7 @@ def test_no_password_in_output_or_files(server: Callable[[Stack], str], team_sta
         "mnist-vae evaluate": [str(venv_bin / "mnist-vae"), "evaluate", "models:/mnist-vae@champion"],
     }
     for name, command in commands.items():
-        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         printed = result.stdout + result.stderr
         assert result.returncode == 1, f"{name}: {printed[-2000:]}"
         errors = [line for line in printed.splitlines() if line.startswith("error:")]
@@ -54,14 +57,19 @@ def test_no_password_in_output_or_files(server: Callable[[Stack], str], team_sta
 
 
 def test_tune_storage_password_from_the_environment_is_never_printed(
-        tmp_path: Path, make_project: Callable[..., dict[str, str]], venv_bin: Path) -> None:
+    tmp_path: Path, make_project: Callable[..., dict[str, str]], venv_bin: Path
+) -> None:
     root = tmp_path / "project"
     env = make_project(root, n_train=200, validation=50)
     storage = f"postgresql+psycopg://optuna:{PASSWORD}@127.0.0.1:{procs.free_port()}/optuna"
-    result = subprocess.run([str(venv_bin / "mnist-vae"), "tune", "--trials", "1",
-                             "--space", str(_space(tmp_path))], cwd=root,
-                            env={**env, "MNIST_VAE_TUNE_STORAGE": storage}, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [str(venv_bin / "mnist-vae"), "tune", "--trials", "1", "--space", str(_space(tmp_path))],
+        cwd=root,
+        env={**env, "MNIST_VAE_TUNE_STORAGE": storage},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     printed = result.stdout + result.stderr
     assert result.returncode == 1, printed[-2000:]
     errors = [line for line in printed.splitlines() if line.startswith("error:")]

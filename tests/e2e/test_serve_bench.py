@@ -25,16 +25,35 @@ pytestmark = pytest.mark.slow
 
 
 def test_serve_bench_measures_every_cell_and_stops_its_servers(
-        tmp_path: Path, venv_bin: Path, write_dataset: Callable[..., Path]) -> None:
+    tmp_path: Path, venv_bin: Path, write_dataset: Callable[..., Path]
+) -> None:
     save_model(build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0), tmp_path / "model.pt")
     folder = wrap_weights(tmp_path / "model.pt", tmp_path / "served")
     data = write_dataset(tmp_path / "mnist.npz", 8, n_test=64)
     out = tmp_path / "serve_bench.json"
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(
-        [str(venv_bin / "mnist-vae"), "serve-bench", "--model", str(folder), "--data", str(data),
-         "--out", str(out), "--no-mlflow", "--clients", "2", "--seconds", "1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            str(venv_bin / "mnist-vae"),
+            "serve-bench",
+            "--model",
+            str(folder),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--no-mlflow",
+            "--clients",
+            "2",
+            "--seconds",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(out.read_text())
 
@@ -46,8 +65,9 @@ def test_serve_bench_measures_every_cell_and_stops_its_servers(
             assert cell[key] > 0, (key, cell)
         assert cell["images_per_s"] == pytest.approx(cell["requests_per_s"] * cell["batch"])
     layers = {(r["layer"], r["batch"]) for r in result["in_process"]}
-    assert layers == {(name, b) for name in ("forward", "served_predict", "pyfunc_predict",
-                                             "invocations") for b in (1, 64)}
+    assert layers == {
+        (name, b) for name in ("forward", "served_predict", "pyfunc_predict", "invocations") for b in (1, 64)
+    }
     assert all(r["requests_per_s"] > 0 and r["p50_ms"] > 0 for r in result["in_process"])
     assert set(result["scaling"]) == {"batch_1_workers_2_over_1", "batch_64_workers_2_over_1"}
 
@@ -69,8 +89,12 @@ def test_two_worker_server_takes_a_share_of_the_cores_and_no_delay(tmp_path: Pat
     cores = len(os.sched_getaffinity(0))
     with serve(folder, workers=2, log=log) as server:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        connection.request("POST", "/invocations", body=json.dumps({"inputs": [[0.5] * 784]}),
-                           headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST",
+            "/invocations",
+            body=json.dumps({"inputs": [[0.5] * 784]}),
+            headers={"Content-Type": "application/json"},
+        )
         response = connection.getresponse()
         assert response.status == 200, response.read()
         response.read()
@@ -87,8 +111,11 @@ def test_two_worker_server_takes_a_share_of_the_cores_and_no_delay(tmp_path: Pat
 def _server_side_socket(group: int, port: int, client_port: int) -> socket.socket:
     """A duplicate (``pidfd_getfd``) of the server's end of the connection from ``client_port``."""
     wanted = f"0100007F:{port:04X} 0100007F:{client_port:04X}"
-    inode = next(line.split()[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
-                 if " ".join(line.split()[1:3]) == wanted)
+    inode = next(
+        line.split()[9]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if " ".join(line.split()[1:3]) == wanted
+    )
     libc = ctypes.CDLL(None, use_errno=True)
     for pid in procs.group_members(group):
         for fd in Path(f"/proc/{pid}/fd").iterdir():

@@ -19,13 +19,26 @@ from mnist_vae.stages import evaluate, train
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.preset=mlp", "model.hidden=[32]", "model.latent=4", "train.epochs=2", "train.batch_size=32",
-        "train.lr=0.003", "train.validation=64", "train.threads=1", "evaluate.iw_samples=2"]
+TINY = [
+    "model.preset=mlp",
+    "model.hidden=[32]",
+    "model.latent=4",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "train.lr=0.003",
+    "train.validation=64",
+    "train.threads=1",
+    "evaluate.iw_samples=2",
+]
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, venv_bin: Path,
-               write_dataset: Callable[..., Path]) -> dict[str, str]:
+def registered(
+    tmp_path_factory: pytest.TempPathFactory,
+    repo_root: Path,
+    venv_bin: Path,
+    write_dataset: Callable[..., Path],
+) -> dict[str, str]:
     """Trains, evaluates and registers a tiny model in a store of its own; returns the env."""
     root = tmp_path_factory.mktemp("serve")
     write_dataset(root / "data" / "mnist.npz", 512 + 64)
@@ -50,19 +63,35 @@ def registered(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, venv_b
 
 
 @pytest.fixture(scope="module")
-def server(registered: dict[str, str], tmp_path_factory: pytest.TempPathFactory, venv_bin: Path,
-           http_server: Callable) -> Iterator[str]:
+def server(
+    registered: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    venv_bin: Path,
+    http_server: Callable,
+) -> Iterator[str]:
     """`mlflow models serve` on 127.0.0.1; always stopped at the end, also when a test fails."""
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    with http_server([str(venv_bin / "mlflow"), "models", "serve", "-m", "models:/mnist-vae@champion",
-                      "--env-manager", "local"], log, env=registered) as url:
+    with http_server(
+        [
+            str(venv_bin / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/mnist-vae@champion",
+            "--env-manager",
+            "local",
+        ],
+        log,
+        env=registered,
+    ) as url:
         yield url
 
 
 def _post(url: str, body: object, raw: bool = False) -> requests.Response:
     data = body if raw else json.dumps(body)
-    return requests.post(f"{url}/invocations", data=data,
-                         headers={"Content-Type": "application/json"}, timeout=60)
+    return requests.post(
+        f"{url}/invocations", data=data, headers={"Content-Type": "application/json"}, timeout=60
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +104,9 @@ def _bodies(x: np.ndarray) -> dict[str, dict]:
     columns = [str(i) for i in range(784)]
     return {
         "dataframe_split": {"dataframe_split": {"columns": columns, "data": x.tolist()}},
-        "dataframe_records": {"dataframe_records": [dict(zip(columns, row, strict=True))
-                                                    for row in x.tolist()]},
+        "dataframe_records": {
+            "dataframe_records": [dict(zip(columns, row, strict=True)) for row in x.tolist()]
+        },
         "instances": {"instances": x.tolist()},
         "inputs": {"inputs": x.tolist()},
     }
@@ -98,7 +128,8 @@ def test_outputs_latent_score_and_sample(server: str, batch: Callable) -> None:
     assert latent.status_code == 200, latent.text
     rows = latent.json()["predictions"]
     assert len(rows) == 4 and set(rows[0]) == {f"mu_{i}" for i in range(4)} | {
-        f"logvar_{i}" for i in range(4)}
+        f"logvar_{i}" for i in range(4)
+    }
 
     score = _post(server, {"inputs": x.tolist(), "params": {"output": "score"}})
     assert score.status_code == 200, score.text
@@ -123,13 +154,23 @@ def test_outputs_latent_score_and_sample(server: str, batch: Callable) -> None:
         ({"inputs": [[2.0] * 784]}, "[0, 1]"),
         # MLflow's own schema check answers these before the model sees them.
         ({"inputs": []}, "with schema '[Tensor('float32', (-1, 784))]'"),
-        ({"dataframe_split": {"columns": ["a", "b"], "data": [["x", "y"]]}},
-         "could not convert string to float"),
+        (
+            {"dataframe_split": {"columns": ["a", "b"], "data": [["x", "y"]]}},
+            "could not convert string to float",
+        ),
         ("this is not json", "Ensure that input is a valid JSON formatted string"),
         ({"inputs": [[0.5] * 784], "params": {"output": "everything"}}, "reconstruction"),
     ],
-    ids=["783-values", "nan", "infinity", "out-of-range", "empty", "non-numeric", "not-json",
-         "unknown-output"],
+    ids=[
+        "783-values",
+        "nan",
+        "infinity",
+        "out-of-range",
+        "empty",
+        "non-numeric",
+        "not-json",
+        "unknown-output",
+    ],
 )
 def test_bad_input_is_a_400_and_the_server_keeps_answering(
     server: str, batch: Callable, body: object, expected: str

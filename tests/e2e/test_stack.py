@@ -51,9 +51,11 @@ def _until_ok(call: Callable[[], requests.Response], attempts: int = 10) -> tupl
         if response is not None and response.status_code == 200:
             return response, attempt
         time.sleep(0.5)
-    raise AssertionError(f"no 200 after {attempts} tries; last answer: "
-                         f"{response.status_code if response is not None else 'no connection'} "
-                         f"{response.text[:300] if response is not None else ''}")
+    raise AssertionError(
+        f"no 200 after {attempts} tries; last answer: "
+        f"{response.status_code if response is not None else 'no connection'} "
+        f"{response.text[:300] if response is not None else ''}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +82,24 @@ def test_health_answers_without_credentials(team_stack: Stack) -> None:
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("auth", [None, ("admin", "wrong-password"), ("no-such-user", "x")],
-                         ids=["anonymous", "wrong-password", "unknown-user"])
-def test_api_refuses_requests_without_valid_credentials(team_stack: Stack,
-                                                        auth: tuple[str, str] | None) -> None:
+@pytest.mark.parametrize(
+    "auth",
+    [None, ("admin", "wrong-password"), ("no-such-user", "x")],
+    ids=["anonymous", "wrong-password", "unknown-user"],
+)
+def test_api_refuses_requests_without_valid_credentials(
+    team_stack: Stack, auth: tuple[str, str] | None
+) -> None:
     response = _get(team_stack, f"{API}/experiments/search", auth, max_results="10")
     assert response.status_code == 401, response.text
-    assert _get(team_stack, f"{API}/experiments/search", _admin(team_stack),
-                max_results="10").status_code == 200
+    assert (
+        _get(team_stack, f"{API}/experiments/search", _admin(team_stack), max_results="10").status_code == 200
+    )
 
 
-def test_admin_run_metric_and_artifact_land_in_postgres_and_s3(team_stack: Stack,
-                                                                logged_run: dict[str, str]) -> None:
+def test_admin_run_metric_and_artifact_land_in_postgres_and_s3(
+    team_stack: Stack, logged_run: dict[str, str]
+) -> None:
     run = _get(team_stack, f"{API}/runs/get", _admin(team_stack), run_id=logged_run["run_id"]).json()["run"]
     assert run["info"]["status"] == "FINISHED"
     assert {(m["key"], m["value"]) for m in run["data"]["metrics"]} == {("neg_elbo", 97.5)}
@@ -118,32 +126,44 @@ def test_read_grant_reads_but_cannot_log(team_stack: Stack, logged_run: dict[str
 
     created = _post(team_stack, f"{API}/runs/create", reader, {"experiment_id": experiment_id})
     assert created.status_code == 403, created.text
-    logged = _post(team_stack, f"{API}/runs/log-metric", reader,
-                   {"run_id": run_id, "key": "x", "value": 1.0, "timestamp": 0, "step": 0})
+    logged = _post(
+        team_stack,
+        f"{API}/runs/log-metric",
+        reader,
+        {"run_id": run_id, "key": "x", "value": 1.0, "timestamp": 0, "step": 0},
+    )
     assert logged.status_code == 403, logged.text
 
 
 def test_edit_grant_can_log(team_stack: Stack, logged_run: dict[str, str]) -> None:
     editor = ("editor", team_stack.create_user("editor"))
     team_stack.grant("editor", "experiment", logged_run["experiment_id"], "EDIT")
-    created = _post(team_stack, f"{API}/runs/create", editor,
-                    {"experiment_id": logged_run["experiment_id"], "run_name": "by-editor"})
+    created = _post(
+        team_stack,
+        f"{API}/runs/create",
+        editor,
+        {"experiment_id": logged_run["experiment_id"], "run_name": "by-editor"},
+    )
     assert created.status_code == 200, created.text
     run_id = created.json()["run"]["info"]["run_id"]
-    logged = _post(team_stack, f"{API}/runs/log-metric", editor,
-                   {"run_id": run_id, "key": "loss", "value": 0.5, "timestamp": 0, "step": 1})
+    logged = _post(
+        team_stack,
+        f"{API}/runs/log-metric",
+        editor,
+        {"run_id": run_id, "key": "loss", "value": 0.5, "timestamp": 0, "step": 1},
+    )
     assert logged.status_code == 200, logged.text
     # Anyone may create an experiment, and its creator manages it.
     own = _post(team_stack, f"{API}/experiments/create", editor, {"name": "editor-own"})
     assert own.status_code == 200, own.text
-    created = _post(team_stack, f"{API}/runs/create", editor,
-                    {"experiment_id": own.json()["experiment_id"]})
+    created = _post(team_stack, f"{API}/runs/create", editor, {"experiment_id": own.json()["experiment_id"]})
     assert created.status_code == 200, created.text
 
 
 @pytest.mark.parametrize("fault", ["restart", "kill"])
-def test_api_recovers_after_postgres_goes_down(team_stack: Stack, logged_run: dict[str, str],
-                                               fault: str) -> None:
+def test_api_recovers_after_postgres_goes_down(
+    team_stack: Stack, logged_run: dict[str, str], fault: str
+) -> None:
     before = team_stack.pids["postgres"]
     if fault == "restart":
         team_stack.part("postgres").restart()  # as `pg_ctl restart -m fast`
@@ -151,12 +171,25 @@ def test_api_recovers_after_postgres_goes_down(team_stack: Stack, logged_run: di
         team_stack.part("postgres").kill()  # SIGKILL to the postmaster and every backend
         team_stack.part("postgres").start()  # crash recovery from the write-ahead log
     assert team_stack.pids["postgres"] != before
-    run, tries = _until_ok(lambda: _get(team_stack, f"{API}/runs/get", _admin(team_stack),
-                                        run_id=logged_run["run_id"]))
+    run, tries = _until_ok(
+        lambda: _get(team_stack, f"{API}/runs/get", _admin(team_stack), run_id=logged_run["run_id"])
+    )
     assert run.json()["run"]["info"]["run_id"] == logged_run["run_id"]
     assert tries <= 5, f"{tries} tries before the server used the new database connections"
-    logged, _ = _until_ok(lambda: _post(team_stack, f"{API}/runs/log-metric", _admin(team_stack), {
-        "run_id": logged_run["run_id"], "key": f"after_{fault}", "value": 1.0, "timestamp": 0, "step": 0}))
+    logged, _ = _until_ok(
+        lambda: _post(
+            team_stack,
+            f"{API}/runs/log-metric",
+            _admin(team_stack),
+            {
+                "run_id": logged_run["run_id"],
+                "key": f"after_{fault}",
+                "value": 1.0,
+                "timestamp": 0,
+                "step": 0,
+            },
+        )
+    )
     assert logged.json() == {}
 
 
@@ -174,8 +207,9 @@ def test_tracking_server_killed_and_started_again_keeps_runs_and_users(
     assert me.status_code == 200, me.text
 
 
-def test_paused_s3_stalls_uploads_and_keeps_its_objects(team_stack: Stack,
-                                                       logged_run: dict[str, str]) -> None:
+def test_paused_s3_stalls_uploads_and_keeps_its_objects(
+    team_stack: Stack, logged_run: dict[str, str]
+) -> None:
     path = f"{ARTIFACTS}/{logged_run['experiment_id']}/{logged_run['run_id']}/artifacts/paused.txt"
     team_stack.pause("s3")
     try:
@@ -189,8 +223,9 @@ def test_paused_s3_stalls_uploads_and_keeps_its_objects(team_stack: Stack,
     assert any(key.endswith("/notes.txt") for key in keys), keys
 
 
-def test_artifact_upload_fails_while_s3_is_down_and_works_after(team_stack: Stack,
-                                                                 logged_run: dict[str, str]) -> None:
+def test_artifact_upload_fails_while_s3_is_down_and_works_after(
+    team_stack: Stack, logged_run: dict[str, str]
+) -> None:
     path = f"{ARTIFACTS}/{logged_run['experiment_id']}/{logged_run['run_id']}/artifacts/during.txt"
     team_stack.part("s3").kill()
     try:
@@ -229,9 +264,17 @@ def test_a_stack_leaves_nothing_when_its_block_raises(tmp_path: Path) -> None:
 
 def test_serve_forever_prints_exports_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; "
-         "from mnist_vae.stack import serve_forever; serve_forever(Path(sys.argv[1]))", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from mnist_vae.stack import serve_forever; serve_forever(Path(sys.argv[1]))",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         exports = {}
         while "AWS_DEFAULT_REGION" not in exports:
@@ -241,8 +284,12 @@ def test_serve_forever_prints_exports_and_stops_everything_on_sigterm(tmp_path: 
             exports[name] = value
         uri = exports["MLFLOW_TRACKING_URI"]
         auth = (exports["MLFLOW_TRACKING_USERNAME"], exports["MLFLOW_TRACKING_PASSWORD"])
-        assert requests.get(f"{uri}{API}/experiments/search", params={"max_results": "1"},
-                            auth=auth, timeout=30).status_code == 200
+        assert (
+            requests.get(
+                f"{uri}{API}/experiments/search", params={"max_results": "1"}, auth=auth, timeout=30
+            ).status_code
+            == 200
+        )
         children = _descendants(process.pid)
         assert len(children) >= 3, children  # postmaster (+ backends), moto, mlflow (+ uvicorn)
         process.send_signal(signal.SIGTERM)
@@ -258,13 +305,18 @@ def test_serve_forever_prints_exports_and_stops_everything_on_sigterm(tmp_path: 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["sigkill", "sighup"])
-def test_stack_cli_killed_or_hung_up_leaves_no_process(tmp_path: Path, venv_bin: Path,
-                                                       sig: signal.Signals) -> None:
+def test_stack_cli_killed_or_hung_up_leaves_no_process(
+    tmp_path: Path, venv_bin: Path, sig: signal.Signals
+) -> None:
     """`mnist-vae stack` SIGKILLed (no cleanup of its own can run) or losing its terminal: a few
     seconds later none of the processes it started is alive, and its temporary folder is gone."""
-    process = subprocess.Popen([str(venv_bin / "mnist-vae"), "stack", "--workdir", str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [str(venv_bin / "mnist-vae"), "stack", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = ""
         while not line.startswith("export AWS_DEFAULT_REGION"):
@@ -316,16 +368,22 @@ def test_stack_runs_as_an_unprivileged_user(tmp_path: Path) -> None:
     try:
         if account is not None:
             os.chown(work, account.pw_uid, account.pw_gid)
-        script = ("import os, sys, requests; from pathlib import Path; "
-                  "from mnist_vae.stack import Stack\n"
-                  "with Stack(Path(sys.argv[1]) / 'stack') as stack:\n"
-                  "    r = requests.get(stack.tracking_uri + '/api/2.0/mlflow/experiments/search',"
-                  " params={'max_results': '1'}, auth=(stack.admin_username, stack.admin_password))\n"
-                  "    print(os.geteuid(), r.status_code, stack.pg_port > 0)\n")
-        result = subprocess.run([python, "-c", script, str(work)], capture_output=True, text=True,
-                                timeout=300, env={**env, "HOME": str(work)},
-                                **({"user": account.pw_uid, "group": account.pw_gid,
-                                    "extra_groups": []} if account else {}))
+        script = (
+            "import os, sys, requests; from pathlib import Path; "
+            "from mnist_vae.stack import Stack\n"
+            "with Stack(Path(sys.argv[1]) / 'stack') as stack:\n"
+            "    r = requests.get(stack.tracking_uri + '/api/2.0/mlflow/experiments/search',"
+            " params={'max_results': '1'}, auth=(stack.admin_username, stack.admin_password))\n"
+            "    print(os.geteuid(), r.status_code, stack.pg_port > 0)\n"
+        )
+        result = subprocess.run(
+            [python, "-c", script, str(work)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**env, "HOME": str(work)},
+            **({"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []} if account else {}),
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         uid = os.geteuid() if account is None else account.pw_uid
         assert result.stdout.split() == [str(uid), "200", "True"], result.stdout
@@ -345,20 +403,27 @@ def _python_for(account: pwd.struct_passwd) -> tuple[str, dict[str, str]]:
     for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]:
         found = Path(folder) / version
         if found.is_file() and found.resolve() != Path(sys.executable).resolve():
-            candidates.append((str(found), {**os.environ,
-                                            "PYTHONPATH": os.pathsep.join([source, purelib])}))
+            candidates.append((str(found), {**os.environ, "PYTHONPATH": os.pathsep.join([source, purelib])}))
     for python, env in candidates:
         try:
-            probe = subprocess.run([python, "-c", "import mnist_vae.stack, mlflow, moto, psycopg"],
-                                   capture_output=True, env={**env, "HOME": "/"}, timeout=120,
-                                   user=account.pw_uid, group=account.pw_gid, extra_groups=[])
+            probe = subprocess.run(
+                [python, "-c", "import mnist_vae.stack, mlflow, moto, psycopg"],
+                capture_output=True,
+                env={**env, "HOME": "/"},
+                timeout=120,
+                user=account.pw_uid,
+                group=account.pw_gid,
+                extra_groups=[],
+            )
         except PermissionError:  # the interpreter (or a folder above it) is private to its owner
             continue
         if probe.returncode == 0:
             return python, env
-    pytest.fail(f"no {version} that user {account.pw_name} may run with this venv's packages "
-                f"(tried {[python for python, _ in candidates]}): make the venv and the project "
-                "readable by that user")
+    pytest.fail(
+        f"no {version} that user {account.pw_name} may run with this venv's packages "
+        f"(tried {[python for python, _ in candidates]}): make the venv and the project "
+        "readable by that user"
+    )
 
 
 def _alive(group: int) -> bool:

@@ -24,8 +24,11 @@ TINY = {
     "evaluate": {"limit": 300, "iw_samples": 2, "n_images": 4},
 }
 # A client gives up on a dead server quickly: the faults below take seconds, not minutes.
-FAST_FAILING = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+FAST_FAILING = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 class Team:
@@ -45,10 +48,24 @@ class Team:
             env["MLFLOW_TRACKING_PASSWORD"] = password or self.passwords[user]
         return env
 
-    def run(self, args: list[str], user: str | None, *, ok: bool = True, password: str | None = None,
-            cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-        result = subprocess.run(args, cwd=cwd or self.root, env=self.env(user, password),
-                                capture_output=True, text=True, timeout=timeout)
+    def run(
+        self,
+        args: list[str],
+        user: str | None,
+        *,
+        ok: bool = True,
+        password: str | None = None,
+        cwd: Path | None = None,
+        timeout: float = 600,
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            args,
+            cwd=cwd or self.root,
+            env=self.env(user, password),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         self.printed += [result.stdout, result.stderr]
         if ok:
             assert result.returncode == 0, f"{args} as {user}:\n{result.stdout}\n{result.stderr}"
@@ -57,21 +74,19 @@ class Team:
     def client(self, user: str = "admin"):
         import mlflow
 
-        os.environ.update({"MLFLOW_TRACKING_USERNAME": user,
-                           "MLFLOW_TRACKING_PASSWORD": self.passwords[user]})
+        os.environ.update(
+            {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": self.passwords[user]}
+        )
         return mlflow.MlflowClient(self.stack.tracking_uri, self.stack.tracking_uri)
 
 
 @pytest.fixture(scope="module")
-def team(team_stack, tmp_path_factory: pytest.TempPathFactory, copy_repo,
-         shared_mnist: Path, venv_bin: Path):
+def team(team_stack, tmp_path_factory: pytest.TempPathFactory, copy_repo, shared_mnist: Path, venv_bin: Path):
     """A git + DVC copy of the repo with tiny params, reproduced by alice through the stack."""
     root = tmp_path_factory.mktemp("team") / "project"
     copy_repo(root, TINY)
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("MLFLOW_", "AWS_", "DVC_"))}
-    base.update({"MNIST_MIRRORS": str(shared_mnist),
-                 "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"})
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_"))}
+    base.update({"MNIST_MIRRORS": str(shared_mnist), "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"})
     team = Team(root, base, team_stack)
     team.passwords["alice"] = team_stack.create_user("alice")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -103,18 +118,23 @@ def test_pipeline_logs_and_registers_through_the_stack(team) -> None:
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     assert len(client.get_metric_history(run.info.run_id, "val_neg_elbo")) == 2
     figures = {f.path for f in client.list_artifacts(run.info.run_id, "figures")}
-    assert figures == {f"figures/{name}.png" for name in
-                       ("reconstructions", "samples", "traversal", "latent")}
+    assert figures == {
+        f"figures/{name}.png" for name in ("reconstructions", "samples", "traversal", "latent")
+    }
     version = client.get_model_version_by_alias("mnist-vae", "champion")
     assert str(version.version) == "1"
     # The artifacts are objects in the bucket itself, not files on the server's disk.
-    keys = [o["Key"] for page in team.stack.s3_client().get_paginator("list_objects_v2")
-            .paginate(Bucket=team.stack.bucket) for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in team.stack.s3_client().get_paginator("list_objects_v2").paginate(Bucket=team.stack.bucket)
+        for o in page.get("Contents", [])
+    ]
     assert any(k.endswith("figures/reconstructions.png") for k in keys), keys
     assert any(k.endswith("/model.pt") for k in keys), keys
     assert any(k.endswith("/MLmodel") for k in keys), keys
-    assert json.loads((team.root / "models" / "run.json").read_text())["tracking_uri"] == \
-        team.stack.tracking_uri
+    assert (
+        json.loads((team.root / "models" / "run.json").read_text())["tracking_uri"] == team.stack.tracking_uri
+    )
 
 
 def test_cli_models_evaluate_promote_rollback_through_the_stack(team) -> None:
@@ -122,8 +142,7 @@ def test_cli_models_evaluate_promote_rollback_through_the_stack(team) -> None:
     team.run([sys.executable, "pipeline/evaluate.py"], "alice")
     listed = team.run(["mnist-vae", "models"], "alice").stdout
     assert re.search(r"\b1\b.*champion", listed) and re.search(r"\b2\b.*candidate", listed), listed
-    out = team.run(["mnist-vae", "evaluate", "models:/mnist-vae@champion", "--limit", "100"],
-                   "alice").stdout
+    out = team.run(["mnist-vae", "evaluate", "models:/mnist-vae@champion", "--limit", "100"], "alice").stdout
     assert "neg_elbo" in out
     client = team.client()
     before = str(client.get_model_version_by_alias("mnist-vae", "champion").version)
@@ -134,11 +153,21 @@ def test_cli_models_evaluate_promote_rollback_through_the_stack(team) -> None:
     assert str(client.get_model_version_by_alias("mnist-vae", "champion").version) == before
 
 
-def test_served_champion_loads_from_the_stack(team, http_server, venv_bin: Path,
-                                              tmp_path: Path) -> None:
-    with http_server([str(venv_bin / "mlflow"), "models", "serve", "-m",
-                      "models:/mnist-vae@champion", "--env-manager", "local"],
-                     tmp_path / "serve.log", env=team.env("alice"), cwd=team.root) as url:
+def test_served_champion_loads_from_the_stack(team, http_server, venv_bin: Path, tmp_path: Path) -> None:
+    with http_server(
+        [
+            str(venv_bin / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/mnist-vae@champion",
+            "--env-manager",
+            "local",
+        ],
+        tmp_path / "serve.log",
+        env=team.env("alice"),
+        cwd=team.root,
+    ) as url:
         pixels = np.load(team.root / "data" / "mnist.npz")["x_test"][:2].reshape(2, -1) / 255.0
         answer = requests.post(f"{url}/invocations", json={"inputs": pixels.tolist()}, timeout=60)
     assert answer.status_code == 200, answer.text
@@ -159,8 +188,9 @@ def reader(team) -> str:
 def test_a_reader_reads_but_may_not_train_register_or_promote(team, reader) -> None:
     assert "champion" in team.run(["mnist-vae", "models"], reader).stdout
     team.run(["mnist-vae", "evaluate", "models:/mnist-vae@champion", "--limit", "50"], reader)
-    runs_before = len(team.client().search_runs(
-        [team.client().get_experiment_by_name("mnist-vae").experiment_id]))
+    runs_before = len(
+        team.client().search_runs([team.client().get_experiment_by_name("mnist-vae").experiment_id])
+    )
 
     refused = team.run([sys.executable, "pipeline/train.py"], reader, ok=False)
     _one_error_line(refused, "error: train: user bob may not log runs in experiment 'mnist-vae'")
@@ -171,10 +201,14 @@ def test_a_reader_reads_but_may_not_train_register_or_promote(team, reader) -> N
     assert (team.root / "metrics.json").read_bytes() == metrics
     champion = str(team.client().get_model_version_by_alias("mnist-vae", "champion").version)
     other = "2" if champion == "1" else "1"
-    _one_error_line(team.run(["mnist-vae", "promote", other], reader, ok=False),
-                    "user bob may not move aliases of model 'mnist-vae'")
-    assert len(team.client().search_runs(
-        [team.client().get_experiment_by_name("mnist-vae").experiment_id])) == runs_before
+    _one_error_line(
+        team.run(["mnist-vae", "promote", other], reader, ok=False),
+        "user bob may not move aliases of model 'mnist-vae'",
+    )
+    assert (
+        len(team.client().search_runs([team.client().get_experiment_by_name("mnist-vae").experiment_id]))
+        == runs_before
+    )
 
 
 @pytest.mark.parametrize("who", ["anonymous", "wrong password"])
@@ -182,8 +216,9 @@ def test_failed_authentication_is_one_line_naming_the_variables(team, who: str) 
     user, password = (None, None) if who == "anonymous" else ("alice", "not-her-password")
     for args in (["mnist-vae", "models"], [sys.executable, "pipeline/train.py"]):
         refused = team.run(args, user, password=password, ok=False)
-        line = _one_error_line(refused, "authentication failed at", "MLFLOW_TRACKING_USERNAME",
-                               "MLFLOW_TRACKING_PASSWORD")
+        line = _one_error_line(
+            refused, "authentication failed at", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+        )
         assert ("anonymous" in line) == (who == "anonymous")
         assert "not-her-password" not in line
 
@@ -212,12 +247,28 @@ def test_dvc_remote_on_the_same_s3_endpoint(team, tmp_path: Path) -> None:
 
 def test_tracking_server_killed_mid_training_loses_no_metric(team) -> None:
     epochs = 8
-    command = [sys.executable, "pipeline/train.py", "--set", f"train.epochs={epochs}",
-               "--set", "model.preset=mlp", "--set", "model.hidden=[512,256]",
-               "--set", "train.limit=8000",
-               "--set", "train.seed=1"]
-    process = subprocess.Popen(command, cwd=team.root, env=team.env("alice"), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command = [
+        sys.executable,
+        "pipeline/train.py",
+        "--set",
+        f"train.epochs={epochs}",
+        "--set",
+        "model.preset=mlp",
+        "--set",
+        "model.hidden=[512,256]",
+        "--set",
+        "train.limit=8000",
+        "--set",
+        "train.seed=1",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=team.root,
+        env=team.env("alice"),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     seen = []
     for line in process.stderr:
         seen.append(line)
@@ -246,14 +297,18 @@ def test_postgres_restarted_while_the_server_runs(team) -> None:
 def test_s3_down_when_the_model_is_logged(team) -> None:
     client = team.client()
     versions = len(client.search_model_versions("name='mnist-vae'"))
-    kept = {p: p.read_bytes() for p in [team.root / "metrics.json",
-                                        *sorted((team.root / "reports" / "figures").iterdir())]}
+    kept = {
+        p: p.read_bytes()
+        for p in [team.root / "metrics.json", *sorted((team.root / "reports" / "figures").iterdir())]
+    }
     # moto keeps objects in memory and comes back empty; a real S3 keeps them, so the bucket is
     # refilled from a copy after the restart (the registry's earlier versions live there).
     s3, bucket = team.stack.s3_client(), team.stack.bucket
-    objects = {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-               for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-               for o in page.get("Contents", [])}
+    objects = {
+        o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+    }
     team.stack.part("s3").kill()
     try:
         failed = team.run([sys.executable, "pipeline/evaluate.py"], "alice", ok=False)
@@ -274,8 +329,7 @@ def test_no_password_anywhere(team) -> None:
     files in the bucket, nor the stack's own logs."""
     client = team.client()
     experiment = client.get_experiment_by_name("mnist-vae").experiment_id
-    places = {"printed": "\n".join(team.printed),
-              "run.json": (team.root / "models" / "run.json").read_text()}
+    places = {"printed": "\n".join(team.printed), "run.json": (team.root / "models" / "run.json").read_text()}
     for run in client.search_runs([experiment]):
         places[f"run {run.info.run_id}"] = json.dumps([run.data.params, run.data.tags])
     s3 = team.stack.s3_client()

@@ -16,8 +16,8 @@ SPACE = "fixed:\n  train.epochs: 2\nparams:\n  train.lr: {float: {low: 0.001, hi
 
 
 def test_two_tune_processes_on_postgres_make_exactly_the_trials_asked(
-        team_stack: Stack, tmp_path: Path, make_project: Callable[..., dict[str, str]],
-        venv_bin: Path) -> None:
+    team_stack: Stack, tmp_path: Path, make_project: Callable[..., dict[str, str]], venv_bin: Path
+) -> None:
     import optuna
 
     root = tmp_path / "project"
@@ -28,8 +28,12 @@ def test_two_tune_processes_on_postgres_make_exactly_the_trials_asked(
     # command line.
     env = {**env, "MNIST_VAE_TUNE_STORAGE": url, "PGPASSWORD": team_stack.database_password}
     command = [str(venv_bin / "mnist-vae"), "tune", "--trials", "4", "--study", "on-postgres"]
-    processes = [subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     try:
         for process in processes:
             out, err = process.communicate(timeout=900)

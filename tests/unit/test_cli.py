@@ -36,8 +36,9 @@ def assert_one_line_error(result: Result, expected: str, allow_log_lines: bool =
     """Exit code 1 through ``typer.Exit``, and one line ``error: ...`` holding ``expected``."""
     lines = [line for line in result.output.splitlines() if line.strip()]
     if allow_log_lines:
-        lines = [line for line in lines if not line.startswith(("WARNING", "INFO"))
-                 and " INFO mlflow." not in line]
+        lines = [
+            line for line in lines if not line.startswith(("WARNING", "INFO")) and " INFO mlflow." not in line
+        ]
     assert result.exit_code == 1, result.output
     # Anything but SystemExit would be an exception escaping the command: a traceback for the user.
     assert isinstance(result.exception, SystemExit), repr(result.exception)
@@ -46,17 +47,28 @@ def assert_one_line_error(result: Result, expected: str, allow_log_lines: bool =
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_dataset: Callable[..., Path],
-            write_params: Callable[..., Path], mlflow_store: str) -> Iterator[Path]:
+def project(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_dataset: Callable[..., Path],
+    write_params: Callable[..., Path],
+    mlflow_store: str,
+) -> Iterator[Path]:
     """A project folder, the working directory: tiny params and data, an untrained tiny model in
     models/model.pt, a text file and a picture of a 7; an embedded MLflow store of its own."""
     write_dataset(tmp_path / "data" / "mnist.npz", 300, n_test=40)
-    write_params(tmp_path / "params.yaml", {
-        "model": {"preset": "mlp", "hidden": [16], "latent": 2},
-        "train": {"device": "cpu", "epochs": 1, "batch_size": 50, "threads": 1, "validation": 100},
-        "evaluate": {"iw_samples": 2, "n_images": 4}})
-    save_model(build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0),
-               tmp_path / "models" / "model.pt")
+    write_params(
+        tmp_path / "params.yaml",
+        {
+            "model": {"preset": "mlp", "hidden": [16], "latent": 2},
+            "train": {"device": "cpu", "epochs": 1, "batch_size": 50, "threads": 1, "validation": 100},
+            "evaluate": {"iw_samples": 2, "n_images": 4},
+        },
+    )
+    save_model(
+        build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0),
+        tmp_path / "models" / "model.pt",
+    )
     (tmp_path / "notes.txt").write_text("not a picture\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "200")  # rich tables at full width, cells unwrapped
@@ -66,8 +78,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_dataset: Call
 # --- help ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[]] + [[c.name or c.callback.__name__]
-                                             for c in app.registered_commands])
+@pytest.mark.parametrize("command", [[]] + [[c.name or c.callback.__name__] for c in app.registered_commands])
 def test_help_has_an_example(command: list[str]) -> None:
     result = invoke(*command, "--help")
     assert result.exit_code == 0, result.output
@@ -111,31 +122,37 @@ def test_reconstruct_and_sample_with_a_weights_file(
 # --- errors -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["sample", "--model", "models/nothing.pt"], "models/nothing.pt: no such model file"),
-    (["sample", "-n", "0", "--model", "models/model.pt"], "--number: expected at least 1 image"),
-    (["reconstruct", "notes.txt"], "notes.txt: not an image Pillow can read"),
-    (["reconstruct", "nowhere.png"], "nowhere.png: no such file"),
-    (["evaluate", "models/model.pt", "--data", "missing.npz"], "mnist-vae download"),
-    (["evaluate", "models/model.pt", "--digits", "11"], "--digits"),
-    (["evaluate", "models/model.pt", "--iw-samples", "0"], "evaluate.iw_samples"),
-    (["evaluate", "notes.txt"], "notes.txt: not an mnist-vae checkpoint"),
-    (["train", "--set", "train.epochs=0"], "train.epochs"),
-    (["train", "--set", "epochs"], "section.key=value"),
-    (["train", "--set", "train.validation=10000"], "train.validation: expected fewer images than "
-                                                   "the 300 of the training split, got 10000"),
-    (["run", "--params", "missing.yaml"], "params file not found"),
-    (["bench", "--chunk", "8"], "--chunk: expected at least one batch"),
-    (["bench", "--device", "tpu"], "--device: expected auto, cpu or cuda, got 'tpu'"),
-    (["profile", "burda2016"], "unknown profile 'burda2016'"),
-    (["train", "--profile", "nope"], "--profile: unknown profile 'nope'"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["sample", "--model", "models/nothing.pt"], "models/nothing.pt: no such model file"),
+        (["sample", "-n", "0", "--model", "models/model.pt"], "--number: expected at least 1 image"),
+        (["reconstruct", "notes.txt"], "notes.txt: not an image Pillow can read"),
+        (["reconstruct", "nowhere.png"], "nowhere.png: no such file"),
+        (["evaluate", "models/model.pt", "--data", "missing.npz"], "mnist-vae download"),
+        (["evaluate", "models/model.pt", "--digits", "11"], "--digits"),
+        (["evaluate", "models/model.pt", "--iw-samples", "0"], "evaluate.iw_samples"),
+        (["evaluate", "notes.txt"], "notes.txt: not an mnist-vae checkpoint"),
+        (["train", "--set", "train.epochs=0"], "train.epochs"),
+        (["train", "--set", "epochs"], "section.key=value"),
+        (
+            ["train", "--set", "train.validation=10000"],
+            "train.validation: expected fewer images than the 300 of the training split, got 10000",
+        ),
+        (["run", "--params", "missing.yaml"], "params file not found"),
+        (["bench", "--chunk", "8"], "--chunk: expected at least one batch"),
+        (["bench", "--device", "tpu"], "--device: expected auto, cpu or cuda, got 'tpu'"),
+        (["profile", "burda2016"], "unknown profile 'burda2016'"),
+        (["train", "--profile", "nope"], "--profile: unknown profile 'nope'"),
+    ],
+)
 def test_user_errors_are_one_line(project: Path, args: list[str], expected: str) -> None:
     assert_one_line_error(invoke(*args), expected, allow_log_lines=True)
 
 
-@pytest.mark.parametrize("args", [["evaluate", "models:/mnist-vae/1"], ["models"], ["train"],
-                                  ["promote", "1"]])
+@pytest.mark.parametrize(
+    "args", [["evaluate", "models:/mnist-vae/1"], ["models"], ["train"], ["promote", "1"]]
+)
 def test_unreachable_tracking_server_is_one_line(project: Path, args: list[str]) -> None:
     result = invoke(*args, env={"MLFLOW_TRACKING_URI": REFUSED})
     assert_one_line_error(result, f"MLflow tracking server {REFUSED} cannot be reached")

@@ -42,13 +42,19 @@ def test_project_params_file_is_valid(repo_root: Path) -> None:
         ({"model": {"preset": "mlp", "hidden": [256, 1.5]}}, "model.hidden: expected an integer, got 1.5"),
         ({"model": {"preset": "mlp", "hidden": []}}, "model.hidden: expected at least one hidden layer"),
         ({"evaluate": {"n_images": 33}}, "evaluate.n_images: expected an integer in 1..32, got 33"),
-        ({"train": {"batch_size": 10, "nproc": 3}},
-         "train.batch_size: expected a multiple of train.nproc (3): each process takes an equal shard, "
-         "got 10"),
-        ({"train": {"epochs": 2, "warmup_epochs": 3}},
-         "train.warmup_epochs: expected a number of epochs between 0 and train.epochs, got 3.0"),
-        ({"train": {"objective": "iwae"}, "model": {"preset": "seed"}},
-         "train.objective: expected elbo with model.preset seed"),
+        (
+            {"train": {"batch_size": 10, "nproc": 3}},
+            "train.batch_size: expected a multiple of train.nproc (3): each process takes an equal shard, "
+            "got 10",
+        ),
+        (
+            {"train": {"epochs": 2, "warmup_epochs": 3}},
+            "train.warmup_epochs: expected a number of epochs between 0 and train.epochs, got 3.0",
+        ),
+        (
+            {"train": {"objective": "iwae"}, "model": {"preset": "seed"}},
+            "train.objective: expected elbo with model.preset seed",
+        ),
     ],
 )
 def test_invalid_values_name_the_key_and_expectation(raw: dict, message: str) -> None:
@@ -142,14 +148,22 @@ def test_mlproject_defaults_agree_with_params_yaml(repo_root: Path) -> None:
     """MLproject repeats params.yaml's defaults (MLflow needs them); they must not drift."""
     mlproject = yaml.safe_load((repo_root / "MLproject").read_text())
     params = load_params(repo_root / "params.yaml").flat()
-    keys = {"preset": "model.preset", "epochs": "train.epochs", "batch_size": "train.batch_size",
-            "lr": "train.lr", "seed": "train.seed", "iw_samples": "evaluate.iw_samples"}
+    keys = {
+        "preset": "model.preset",
+        "epochs": "train.epochs",
+        "batch_size": "train.batch_size",
+        "lr": "train.lr",
+        "seed": "train.seed",
+        "iw_samples": "evaluate.iw_samples",
+    }
     checked = 0
     for entry in mlproject["entry_points"].values():
         for name, spec in entry.get("parameters", {}).items():
-            dotted = keys.get(name) or ("train.limit" if name == "limit" and "train.py" in
-                                        entry["command"] and "evaluate" not in entry["command"]
-                                        else None)
+            dotted = keys.get(name) or (
+                "train.limit"
+                if name == "limit" and "train.py" in entry["command"] and "evaluate" not in entry["command"]
+                else None
+            )
             if dotted is None:
                 continue
             expected = params[dotted]

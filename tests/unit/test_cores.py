@@ -13,8 +13,10 @@ import pytest
 from mnist_vae.cores import CoreShare, CoresRegistryError, registry_folder
 
 # A training's entry as CoreShare holds it: an exclusive flock for as long as the process lives.
-HOLDER = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600); "
-          "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
+HOLDER = (
+    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600); "
+    "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"
+)
 
 
 @pytest.fixture
@@ -59,8 +61,9 @@ def test_a_killed_training_is_stale_whatever_its_pid(cores_dir: Path) -> None:
     try:
         folder = share.folder
         other = folder / "999999-0a0b0c0d.training"
-        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(other)], stdout=subprocess.PIPE,
-                                  text=True)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(other)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert holder.stdout.readline().strip() == "held"
             assert share.live() == 2

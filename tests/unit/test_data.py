@@ -95,6 +95,8 @@ def test_split_of_zero_keeps_every_image_for_training() -> None:
 
 @pytest.mark.parametrize("validation", [10, 11])
 def test_a_split_as_large_as_the_data_names_the_key(validation: int) -> None:
-    with pytest.raises(ConfigError, match=f"train.validation: expected fewer images than the 10 of "
-                                          f"the training split, got {validation}"):
+    with pytest.raises(
+        ConfigError,
+        match=f"train.validation: expected fewer images than the 10 of the training split, got {validation}",
+    ):
         _numbered(10).split(validation)

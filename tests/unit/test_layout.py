@@ -80,8 +80,11 @@ def test_stage_depends_on_exactly_the_code_it_imports(name: str) -> None:
 def test_evaluation_code_is_not_a_dependency_of_training() -> None:
     train = _code_deps(STAGES["train"])
     download = _code_deps(STAGES["download"])
-    for module in ("src/mnist_vae/evaluate.py", "src/mnist_vae/registry.py",
-                   "src/mnist_vae/stages/evaluate.py"):
+    for module in (
+        "src/mnist_vae/evaluate.py",
+        "src/mnist_vae/registry.py",
+        "src/mnist_vae/stages/evaluate.py",
+    ):
         assert module not in train and module not in download
     assert "src/mnist_vae/fetch.py" not in train, "train must not re-run when the downloader changes"
     assert "src/mnist_vae/train.py" not in download
@@ -112,8 +115,9 @@ def test_each_module_imports_alone() -> None:
     """Importing any one module first works: no import cycle is hidden by the order in which other
     modules happen to be imported. One interpreter, the project's modules forgotten between imports
     (a cycle is among them; torch and mlflow stay loaded, which keeps this fast)."""
-    result = subprocess.run([sys.executable, "-c", _IMPORT_EACH_ALONE, *MODULES],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH_ALONE, *MODULES], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -55,8 +55,10 @@ def test_conv_preset_maps_images_through_two_stride_two_stages() -> None:
     model = build_model(TINY_CONV)
     convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     # Two stride-2 stages (1->4, 4->8 channels) and one residual block of two convolutions each.
-    assert [(c.in_channels, c.out_channels, c.stride) for c in convs if c.stride == (2, 2)] == \
-        [(1, 4, (2, 2)), (4, 8, (2, 2))]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs if c.stride == (2, 2)] == [
+        (1, 4, (2, 2)),
+        (4, 8, (2, 2)),
+    ]
     assert sum(c.stride == (1, 1) for c in convs) == 4
     # Upsampling 7 -> 14 by a transposed convolution, 14 -> 28 by a convolution to 4 channels
     # and a pixel shuffle.
@@ -73,8 +75,11 @@ def test_conv_preset_maps_images_through_two_stride_two_stages() -> None:
 
 
 def test_residual_blocks_start_as_the_identity() -> None:
-    blocks = [m for m in build_model(TINY_CONV.replace(blocks=2), seed=0).modules()
-              if type(m).__name__ == "_Residual"]
+    blocks = [
+        m
+        for m in build_model(TINY_CONV.replace(blocks=2), seed=0).modules()
+        if type(m).__name__ == "_Residual"
+    ]
     assert len(blocks) == 8  # two per stage, encoder and decoder
     for block in blocks:
         h = torch.randn(3, block.body[1].in_channels, 7, 7)
@@ -93,8 +98,7 @@ def test_conv_weights_are_channels_last_and_survive_a_round_trip(tmp_path: Path)
 
 
 def test_files_from_before_the_conv_preset_load_as_mlp() -> None:
-    old = {"hidden": [16], "latent": 3, "activation": "silu", "likelihood": "bernoulli",
-           "sigma_head": False}
+    old = {"hidden": [16], "latent": 3, "activation": "silu", "likelihood": "bernoulli", "sigma_head": False}
     arch = Architecture.from_dict(old)
     assert arch.kind == "mlp" and arch.channels == () and arch.hidden == (16,)
 

@@ -14,10 +14,19 @@ def test_default_paths_are_those_of_dvc_yaml(repo_root: Path) -> None:
     import yaml
 
     stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
-    outs = {str(o if isinstance(o, str) else next(iter(o))) for s in stages.values()
-            for o in s.get("outs", []) + s.get("metrics", []) + s.get("plots", [])}
-    for path in (DEFAULT_PATHS.data, DEFAULT_PATHS.model, DEFAULT_PATHS.run, DEFAULT_PATHS.history,
-                 DEFAULT_PATHS.metrics, DEFAULT_PATHS.figures):
+    outs = {
+        str(o if isinstance(o, str) else next(iter(o)))
+        for s in stages.values()
+        for o in s.get("outs", []) + s.get("metrics", []) + s.get("plots", [])
+    }
+    for path in (
+        DEFAULT_PATHS.data,
+        DEFAULT_PATHS.model,
+        DEFAULT_PATHS.run,
+        DEFAULT_PATHS.history,
+        DEFAULT_PATHS.metrics,
+        DEFAULT_PATHS.figures,
+    ):
         assert str(path) in outs, f"{path} is not an output of dvc.yaml: {sorted(outs)}"
 
 
@@ -29,9 +38,7 @@ def test_project_root_of_a_dvc_temp_experiment(tmp_path: Path) -> None:
     assert project_root(tmp_path) == tmp_path
 
 
-def test_tracking_uri_defaults_to_sqlite_in_the_root(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tracking_uri_defaults_to_sqlite_in_the_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")

@@ -25,11 +25,16 @@ def profile_params(repo_root: Path) -> Callable[[str], Params]:
 @pytest.mark.parametrize("name", [n for n in PROFILES if n.startswith("burda2015")])
 def test_profile_is_the_papers_setting(name: str, profile_params: Callable[[str], Params]) -> None:
     params = profile_params(name)
-    assert (params.model.hidden, params.model.latent, params.model.activation) == ((200, 200), 50,
-                                                                                   "tanh")
+    assert (params.model.hidden, params.model.latent, params.model.activation) == ((200, 200), 50, "tanh")
     t = params.train
     assert (t.batch_size, t.lr, t.adam_eps, t.schedule, t.epochs, t.binarize) == (
-        20, 1e-3, 1e-4, "burda", 3280, True)
+        20,
+        1e-3,
+        1e-4,
+        "burda",
+        3280,
+        True,
+    )
     assert (t.objective, t.iw_samples) == (("iwae", 50) if name.endswith("iwae") else ("elbo", 1))
     assert (params.evaluate.iw_samples, params.evaluate.binarize) == (5000, True)
 
@@ -59,7 +64,8 @@ def test_dvc_arguments_round_trip_and_readme_uses_them(repo_root: Path) -> None:
 
 
 def test_short_iwae_profile_trains_and_reports_the_papers_estimator(
-    profile_params: Callable[[str], Params], tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]],
+    profile_params: Callable[[str], Params],
+    tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]],
 ) -> None:
     """The profile on CPU with a budget of seconds: 2 epochs of 320 images, k = 200 at test."""
     params = profile_params("burda2015-iwae")
@@ -82,6 +88,7 @@ def test_short_iwae_profile_trains_and_reports_the_papers_estimator(
     grey = evaluate_model(model, test_x, test_y, eval_cfg.replace(binarize=False)).metrics
     assert grey["recon_mse"] != pytest.approx(metrics["recon_mse"], rel=0.05)
     binary = np.where(test_x > 0, 255, 0).astype(np.uint8)
-    as_is, drawn = (evaluate_model(model, binary, test_y, eval_cfg.replace(binarize=b)).metrics
-                    for b in (False, True))
+    as_is, drawn = (
+        evaluate_model(model, binary, test_y, eval_cfg.replace(binarize=b)).metrics for b in (False, True)
+    )
     assert as_is == drawn

@@ -27,17 +27,28 @@ stages:
 
 
 def _git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root,
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A committed project: code, params, dvc.yaml, and the outputs git tracks (dvc.lock,
     metrics.json, reports/bench.json)."""
-    files = {"dvc.yaml": DVC_YAML, "params.yaml": "train:\n  epochs: 2\n",
-             "pipeline/train.py": "print('train')\n", "dvc.lock": "schema: '2.0'\n",
-             "metrics.json": "{}\n", "reports/bench.json": "{}\n", "models/.gitignore": "/model.pt\n"}
+    files = {
+        "dvc.yaml": DVC_YAML,
+        "params.yaml": "train:\n  epochs: 2\n",
+        "pipeline/train.py": "print('train')\n",
+        "dvc.lock": "schema: '2.0'\n",
+        "metrics.json": "{}\n",
+        "reports/bench.json": "{}\n",
+        "models/.gitignore": "/model.pt\n",
+    }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
@@ -60,8 +71,7 @@ def test_rewritten_pipeline_outputs_are_not_dirty(repo: Path) -> None:
     assert git_commit(repo) == _git(repo, "rev-parse", "HEAD")
 
 
-@pytest.mark.parametrize("name", ["pipeline/train.py", "params.yaml", "dvc.yaml",
-                                  "models/.gitignore"])
+@pytest.mark.parametrize("name", ["pipeline/train.py", "params.yaml", "dvc.yaml", "models/.gitignore"])
 def test_a_changed_input_is_dirty(repo: Path, name: str) -> None:
     (repo / name).write_text((repo / name).read_text() + "# changed\n")
     (repo / "metrics.json").write_text('{"neg_elbo": 90.1}\n')
@@ -99,5 +109,10 @@ def test_outside_git_the_commit_is_unknown(tmp_path: Path) -> None:
 
 def test_pipeline_outputs_are_read_from_dvc_yaml(repo: Path) -> None:
     assert {str(p) for p in pipeline_outputs(repo)} == {
-        "dvc.lock", "reports", "models/model.pt", "reports/train_history.csv", "metrics.json",
-        "reports/figures"}
+        "dvc.lock",
+        "reports",
+        "models/model.pt",
+        "reports/train_history.csv",
+        "metrics.json",
+        "reports/figures",
+    }

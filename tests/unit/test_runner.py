@@ -25,7 +25,8 @@ def test_a_multi_line_user_error_is_joined_into_one_line(capsys: pytest.CaptureF
     with pytest.raises(SystemExit), runner.reporting("download"):
         raise UserError("f: no mirror delivered it; tried, in order:\n  a: not found\n  b: refused\n")
     assert capsys.readouterr().err == (
-        "error: download: f: no mirror delivered it; tried, in order: a: not found; b: refused\n")
+        "error: download: f: no mirror delivered it; tried, in order: a: not found; b: refused\n"
+    )
 
 
 def test_ctrl_c_is_exit_code_130_and_says_the_checkpoint_is_kept(
@@ -34,15 +35,21 @@ def test_ctrl_c_is_exit_code_130_and_says_the_checkpoint_is_kept(
     with pytest.raises(SystemExit) as info, runner.reporting("train"):
         raise KeyboardInterrupt
     assert info.value.code == 130
-    assert capsys.readouterr().err.startswith("error: train: interrupted; the last finished epoch's "
-                                              "checkpoint is kept")
+    assert capsys.readouterr().err.startswith(
+        "error: train: interrupted; the last finished epoch's checkpoint is kept"
+    )
 
 
-@pytest.mark.parametrize("bug", [ZeroDivisionError("division by zero"), ValueError("a bug"),
-                                 RuntimeError("a bug"), FileNotFoundError("a bug")])
-def test_other_exceptions_pass_through_untouched(
-    bug: Exception, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.mark.parametrize(
+    "bug",
+    [
+        ZeroDivisionError("division by zero"),
+        ValueError("a bug"),
+        RuntimeError("a bug"),
+        FileNotFoundError("a bug"),
+    ],
+)
+def test_other_exceptions_pass_through_untouched(bug: Exception, capsys: pytest.CaptureFixture[str]) -> None:
     """Built-in errors are bugs, not user errors: no one-line message may hide their traceback."""
     with pytest.raises(type(bug)) as info, runner.reporting("train"):
         raise bug
@@ -55,6 +62,7 @@ def test_a_bug_inside_a_stage_keeps_its_traceback(
 ) -> None:
     """A genuine bug deep inside a stage's run reaches the interpreter as it was raised, so Python
     prints its whole traceback, down to the line that failed."""
+
     def buggy_download(out: Path, mirrors: list[str], timeout: float) -> Path:
         return Path(out) / str(1 / 0)
 
@@ -71,9 +79,20 @@ def test_a_bug_inside_a_stage_keeps_its_traceback(
 
 def test_parse_args_reads_params_and_each_set_in_order(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text("train:\n  epochs: 2\n")
-    params = runner.parse_args("train", ["--params", str(tmp_path / "p.yaml"), "--set",
-                                         "train.epochs=3", "--set", "train.epochs=4", "--set",
-                                         "model.hidden=[8]"], None)
+    params = runner.parse_args(
+        "train",
+        [
+            "--params",
+            str(tmp_path / "p.yaml"),
+            "--set",
+            "train.epochs=3",
+            "--set",
+            "train.epochs=4",
+            "--set",
+            "model.hidden=[8]",
+        ],
+        None,
+    )
     assert params.train.epochs == 4 and params.model.hidden == (8,)
 
 

@@ -46,25 +46,29 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
     evaluation = evaluate_model(model, images, labels, params.evaluate)
     paths.figures.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.figures.parent, prefix=".figures-") as scratch:
-        figures = write_figures(model, images, Path(scratch), n=params.evaluate.n_images,
-                                seed=params.evaluate.seed, labels=labels)
+        figures = write_figures(
+            model, images, Path(scratch), n=params.evaluate.n_images, seed=params.evaluate.seed, labels=labels
+        )
         with tracking.server_errors(f"log into run {run_id}"), mlflow.start_run(run_id=run_id):
             # Evaluation settings are tags, not params: a re-evaluation with other settings
             # writes into the same run, and MLflow forbids changing a param's value.
-            mlflow.set_tags({f"evaluate.{k}": str(v)
-                             for k, v in params.to_dict()["evaluate"].items()})
+            mlflow.set_tags({f"evaluate.{k}": str(v) for k, v in params.to_dict()["evaluate"].items()})
             name = params.mlflow.registered_model
-            with tracking.artifact_errors(), \
-                    tracking.server_errors(f"register versions of model {name!r}"):
+            with tracking.artifact_errors(), tracking.server_errors(f"register versions of model {name!r}"):
                 mlflow.log_dict(evaluation.to_json(), "metrics.json")
                 for figure in figures:
                     mlflow.log_artifact(str(figure), artifact_path="figures")
-                version = registry.log_and_register(model, params, evaluation, (images, labels),
-                                                     _gate_data(data, params), paths, root)
+                version = registry.log_and_register(
+                    model, params, evaluation, (images, labels), _gate_data(data, params), paths, root
+                )
         atomic_write(paths.metrics, json.dumps(evaluation.to_json(), indent=2) + "\n")
         _replace_folder(Path(scratch), paths.figures)
-    log.info("evaluate: test neg. ELBO %.2f nats, registered %s version %s",
-             evaluation.metrics["neg_elbo"], params.mlflow.registered_model, version)
+    log.info(
+        "evaluate: test neg. ELBO %.2f nats, registered %s version %s",
+        evaluation.metrics["neg_elbo"],
+        params.mlflow.registered_model,
+        version,
+    )
     return evaluation
 
 
@@ -85,8 +89,11 @@ def _gate_data(data: MnistData, params: Params) -> registry.GateData:
     _, _, x_val, y_val = data.split(n)
     if n:
         return registry.GateData(x_val, y_val, f"the validation split ({n} images)")
-    return registry.GateData(data.x_train[-10_000:], data.y_train[-10_000:],
-                             "the last 10000 training images (train.validation is 0)")
+    return registry.GateData(
+        data.x_train[-10_000:],
+        data.y_train[-10_000:],
+        "the last 10000 training images (train.validation is 0)",
+    )
 
 
 def read_run_id(path: Path) -> str:
@@ -98,11 +105,9 @@ def read_run_id(path: Path) -> str:
     try:
         return json.loads(Path(path).read_text())["run_id"]
     except FileNotFoundError:
-        raise RunRecordError(f"{path}: missing; run the train stage first (dvc repro train)") \
-            from None
+        raise RunRecordError(f"{path}: missing; run the train stage first (dvc repro train)") from None
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise RunRecordError(f"{path}: expected JSON with a 'run_id', as the train stage writes") \
-            from None
+        raise RunRecordError(f"{path}: expected JSON with a 'run_id', as the train stage writes") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,59 +51,78 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
     history: list[EpochStats] = []
     if resumed is not None:
         history = [EpochStats(**h) for h in resumed["history"]]
-        log.info("resuming from %s after epoch %d (MLflow run %s)", paths.checkpoint,
-                 trainer.epoch, resumed["run_id"])
+        log.info(
+            "resuming from %s after epoch %d (MLflow run %s)",
+            paths.checkpoint,
+            trainer.epoch,
+            resumed["run_id"],
+        )
         with tracking.server_errors(f"log into run {resumed['run_id']}"):
             run = mlflow.start_run(run_id=resumed["run_id"])
         # The checkpoint is written before an epoch's metrics are logged; a kill in between
         # leaves metrics to log now.
-        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id,
-                                                                          "train_loss")}
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")}
         for stats in history:
             if stats.epoch not in logged:
                 mlflow.log_metrics(stats.metrics(), step=stats.epoch)
     else:
         experiment = params.mlflow.experiment
         with tracking.server_errors(f"log runs in experiment {experiment!r}"):
-            run = mlflow.start_run(experiment_id=tracking.experiment_id(experiment, root),
-                                   run_name=tracking.run_name(params), tags=tracking.dvc_tags())
-        mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()
-                           if not k.startswith("evaluate.")})
-        mlflow.set_tags({
-            "mlflow.source.git.commit": provenance.git_commit(root),
-            "dvc.data.md5": data_md5,
-            "model.preset": params.model.preset,
-            "train.device_used": str(trainer.device),
-            "model.parameters": str(sum(p.numel() for p in trainer.model.parameters())),
-            "train.processes": str(world),
-        })
+            run = mlflow.start_run(
+                experiment_id=tracking.experiment_id(experiment, root),
+                run_name=tracking.run_name(params),
+                tags=tracking.dvc_tags(),
+            )
+        mlflow.log_params(
+            {k: _param_value(v) for k, v in params.flat().items() if not k.startswith("evaluate.")}
+        )
+        mlflow.set_tags(
+            {
+                "mlflow.source.git.commit": provenance.git_commit(root),
+                "dvc.data.md5": data_md5,
+                "model.preset": params.model.preset,
+                "train.device_used": str(trainer.device),
+                "model.parameters": str(sum(p.numel() for p in trainer.model.parameters())),
+                "train.processes": str(world),
+            }
+        )
         x_train, y_train, x_val, y_val = data.split(params.train.validation)
-        tracking.log_dataset(x_train, y_train, "mnist-train", paths.data, data_md5,
-                             context="training")
+        tracking.log_dataset(x_train, y_train, "mnist-train", paths.data, data_md5, context="training")
         if len(x_val):
-            tracking.log_dataset(x_val, y_val, "mnist-validation", paths.data, data_md5,
-                                 context="validation")
+            tracking.log_dataset(x_val, y_val, "mnist-validation", paths.data, data_md5, context="validation")
     run_id = run.info.run_id
     metrics = _EpochMetrics()
     try:
         with _signals_as_interrupt():
             for stats in trainer.epochs(progress=progress):
                 history.append(stats)
-                checkpoint.save(paths.checkpoint, {
-                    "fingerprint": fingerprint, "run_id": run_id,
-                    "trainer": trainer.state_dict(), "history": [asdict(h) for h in history],
-                })
+                checkpoint.save(
+                    paths.checkpoint,
+                    {
+                        "fingerprint": fingerprint,
+                        "run_id": run_id,
+                        "trainer": trainer.state_dict(),
+                        "history": [asdict(h) for h in history],
+                    },
+                )
                 metrics.send(stats)
         metrics.flush()
         save_model(trainer.model, paths.model)
         atomic_write(paths.history, _history_csv(history))
         with tracking.artifact_errors():
             mlflow.log_artifact(str(paths.history))
-        atomic_write(paths.run, json.dumps({
-            "run_id": run_id,
-            "experiment_id": run.info.experiment_id,
-            "tracking_uri": tracking.redacted(mlflow.get_tracking_uri()),
-        }, indent=2) + "\n")
+        atomic_write(
+            paths.run,
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "experiment_id": run.info.experiment_id,
+                    "tracking_uri": tracking.redacted(mlflow.get_tracking_uri()),
+                },
+                indent=2,
+            )
+            + "\n",
+        )
     except KeyboardInterrupt:
         _end_run("KILLED")
         raise
@@ -130,8 +149,11 @@ class _EpochMetrics:
         try:
             self._send_pending()
         except tracking.TrackingUnavailableError as exc:
-            log.warning("%s; metrics of epochs %s kept, sent again after the next epoch", exc,
-                        ", ".join(str(s.epoch) for s in self.pending))
+            log.warning(
+                "%s; metrics of epochs %s kept, sent again after the next epoch",
+                exc,
+                ", ".join(str(s.epoch) for s in self.pending),
+            )
 
     def flush(self) -> None:
         """Sends what is left; raises :class:`tracking.TrackingUnavailableError` if it cannot."""
@@ -142,7 +164,8 @@ class _EpochMetrics:
                 f"{exc}; training finished, but the metrics of epochs "
                 f"{', '.join(str(s.epoch) for s in self.pending)} could not be logged. The "
                 "checkpoint is kept: run the stage again (dvc repro) when the server is back to "
-                "log them into the same run and finish") from None
+                "log them into the same run and finish"
+            ) from None
 
     def _send_pending(self) -> None:
         import mlflow
@@ -167,8 +190,9 @@ def _prepare(params: Params, paths: Paths, data: MnistData) -> tuple[Trainer, st
     """The trainer, restored from the checkpoint when one matches; with the data's MD5, the
     checkpoint fingerprint and the checkpoint (None when starting afresh)."""
     x_train, _, x_val, _ = data.split(params.train.validation)
-    trainer = Trainer(build_model(params.model, seed=params.train.seed), x_train, params.train,
-                      validation=x_val)
+    trainer = Trainer(
+        build_model(params.model, seed=params.train.seed), x_train, params.train, validation=x_val
+    )
     data_md5 = tracking.file_md5(paths.data)
     plain = params.to_dict()
     fingerprint = checkpoint.fingerprint(plain["model"], plain["train"], data_md5)
@@ -181,6 +205,7 @@ def _prepare(params: Params, paths: Paths, data: MnistData) -> tuple[Trainer, st
 @contextlib.contextmanager
 def _signals_as_interrupt():
     """Turns SIGTERM into KeyboardInterrupt, so both stop training the same, clean way."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -200,8 +225,7 @@ def _history_csv(history: list[EpochStats]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(asdict(history[0])), lineterminator="\n")
     writer.writeheader()
     for stats in history:
-        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v)
-                         for k, v in asdict(stats).items()})
+        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(stats).items()})
     return buffer.getvalue()
 
 
@@ -213,8 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     with runner.reporting("train"):
         params = runner.parse_args("train", argv, __doc__)
         if params.train.nproc > 1 and not distributed.under_torchrun():
-            sys.exit(distributed.relaunch(params.train.nproc, "pipeline/train.py",
-                                          sys.argv[1:] if argv is None else argv))
+            sys.exit(
+                distributed.relaunch(
+                    params.train.nproc, "pipeline/train.py", sys.argv[1:] if argv is None else argv
+                )
+            )
         try:
             run(params)
         finally:

@@ -13,8 +13,11 @@ from mnist_vae.stages.download import main
 
 
 def test_stage_writes_data_npz_with_env_mirror(
-    tiny_idx: dict[str, bytes], tiny_splits: dict[str, int], make_mirror: Callable[..., Path],
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_idx: dict[str, bytes],
+    tiny_splits: dict[str, int],
+    make_mirror: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     make_mirror(tmp_path / "mirror", tiny_idx)
     (tmp_path / "params.yaml").write_text("data:\n  mirrors: ['https://unused.example/']\n")

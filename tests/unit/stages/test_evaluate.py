@@ -15,12 +15,15 @@ def test_read_run_id(tmp_path: Path) -> None:
     assert read_run_id(tmp_path / "run.json") == "abc123"
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    (None, "run.json: missing; run the train stage first (dvc repro train)"),
-    ("{not json", "run.json: expected JSON with a 'run_id', as the train stage writes"),
-    ('{"experiment_id": "1"}', "run.json: expected JSON with a 'run_id'"),
-    ('["abc123"]', "run.json: expected JSON with a 'run_id'"),
-])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "run.json: missing; run the train stage first (dvc repro train)"),
+        ("{not json", "run.json: expected JSON with a 'run_id', as the train stage writes"),
+        ('{"experiment_id": "1"}', "run.json: expected JSON with a 'run_id'"),
+        ('["abc123"]', "run.json: expected JSON with a 'run_id'"),
+    ],
+)
 def test_a_missing_or_malformed_run_record_is_a_user_error(
     tmp_path: Path, content: str | None, expected: str
 ) -> None:
@@ -34,7 +37,9 @@ def test_a_missing_or_malformed_run_record_is_a_user_error(
 
 
 def test_evaluating_before_training_is_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mlflow_store: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     (tmp_path / "params.yaml").write_text("")
@@ -43,6 +48,5 @@ def test_evaluating_before_training_is_one_line(
         main([])
     assert info.value.code == 1
     err = [line for line in capsys.readouterr().err.splitlines() if " INFO mlflow." not in line]
-    assert err == ["error: evaluate: models/run.json: missing; run the train stage first "
-                   "(dvc repro train)"]
+    assert err == ["error: evaluate: models/run.json: missing; run the train stage first (dvc repro train)"]
     assert not (tmp_path / "metrics.json").exists()

@@ -20,14 +20,19 @@ from mnist_vae.stages import train as stage
 from mnist_vae.train import TrainingDivergedError
 
 # 256 + 64 images: 16 steps of 16 per epoch, and a validation split of 64.
-TINY = {"model": {"preset": "mlp", "hidden": [16], "latent": 2},
-        "train": {"device": "cpu", "epochs": 3, "batch_size": 16, "lr": 0.002, "threads": 1,
-                  "validation": 64}}
+TINY = {
+    "model": {"preset": "mlp", "hidden": [16], "latent": 2},
+    "train": {"device": "cpu", "epochs": 3, "batch_size": 16, "lr": 0.002, "threads": 1, "validation": 64},
+}
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_dataset: Callable[..., Path],
-            write_params: Callable[..., Path]) -> Path:
+def project(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_dataset: Callable[..., Path],
+    write_params: Callable[..., Path],
+) -> Path:
     """A tiny project in ``tmp_path``, the working directory; no MLflow store chosen yet."""
     write_dataset(tmp_path / "data" / "mnist.npz", 256 + 64)
     write_params(tmp_path / "params.yaml", TINY)
@@ -45,15 +50,19 @@ def _runs(uri: str) -> list:
 
 
 def test_unreachable_tracking_server_fails_before_training(
-    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    project: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     with pytest.raises(SystemExit) as info:
         stage.main(["--set", "train.epochs=1"])
     assert info.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: train: MLflow tracking server http://127.0.0.1:9 cannot be "
-                          "reached") and err.count("\n") == 1, err
+    assert (
+        err.startswith("error: train: MLflow tracking server http://127.0.0.1:9 cannot be reached")
+        and err.count("\n") == 1
+    ), err
     assert not (project / "models").exists()
     assert not (project / "checkpoints").exists()
 
@@ -66,7 +75,9 @@ def test_bad_params_are_one_line(project: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_missing_dataset_names_the_command_that_makes_it(
-    project: Path, mlflow_store: str, capsys: pytest.CaptureFixture[str],
+    project: Path,
+    mlflow_store: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     (project / "data" / "mnist.npz").unlink()
     with pytest.raises(SystemExit) as info:
@@ -78,7 +89,9 @@ def test_missing_dataset_names_the_command_that_makes_it(
 
 
 def test_a_validation_split_larger_than_the_data_fails_before_any_run(
-    project: Path, mlflow_store: str, capsys: pytest.CaptureFixture[str],
+    project: Path,
+    mlflow_store: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The project's default (10000 held out) does not fit a tiny dataset: one line, no run."""
     with pytest.raises(SystemExit) as info:
@@ -87,8 +100,8 @@ def test_a_validation_split_larger_than_the_data_fails_before_any_run(
     err = capsys.readouterr().err
     # MLflow's own INFO lines about creating the store may come first.
     assert [line for line in err.splitlines() if " INFO mlflow." not in line] == [
-        "error: train: train.validation: expected fewer images than the 320 of the training split, "
-        "got 10000"], err
+        "error: train: train.validation: expected fewer images than the 320 of the training split, got 10000"
+    ], err
     assert mlflow.MlflowClient(mlflow_store).get_experiment_by_name("mnist-vae") is None
     assert not (project / "models").exists()
 

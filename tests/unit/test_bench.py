@@ -15,14 +15,16 @@ from rich.console import Console
 
 from mnist_vae.bench import (
     ROW_D,
+    ROW_THREADS,
     BenchResult,
     BenchSettings,
     log_to_mlflow,
     print_table,
     time_to_target,
+    trainer_row,
     write_json,
 )
-from mnist_vae.config import ModelConfig
+from mnist_vae.config import ModelConfig, TrainConfig
 from mnist_vae.data import MnistData
 
 
@@ -49,6 +51,23 @@ def test_row_d_stops_at_the_first_epoch_that_reaches_the_target(data: MnistData)
     assert reached.seconds_to_target is not None and reached.seconds_to_target > 0
     # Its speed is over those epochs: 2 x 640 images (5 full batches of 128) in that time.
     assert reached.seconds_to_target * reached.samples_per_sec == pytest.approx(2 * 640)
+
+
+def test_rows_measured_side_by_side_keep_torchs_threads(data: MnistData) -> None:
+    """Rows (b), (b2) and (c) hold their trainers open at once in one process; each window still
+    runs on all of torch's threads, as row (a) does, not on a share as if they were trainings."""
+    import torch
+
+    default = torch.get_num_threads()
+    settings = BenchSettings(device="cpu", chunk=128, windows=1)
+    cfg = TrainConfig(device="cpu", batch_size=32, schedule="constant", threads=ROW_THREADS)
+    rows = [trainer_row(data, name, name, cfg, settings) for name in ("b", "b2", "c")]
+    try:
+        for row in rows:
+            next(row.windows)
+            assert torch.get_num_threads() == default
+    finally:
+        torch.set_num_threads(default)
 
 
 def test_row_d_trains_the_conv_preset_as_params_yaml_does(repo_root) -> None:

@@ -258,7 +258,7 @@ def promotion_gate(
 ) -> GateDecision:
     """Moves ``champion`` to ``version`` if it beats the current champion on ``data``.
 
-    Both models are measured here, with the same images and the same random draws, so a champion
+    Both models are measured by this function, with the same images and the same random draws, so a champion
     registered under other evaluation settings is still compared fairly.
 
     The gate fails closed: when the champion cannot be read (only a missing alias means there is

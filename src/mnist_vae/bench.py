@@ -193,7 +193,7 @@ class RowDTraining(TypedDict):
 # when it was the default (batch 128, lr 1e-3). Both decay the learning rate over max_epochs_d.
 ROW_D: dict[str, tuple[ModelConfig, RowDTraining]] = {
     "mlp": (ModelConfig(preset="mlp"), {"batch_size": 128, "lr": 1e-3}),
-    "conv": (ModelConfig(), {"batch_size": 256, "lr": 2e-3}),
+    "conv": (ModelConfig(), {"batch_size": 256, "lr": 3e-3}),
 }
 
 

@@ -32,8 +32,9 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 class Architecture:
     """Everything needed to rebuild a :class:`VAE`; saved beside its weights.
 
-    ``kind`` mlp uses ``hidden``; conv uses ``channels``, ``blocks`` and ``dense``. Files written
-    before the conv preset existed lack the conv keys and load as mlp.
+    ``kind`` mlp uses ``hidden``; conv uses ``channels``, ``blocks``, ``dense`` and
+    ``pixel_bias``. Files written before the conv preset existed lack the conv keys and load as mlp;
+    conv files written before ``pixel_bias`` existed load without it.
     """
 
     hidden: tuple[int, ...]
@@ -45,6 +46,7 @@ class Architecture:
     channels: tuple[int, ...] = ()
     blocks: int = 0
     dense: int = 0
+    pixel_bias: bool = False  # conv: a learned bias per output pixel on the decoder's logits
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -76,6 +78,7 @@ class Architecture:
                 channels=cfg.channels,
                 blocks=cfg.blocks,
                 dense=cfg.dense,
+                pixel_bias=True,
             )
         return cls(
             hidden=cfg.hidden,
@@ -156,7 +159,13 @@ class ConvEncoder(nn.Module):
 
 class ConvDecoder(nn.Module):
     """(..., latent) -> (..., 784) logits: the encoder mirrored, upsampling by transposed
-    convolutions, the last one sub-pixel."""
+    convolutions, the last one sub-pixel, plus a bias per pixel.
+
+    A convolution's bias is the same at every position, while MNIST's pixels are not: the border
+    is always blank, the centre often ink. The MLP's last linear layer has a bias per pixel; this
+    gives the conv decoder one too (:meth:`mnist_vae.model.VAE.start_at_mean` sets it to the
+    training images' mean at the start of training).
+    """
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
@@ -189,8 +198,10 @@ class ConvDecoder(nn.Module):
                 # pixel evenly (no checkerboard from uneven overlap).
                 body += [nn.ConvTranspose2d(channels, out, 4, stride=2, padding=1), act()]
         self.body = nn.Sequential(*body)
+        self.pixel_bias = nn.Parameter(torch.zeros(N_PIXELS)) if arch.pixel_bias else None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.head(z.reshape(-1, z.shape[-1])).reshape(-1, *self.shape)
         h = self.body(h.contiguous(memory_format=torch.channels_last))
-        return h.reshape(*z.shape[:-1], N_PIXELS)
+        logits = h.reshape(*z.shape[:-1], N_PIXELS)
+        return logits if self.pixel_bias is None else logits + self.pixel_bias

@@ -188,6 +188,8 @@ class Trainer:
         # Drop the last partial batch: every step sees a full batch.
         self.steps_per_epoch = len(self.data) // self.batch
         self.model = model.to(self.device).train()
+        # The conv decoder starts at the mean digit; a resumed run then loads its checkpoint over it.
+        model.start_at_mean(self.data)
         self.rank, self.world = rank_and_world()
         if self.batch % self.world:
             got = (

@@ -104,7 +104,8 @@ def test_dvc_exp_run_names_the_mlflow_run(dvc_project) -> None:
 
 def test_a_grid_through_the_queue_with_two_jobs(dvc_project) -> None:
     root, env = dvc_project
-    _run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.0015,0.003"], root, env)
+    # Both values differ from params.yaml's lr: an experiment equal to the baseline reruns nothing.
+    _run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.0015,0.002"], root, env)
     _run(["dvc", "queue", "start", "-j", "2"], root, env)
     deadline = time.monotonic() + 600
     while True:
@@ -123,7 +124,7 @@ def test_a_grid_through_the_queue_with_two_jobs(dvc_project) -> None:
         assert runs[name].data.tags["dvc.exp_name"] == name
         metrics = shown[name]["metrics"]["metrics.json"]["data"]
         assert metrics["neg_elbo"] == pytest.approx(runs[name].data.metrics["test_neg_elbo"], rel=1e-5)
-    assert {runs[n].data.params["train.lr"] for n in names} == {"0.0015", "0.003"}
+    assert {runs[n].data.params["train.lr"] for n in names} == {"0.0015", "0.002"}
 
 
 # --- the promotion gate chooses on the validation split ----------------------------------------

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,8 +329,24 @@ def _run_trial(
     return value
 
 
+def record_best(parent_id: str, tags: dict[str, str], best_value: float) -> None:
+    """Writes the study's best trial onto the parent run, in one batch.
+
+    Every process on a shared study finishes by writing this summary to the same parent run, often
+    at the same moment. Tag by tag, two writers can both find a tag missing and both insert it (a
+    unique-constraint error); MLflow's batch write retries such a clash, and the last writer wins.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    MlflowClient().log_batch(
+        parent_id,
+        metrics=[Metric("best_val_neg_elbo", best_value, int(time.time() * 1000), 0)],
+        tags=[RunTag(key, value) for key, value in tags.items()],
+    )
+
+
 def _finish(study: Study, space: SearchSpace, parent_id: str, settings: TuneSettings) -> TuneResult:
-    import mlflow
     import optuna
 
     states = optuna.trial.TrialState
@@ -344,12 +361,10 @@ def _finish(study: Study, space: SearchSpace, parent_id: str, settings: TuneSett
     assert best_value is not None, "the best trial is a completed one, with a value"
     values = {key: yaml.safe_load(v) if isinstance(v, str) else v for key, v in best.params.items()}
     dvc_args = " ".join(f"-S '{item}'" for item in space.overrides(values))
-    client = mlflow.MlflowClient()
-    for key, value in values.items():
-        client.set_tag(parent_id, f"best.{key}", yaml_text(value))
-    client.log_metric(parent_id, "best_val_neg_elbo", best_value)
-    client.set_tag(parent_id, "best.trial", str(best.number))
-    client.set_tag(parent_id, "best.dvc_exp_run", f"dvc exp run {dvc_args}")
+    tags = {f"best.{key}": yaml_text(value) for key, value in values.items()}
+    tags["best.trial"] = str(best.number)
+    tags["best.dvc_exp_run"] = f"dvc exp run {dvc_args}"
+    record_best(parent_id, tags, best_value)
     return TuneResult(
         parent_run_id=parent_id,
         best_value=best_value,

@@ -137,3 +137,38 @@ def test_storage_comes_from_the_option_then_the_environment_then_the_journal(
     monkeypatch.setenv(STORAGE_ENV, "postgresql+psycopg://optuna@db/optuna")
     assert settings.storage_url() == "postgresql+psycopg://optuna@db/optuna"
     assert replace(settings, storage="sqlite:///x.db").storage_url() == "sqlite:///x.db"
+
+
+def _write_best(uri: str, run_id: str, start) -> None:
+    import mlflow
+
+    from mnist_vae.tune import record_best
+
+    mlflow.set_tracking_uri(uri)
+    start.wait()
+    record_best(run_id, {f"best.key{i}": str(i) for i in range(8)}, 91.5)
+
+
+def test_processes_finishing_a_shared_study_at_once_both_write_the_summary(tmp_path: Path) -> None:
+    # Tag by tag, two writers both found best.trial missing and both inserted it (a UNIQUE error
+    # that failed one `mnist-vae tune` of a shared study about one time in two).
+    import multiprocessing
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("race")
+    fork = multiprocessing.get_context("fork")
+    for _ in range(3):
+        run_id = client.create_run(experiment).info.run_id
+        start = fork.Barrier(2)
+        writers = [fork.Process(target=_write_best, args=(uri, run_id, start)) for _ in range(2)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(timeout=120)
+        assert [writer.exitcode for writer in writers] == [0, 0]
+        run = client.get_run(run_id)
+        assert run.data.tags["best.key7"] == "7"
+        assert run.data.metrics["best_val_neg_elbo"] == 91.5

@@ -154,7 +154,6 @@ def tune(settings: TuneSettings) -> TuneResult:
         SearchSpaceError: See :func:`load_space`.
         ConfigError: The params leave no validation split to choose on.
     """
-    import mlflow
     import optuna
 
     from mnist_vae import tracking
@@ -165,26 +164,12 @@ def tune(settings: TuneSettings) -> TuneResult:
     root = project_root()
     tracking.configure(root)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = settings.storage_url()
+    storage = _storage(url)
     study = optuna.create_study(
-        study_name=settings.study,
-        storage=_storage(settings.storage_url()),
-        direction="minimize",
-        load_if_exists=True,
+        study_name=settings.study, storage=storage, direction="minimize", load_if_exists=True
     )
-    parent_id = study.user_attrs.get(PARENT_ATTR)
-    if parent_id is None:
-        experiment = tracking.experiment_id(params.mlflow.experiment, root)
-        with mlflow.start_run(experiment_id=experiment, run_name=f"tune-{settings.study}") as parent:
-            mlflow.set_tags(
-                {
-                    "tune.study": settings.study,
-                    "tune.storage": tracking.redacted(settings.storage_url()),
-                    "tune.space": Path(settings.space_file).read_text(),
-                }
-            )
-            mlflow.log_param("tune.trials", settings.trials)
-            parent_id = parent.info.run_id
-        study.set_user_attr(PARENT_ATTR, parent_id)
+    parent_id = _parent_run(study, storage, settings, params.mlflow.experiment, root)
     if settings.jobs == 1:
         _worker(settings, parent_id)
     else:
@@ -204,6 +189,37 @@ def tune(settings: TuneSettings) -> TuneResult:
                 f"{', '.join(map(str, failed))}); their errors are printed above"
             )
     return _finish(study, space, parent_id, settings)
+
+
+def _parent_run(
+    study: Study, storage: BaseStorage, settings: TuneSettings, experiment: str, root: Path
+) -> str:
+    """The id of the study's parent run, which every trial's run names as its parent.
+
+    The first process on a study creates it, under the study's lock: processes that start on a new
+    study at once would otherwise each create one, and their trials would be split between them.
+    """
+    import mlflow
+
+    from mnist_vae import tracking
+
+    with _trial_lock(settings.storage_url(), storage, settings.study):
+        parent_id = study.user_attrs.get(PARENT_ATTR)
+        if parent_id is not None:
+            return str(parent_id)
+        with mlflow.start_run(
+            experiment_id=tracking.experiment_id(experiment, root), run_name=f"tune-{settings.study}"
+        ) as parent:
+            mlflow.set_tags(
+                {
+                    "tune.study": settings.study,
+                    "tune.storage": tracking.redacted(settings.storage_url()),
+                    "tune.space": Path(settings.space_file).read_text(),
+                }
+            )
+            mlflow.log_param("tune.trials", settings.trials)
+        study.set_user_attr(PARENT_ATTR, parent.info.run_id)
+        return str(parent.info.run_id)
 
 
 def _worker_process(settings: TuneSettings, parent_id: str) -> None:

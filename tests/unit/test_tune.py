@@ -172,3 +172,46 @@ def test_processes_finishing_a_shared_study_at_once_both_write_the_summary(tmp_p
         run = client.get_run(run_id)
         assert run.data.tags["best.key7"] == "7"
         assert run.data.metrics["best_val_neg_elbo"] == 91.5
+
+
+def _join_study(tmp_path: Path, start, ids) -> None:
+    import mlflow
+    import optuna
+
+    from mnist_vae.tune import TuneSettings, _parent_run, _storage
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    settings = TuneSettings(
+        space_file=tmp_path / "space.yaml",
+        params_file=tmp_path / "params.yaml",
+        data=tmp_path / "mnist.npz",
+        trials=4,
+        storage=f"journal:{tmp_path / 'study.journal'}",
+        study="s",
+    )
+    storage = _storage(settings.storage_url())
+    study = optuna.create_study(study_name="s", storage=storage, load_if_exists=True)
+    start.wait()
+    ids.put(_parent_run(study, storage, settings, "tune", tmp_path))
+
+
+def test_processes_starting_a_new_study_at_once_share_one_parent_run(tmp_path: Path) -> None:
+    import multiprocessing
+
+    import mlflow
+
+    (tmp_path / "space.yaml").write_text("train.lr: {kind: float, low: 0.001, high: 0.01}\n")
+    mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # the tables
+    fork = multiprocessing.get_context("fork")
+    start, ids = fork.Barrier(2), fork.Queue()
+    processes = [fork.Process(target=_join_study, args=(tmp_path, start, ids)) for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 0]
+    first, second = ids.get(timeout=1), ids.get(timeout=1)
+    assert first == second
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tune").experiment_id])
+    assert [run.info.run_id for run in runs] == [first]

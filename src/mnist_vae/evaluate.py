@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,9 +19,70 @@ from mnist_vae.errors import UserError
 from mnist_vae.images import image_grid, write_png, write_scatter
 from mnist_vae.model import N_PIXELS, VAE, importance_weighted_log_likelihood, kl_divergence
 
+log = logging.getLogger(__name__)
+
+# Off a terminal, a long evaluation says how far it is at most this often (seconds).
+LOG_EVERY = 60.0
+
 
 class NoImagesError(UserError, ValueError):
     """The selection of test images is empty."""
+
+
+class ImagesProgress:
+    """How far an evaluation is: a bar on a terminal, a log line a minute elsewhere.
+
+    An evaluation with many importance samples takes an hour on a CPU, so it must not be silent;
+    one that takes seconds logs nothing off a terminal.
+    """
+
+    def __init__(self, total: int, progress: bool | None) -> None:
+        """``progress``: True draws the bar; None draws it on a terminal and logs elsewhere; False
+        neither."""
+        self.total, self.done = total, 0
+        self.bar = sys.stderr.isatty() if progress is None else progress
+        self.logs = progress is None and not self.bar
+        self._progress: Any = None
+
+    def __enter__(self) -> ImagesProgress:
+        self._start = self._logged = time.monotonic()
+        if self.bar:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("evaluating test images"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("", total=self.total)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def advance(self, images: int) -> None:
+        self.done += images
+        if self._progress is not None:
+            self._progress.advance(self._task, images)
+            return
+        now = time.monotonic()
+        if self.logs and self.done < self.total and now - self._logged >= LOG_EVERY:
+            self._logged = now
+            left = (now - self._start) * (self.total - self.done) / self.done
+            log.info("evaluated %d/%d test images, about %s left", self.done, self.total, _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 @dataclass
@@ -66,6 +132,7 @@ def evaluate_model(
     labels: np.ndarray,
     cfg: EvaluateConfig,
     device: torch.device | str = "cpu",
+    progress: bool | None = False,
 ) -> Evaluation:
     """Measures a model on uint8 test images.
 
@@ -74,6 +141,9 @@ def evaluate_model(
     reconstruction from the posterior mean, the picture a user sees. ``nll_iw`` is the importance-
     weighted estimate of -log p(x) with ``cfg.iw_samples`` samples, ``nll_iw_se`` its standard
     error over the images.
+
+    ``progress``: False says nothing; None draws a bar on a terminal and logs a line a minute
+    elsewhere (see :class:`ImagesProgress`); True always draws the bar.
     """
     if len(images) == 0:
         raise NoImagesError("no test images to evaluate (check evaluate.limit and the digit filter)")
@@ -85,32 +155,34 @@ def evaluate_model(
     digit_sse = torch.zeros(10, dtype=torch.float64)
     digit_count = torch.zeros(10, dtype=torch.float64)
     binarizer = torch.Generator(device=device).manual_seed(cfg.seed)
-    for start in range(0, len(x_all), cfg.batch_size):
-        x = x_all[start : start + cfg.batch_size].to(device).float().div_(255.0)
-        if cfg.binarize:
-            # One fixed stochastic binarisation of the test set, as in Burda et al. (2015).
-            x = torch.bernoulli(x, generator=binarizer)
-        y = y_all[start : start + cfg.batch_size]
-        mu, logvar = model.encode(x)
-        z = model.reparameterize(mu, logvar)
-        kl = kl_divergence(mu, logvar)
-        sums["bce"] += model.bernoulli_nll(model.decode(z), x).sum().item()
-        sums["kl"] += kl.sum().item()
-        # The tutorial's loss on the test set, for the seed preset's comparison.
-        sampled_sse = (
-            (model.decode(z) - x).square().sum(-1)
-            if model.arch.likelihood == "gaussian"
-            else (torch.sigmoid(model.decode(z)) - x).square().sum(-1)
-        )
-        sums["loss_tutorial"] += ((sampled_sse + kl) / N_PIXELS).sum().item()
-        mean_recon = model.pixel_means(model.decode(mu))
-        per_image_mse = (mean_recon - x).square().mean(-1).double().cpu()
-        sums["mse"] += per_image_mse.sum().item()
-        digit_sse.index_add_(0, y, per_image_mse)
-        digit_count.index_add_(0, y, torch.ones_like(per_image_mse))
-        nll_iw = -importance_weighted_log_likelihood(model, x, cfg.iw_samples).double()
-        sums["nll_iw"] += nll_iw.sum().item()
-        sums["nll_iw_sq"] += nll_iw.square().sum().item()
+    with ImagesProgress(len(x_all), progress) as meter:
+        for start in range(0, len(x_all), cfg.batch_size):
+            x = x_all[start : start + cfg.batch_size].to(device).float().div_(255.0)
+            if cfg.binarize:
+                # One fixed stochastic binarisation of the test set, as in Burda et al. (2015).
+                x = torch.bernoulli(x, generator=binarizer)
+            y = y_all[start : start + cfg.batch_size]
+            mu, logvar = model.encode(x)
+            z = model.reparameterize(mu, logvar)
+            kl = kl_divergence(mu, logvar)
+            sums["bce"] += model.bernoulli_nll(model.decode(z), x).sum().item()
+            sums["kl"] += kl.sum().item()
+            # The tutorial's loss on the test set, for the seed preset's comparison.
+            sampled_sse = (
+                (model.decode(z) - x).square().sum(-1)
+                if model.arch.likelihood == "gaussian"
+                else (torch.sigmoid(model.decode(z)) - x).square().sum(-1)
+            )
+            sums["loss_tutorial"] += ((sampled_sse + kl) / N_PIXELS).sum().item()
+            mean_recon = model.pixel_means(model.decode(mu))
+            per_image_mse = (mean_recon - x).square().mean(-1).double().cpu()
+            sums["mse"] += per_image_mse.sum().item()
+            digit_sse.index_add_(0, y, per_image_mse)
+            digit_count.index_add_(0, y, torch.ones_like(per_image_mse))
+            nll_iw = -importance_weighted_log_likelihood(model, x, cfg.iw_samples).double()
+            sums["nll_iw"] += nll_iw.sum().item()
+            sums["nll_iw_sq"] += nll_iw.square().sum().item()
+            meter.advance(len(x))
     n = len(x_all)
     mse = sums["mse"] / n
     metrics = {

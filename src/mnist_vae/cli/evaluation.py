@@ -180,19 +180,19 @@ def evaluate(
 
     Example: mnist-vae evaluate models:/mnist-vae@champion --digits 3,8 --out reports/champion
     """
+    from mnist_vae.atomic import atomic_write
     from mnist_vae.evaluate import evaluate_model, write_figures
 
     cfg, images, labels = _test_set(params, data, limit, digits, iw_samples)
     vae = load_model(model)
-    with busy(f"evaluating on {len(images)} test images"):
-        evaluation = evaluate_model(vae, images, labels, cfg)
+    evaluation = evaluate_model(vae, images, labels, cfg, progress=None)
     console = Console()
     console.print(f"{model} on {evaluation.n_images} test images:", highlight=False)
     console.print(metrics_table(evaluation))
     console.print(_digits_table(evaluation, _counts(labels)))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(evaluation.to_json(), indent=2) + "\n")
+        atomic_write(out / "metrics.json", json.dumps(evaluation.to_json(), indent=2) + "\n")
         with busy("drawing figures"):
             figures = write_figures(vae, images, out, n=cfg.n_images, seed=cfg.seed, labels=labels)
         console.print(f"wrote {out / 'metrics.json'}, " + ", ".join(str(f) for f in figures))
@@ -219,9 +219,8 @@ def compare(
     results = []
     for reference in (model_a, model_b):
         vae = load_model(reference)
-        with busy(f"evaluating {reference} on {len(images)} test images"):
-            # evaluate_model reseeds torch from cfg.seed, so both models see the same draws.
-            results.append(evaluate_model(vae, images, labels, cfg))
+        # evaluate_model reseeds torch from cfg.seed, so both models see the same draws.
+        results.append(evaluate_model(vae, images, labels, cfg, progress=None))
     a, b = results
     console = Console()
     console.print(f"A = {model_a}\nB = {model_b}\non the same {a.n_images} test images:", highlight=False)

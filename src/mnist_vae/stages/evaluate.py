@@ -43,7 +43,7 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
     data = load_mnist(paths.data)
     model = load_model(paths.model)
     images, labels = select(data.x_test, data.y_test, params.evaluate.limit)
-    evaluation = evaluate_model(model, images, labels, params.evaluate)
+    evaluation = evaluate_model(model, images, labels, params.evaluate, progress=None)
     paths.figures.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.figures.parent, prefix=".figures-") as scratch:
         figures = write_figures(

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 # Off a terminal, a long evaluation says how far it is at most this often (seconds).
 LOG_EVERY = 60.0
+# Importance samples decoded at once, in rows of (sample, image). Small chunks stay in the CPU's
+# caches: 4096 rows decoded the binarized-conv model about 15% faster than 65,536 on 2 cores, with
+# the same random draws and so the same estimate.
+IW_CHUNK_ROWS = 4096
 
 
 class NoImagesError(UserError, ValueError):
@@ -179,7 +183,9 @@ def evaluate_model(
             sums["mse"] += per_image_mse.sum().item()
             digit_sse.index_add_(0, y, per_image_mse)
             digit_count.index_add_(0, y, torch.ones_like(per_image_mse))
-            nll_iw = -importance_weighted_log_likelihood(model, x, cfg.iw_samples).double()
+            nll_iw = -importance_weighted_log_likelihood(
+                model, x, cfg.iw_samples, chunk_rows=IW_CHUNK_ROWS
+            ).double()
             sums["nll_iw"] += nll_iw.sum().item()
             sums["nll_iw_sq"] += nll_iw.square().sum().item()
             meter.advance(len(x))

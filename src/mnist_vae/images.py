@@ -3,13 +3,18 @@ and the latent space as a matplotlib scatter plot."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
 from mnist_vae.atomic import atomic_open
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _PAD = 2  # grey pixels between cells, and white ones between stacked grids
 _SCALE = 3  # nearest-neighbour enlargement: 28-pixel digits are too small to judge on screen
@@ -34,31 +39,39 @@ def write_png(path: Path, *grids: torch.Tensor) -> Path:
 
 def write_scatter(path: Path, points: np.ndarray, labels: np.ndarray, title: str) -> Path:
     """Writes 2-D ``points`` coloured by their digit ``labels`` as a PNG, atomically."""
+    import matplotlib.pyplot as plt
+
+    figure = scatter_figure(points, labels, title)
+    try:
+        with atomic_open(path) as fh:
+            figure.savefig(fh, format="png")
+    finally:
+        plt.close(figure)
+    return Path(path)
+
+
+def scatter_figure(points: np.ndarray, labels: np.ndarray, title: str) -> Figure:
+    """The figure of :func:`write_scatter`; a long title is wrapped to the figure's width."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: figures are files
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 6), dpi=100)
-    try:
-        for digit in range(10):
-            chosen = labels == digit
-            axes.scatter(
-                points[chosen, 0],
-                points[chosen, 1],
-                s=3,
-                alpha=0.6,
-                color=plt.get_cmap("tab10")(digit),
-                label=str(digit),
-                rasterized=True,
-            )
-        axes.legend(title="digit", markerscale=4, loc="upper right", fontsize=8, ncols=2)
-        axes.set_title(title, fontsize=10)
-        axes.set_xlabel("first principal component")
-        axes.set_ylabel("second principal component")
-        figure.tight_layout()
-        with atomic_open(path) as fh:
-            figure.savefig(fh, format="png")
-    finally:
-        plt.close(figure)
-    return Path(path)
+    for digit in range(10):
+        chosen = labels == digit
+        axes.scatter(
+            points[chosen, 0],
+            points[chosen, 1],
+            s=3,
+            alpha=0.6,
+            color=plt.get_cmap("tab10")(digit),
+            label=str(digit),
+            rasterized=True,
+        )
+    axes.legend(title="digit", markerscale=4, loc="upper right", fontsize=8, ncols=2)
+    axes.set_title(textwrap.fill(title, width=70), fontsize=10)
+    axes.set_xlabel("first principal component")
+    axes.set_ylabel("second principal component")
+    figure.tight_layout()
+    return figure

@@ -40,3 +40,24 @@ def test_off_a_terminal_a_long_evaluation_logs_how_far_it_is(
 def test_the_duration_reads_in_minutes_and_seconds() -> None:
     assert evaluate._duration(42.4) == "42 s"
     assert evaluate._duration(3725) == "62 min 5 s"
+
+
+def test_the_latent_plots_long_title_stays_inside_the_figure() -> None:
+    import matplotlib.pyplot as plt
+
+    from mnist_vae.images import scatter_figure
+
+    points = np.random.default_rng(0).normal(size=(50, 2))
+    title = (
+        "posterior means of 5,000 test digits, 32-D latent space projected on 2 principal "
+        "components (17% of the variance)"
+    )
+    figure = scatter_figure(points, np.arange(50) % 10, title)
+    try:
+        figure.canvas.draw()
+        shown = figure.axes[0].title
+        box, frame = shown.get_window_extent(), figure.bbox
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1
+        assert shown.get_text().replace("\n", " ") == title
+    finally:
+        plt.close(figure)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +17,10 @@ from mnist_vae.config import EvaluateConfig
 from mnist_vae.errors import UserError
 from mnist_vae.images import image_grid, write_png, write_scatter
 from mnist_vae.model import N_PIXELS, VAE, importance_weighted_log_likelihood, kl_divergence
+from mnist_vae.progress import want_progress
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,9 @@ class ImagesProgress:
         """``progress``: True draws the bar; None draws it on a terminal and logs elsewhere; False
         neither."""
         self.total, self.done = total, 0
-        self.bar = sys.stderr.isatty() if progress is None else progress
+        self.bar = want_progress(progress)
         self.logs = progress is None and not self.bar
-        self._progress: Any = None
+        self._progress: Progress | None = None
 
     def __enter__(self) -> ImagesProgress:
         self._start = self._logged = time.monotonic()

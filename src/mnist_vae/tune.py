@@ -164,8 +164,7 @@ def tune(settings: TuneSettings) -> TuneResult:
     root = project_root()
     tracking.configure(root)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = settings.storage_url()
-    storage = _storage(url)
+    storage = _storage(settings.storage_url())
     study = optuna.create_study(
         study_name=settings.study, storage=storage, direction="minimize", load_if_exists=True
     )

@@ -3,6 +3,7 @@ before any run starts."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,21 @@ def test_storage_comes_from_the_option_then_the_environment_then_the_journal(
     assert replace(settings, storage="sqlite:///x.db").storage_url() == "sqlite:///x.db"
 
 
+def _at_once(target: Callable[..., None], *args: object) -> None:
+    """Runs ``target(*args, start)`` in two forked processes that pass the barrier ``start``
+    together, and checks that both succeed."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    start = fork.Barrier(2)
+    processes = [fork.Process(target=target, args=(*args, start)) for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 0]
+
+
 def _write_best(uri: str, run_id: str, start) -> None:
     import mlflow
 
@@ -152,29 +168,20 @@ def _write_best(uri: str, run_id: str, start) -> None:
 def test_processes_finishing_a_shared_study_at_once_both_write_the_summary(tmp_path: Path) -> None:
     # Tag by tag, two writers both found best.trial missing and both inserted it (a UNIQUE error
     # that failed one `mnist-vae tune` of a shared study about one time in two).
-    import multiprocessing
-
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("race")
-    fork = multiprocessing.get_context("fork")
     for _ in range(3):
         run_id = client.create_run(experiment).info.run_id
-        start = fork.Barrier(2)
-        writers = [fork.Process(target=_write_best, args=(uri, run_id, start)) for _ in range(2)]
-        for writer in writers:
-            writer.start()
-        for writer in writers:
-            writer.join(timeout=120)
-        assert [writer.exitcode for writer in writers] == [0, 0]
+        _at_once(_write_best, uri, run_id)
         run = client.get_run(run_id)
         assert run.data.tags["best.key7"] == "7"
         assert run.data.metrics["best_val_neg_elbo"] == 91.5
 
 
-def _join_study(tmp_path: Path, start, ids) -> None:
+def _join_study(tmp_path: Path, ids, start) -> None:
     import mlflow
     import optuna
 
@@ -202,14 +209,8 @@ def test_processes_starting_a_new_study_at_once_share_one_parent_run(tmp_path: P
 
     (tmp_path / "space.yaml").write_text("train.lr: {kind: float, low: 0.001, high: 0.01}\n")
     mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # the tables
-    fork = multiprocessing.get_context("fork")
-    start, ids = fork.Barrier(2), fork.Queue()
-    processes = [fork.Process(target=_join_study, args=(tmp_path, start, ids)) for _ in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    assert [process.exitcode for process in processes] == [0, 0]
+    ids = multiprocessing.get_context("fork").Queue()
+    _at_once(_join_study, tmp_path, ids)
     first, second = ids.get(timeout=1), ids.get(timeout=1)
     assert first == second
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -1,9 +1,10 @@
 """Writing a file so that no reader ever sees half of it: write a temporary file, then rename.
 
 Every output of the project (dataset, weights, checkpoint, metrics, figures) goes through
-:func:`atomic_write`. The temporary file sits beside the target, so the rename stays on one filesystem
-and is atomic; it is flushed to disk first, so a power cut leaves the old file or the new one. When
-the write fails, the temporary file is removed and the previous file is left as it was.
+:func:`atomic_open`, the figures directly and the rest by way of :func:`atomic_write`. The temporary
+file sits beside the target, so the rename stays on one filesystem and is atomic; it is flushed to
+disk first, so a power cut leaves the old file or the new one. When the write fails, the temporary
+file is removed and the previous file is left as it was.
 """
 
 from __future__ import annotations

@@ -73,40 +73,42 @@ def write_json(result: Mapping[str, Any], path: Path) -> Path:
 
 
 def table(
-    title: str,
-    columns: Sequence[str],
-    rows: Iterable[Sequence[str]],
-    *,
-    left: str | None = None,
-    no_wrap: bool = False,
+    title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], *, left: str | None = None
 ) -> Table:
-    """A rich table whose columns are right-aligned except ``left``; ``no_wrap`` keeps every other
-    column's cells on one line (``left`` wraps)."""
+    """A rich table whose columns are right-aligned except ``left``. Every cell may wrap, never be
+    cut: a word longer than its column folds onto the next line."""
     from rich.table import Table
 
     out = Table(title=title)
     for column in columns:
-        out.add_column(
-            column, justify="left" if column == left else "right", no_wrap=no_wrap and column != left
-        )
+        out.add_column(column, justify="left" if column == left else "right", overflow="fold")
     for row in rows:
         out.add_row(*row)
     return out
 
 
-def print_tables(tables: Sequence[Table], console: Console | None = None, min_width: int = 0) -> Console:
+def print_tables(tables: Sequence[Table], console: Console | None = None) -> Console:
     """Prints ``tables`` on ``console`` (stdout's by default); returns the console.
 
-    Off a terminal rich assumes 80 columns: ``min_width`` widens it for tables that need more.
+    On a terminal the cells wrap to its width. Off a terminal (a file, a pipe, a CI or ``dvc exp
+    run`` log) rich would assume 80 columns; each table is printed at its natural width instead,
+    one line per row, so that a log keeps every column and every cell whole.
     """
     from rich.console import Console
 
     if console is None:
         console = Console()
-    if min_width and not console.is_terminal:
-        console.width = max(console.width, min_width)
     for t in tables:
-        console.print(t)
+        if console.is_terminal:
+            console.print(t)
+        else:
+            natural = console.measure(t, options=console.options.update_width(10_000)).maximum
+            title = len(t.title) if isinstance(t.title, str) else 0
+            width, console.width = console.width, max(console.width, natural, title)
+            try:
+                console.print(t, crop=False)
+            finally:
+                console.width = width
     return console
 
 

@@ -32,7 +32,8 @@ def load(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a checkpoint we cannot read is one we start over from
-        log.warning("ignoring unreadable checkpoint %s (%s); training from scratch", path, exc)
+        # Only the type: torch's message for a foreign pickle advises loading it unsafely.
+        log.warning("ignoring unreadable checkpoint %s (%s); training from scratch", path, type(exc).__name__)
         return None
     if state.get("fingerprint") != expected_fingerprint:
         log.warning("ignoring checkpoint %s: it was made with other params or data", path)

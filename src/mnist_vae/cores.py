@@ -33,9 +33,10 @@ def registry_folder() -> Path:
     ``$XDG_RUNTIME_DIR`` (a private folder per user, emptied at logout), else
     ``<temp dir>/mnist-vae-<uid>/trainings``.
 
-    The folder above ``trainings`` is created private (0700) and checked before use: owned by this
-    user, not a link, no access for others. In a shared temp dir anyone may create that name first;
-    a folder another user controls could hide or fake trainings.
+    The folder above ``trainings`` and ``trainings`` itself are created private (0700) and checked
+    before use: owned by this user, not a link, not writable by group or others (0755 passes). In a
+    shared temp dir anyone may create that name first; a folder another user controls could hide or
+    fake trainings.
 
     Raises:
         CoresRegistryError: The folder belongs to someone else, is a link, or others may write there.

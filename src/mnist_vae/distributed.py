@@ -26,9 +26,11 @@ def under_torchrun() -> bool:
 def relaunch(nproc: int, script: str, argv: list[str]) -> int:
     """Runs ``script argv`` under torchrun with ``nproc`` processes; returns its exit code.
 
-    A SIGTERM or SIGHUP to this process is passed on to torchrun, which passes it to its workers
-    (each then stops as a single-process training does on SIGTERM: checkpoint kept, run KILLED);
-    this process waits for them. Ctrl-C at a terminal reaches them all without help.
+    A SIGTERM or SIGHUP to this process is passed on to torchrun, which sends the same signal to its
+    workers; this process waits for them. On SIGTERM rank 0 stops as a single-process training does
+    (checkpoint kept, run KILLED) and the other ranks, which write nothing, end at once. The workers
+    do not handle SIGHUP: they all end at once, the last finished epoch's checkpoint stays and the
+    MLflow run is left RUNNING. Ctrl-C at a terminal reaches them all without help.
     """
     command = [
         sys.executable,

@@ -239,8 +239,8 @@ def latent_traversal(
 ) -> np.ndarray:
     """Decodes one image's posterior mean with single latent units swept over [-span, span].
 
-    Uses the units with the largest average KL (the ones the model actually uses); each row of the
-    result is one unit, each column one step.
+    Uses the units with the largest KL for this image (the ones the model uses to encode it); each
+    row of the result is one unit, each column one step.
     """
     x = torch.as_tensor(image.reshape(1, N_PIXELS), device=device).float() / 255.0
     mu, logvar = model.encode(x)

@@ -3,7 +3,8 @@
 Three presets share every line below; only their networks (:mod:`mnist_vae.networks`) differ.
 ``seed`` is the tutorial's model: ReLU MLPs, an encoder whose second half is a raw sigma and a
 squared-error likelihood, its loss scaled per pixel. ``mlp`` is a nonlinear MLP and ``conv`` (the
-default) a convolutional network with residual blocks; both have a log-variance head and a Bernoulli
+default) a convolutional network (stride-2 convolutions, residual blocks only if ``model.blocks`` asks,
+none by default, and a dense layer); both have a log-variance head and a Bernoulli
 likelihood on logits, their loss the negative ELBO in nats per image (Kingma & Welling 2014, eq. 10
 and appendix B). Every model takes and returns flat (..., 784) images, so the trainer, the estimators
 and serving never see the difference.
@@ -12,6 +13,8 @@ and serving never see the difference.
 from __future__ import annotations
 
 import math
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -231,13 +234,49 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> VAE:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
+    ckpt = _read_weights_only(path, device)
+    if not (isinstance(ckpt, dict) and {"architecture", "state_dict"} <= ckpt.keys()):
+        what = f"a dict of {sorted(ckpt)}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise ModelFileError(f"{path} is not a mnist-vae model: it holds {what}; {_EXPECTED}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
         model = VAE(Architecture.from_dict(ckpt["architecture"]))
         model.load_state_dict(ckpt["state_dict"])
-    except Exception as exc:  # torch raises many types for a foreign file
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a foreign or damaged state
         raise ModelFileError(
-            f"{path}: not an mnist-vae checkpoint (expected a dict with 'architecture' and "
-            f"'state_dict', saved by mnist_vae.model.save_model): {exc}"
+            f"{path} is not a mnist-vae model: its architecture or weights do not fit "
+            f"({type(exc).__name__}: {_first_line(exc)}); {_EXPECTED}"
         ) from None
     return model.to(device).eval()
+
+
+_EXPECTED = (
+    "expected the weights file that mnist-vae writes (models/model.pt: 'architecture' and 'state_dict')"
+)
+
+
+def _read_weights_only(path: Path, device: str | torch.device) -> object:
+    """``torch.load`` of tensors and plain containers only, its failures said in our words.
+
+    torch's own message for a file holding other objects advises loading it with
+    ``weights_only=False``, which runs whatever code the file carries: it never reaches the user.
+    """
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(
+            f"{path} is not a mnist-vae model: it is not a torch zip archive (or a truncated one); "
+            f"{_EXPECTED}"
+        )
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelFileError(
+            f"{path} is not a mnist-vae model: it holds objects other than tensors and plain "
+            f"containers, which are never unpickled; {_EXPECTED}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError, ValueError):
+        raise ModelFileError(
+            f"{path} is not a mnist-vae model: a damaged torch archive; {_EXPECTED}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -130,7 +130,8 @@ def _side(arch: Architecture) -> int:
 
 
 class ConvEncoder(nn.Module):
-    """(B, 784) -> (B, 2 * latent): stride-2 convolutions, residual blocks, a dense layer."""
+    """(B, 784) -> (B, 2 * latent): stride-2 convolutions, each followed by ``blocks`` residual blocks
+    (none by default), then an optional dense layer."""
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
@@ -158,8 +159,9 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """(..., latent) -> (..., 784) logits: the encoder mirrored, upsampling by transposed
-    convolutions, the last one sub-pixel, plus a bias per pixel.
+    """(..., latent) -> (..., 784) logits: the encoder mirrored (its optional dense layer and ``blocks``
+    residual blocks included), upsampling by transposed convolutions, the last one sub-pixel, plus a
+    bias per pixel when ``pixel_bias`` is set.
 
     A convolution's bias is the same at every position, while MNIST's pixels are not: the border
     is always blank, the centre often ink. The MLP's last linear layer has a bias per pixel; this

@@ -92,8 +92,9 @@ def log_and_register(
 
     The version is created in one call with its test metrics, git commit, data hash and run link
     as tags, after the logged model holds its metrics; it then gets the alias ``candidate``, and
-    ``champion`` when it passes :func:`promotion_gate` on ``gate_data`` (the validation split: the
-    test set is reported, never used to choose). Returns the version.
+    ``champion`` when it passes :func:`promotion_gate` on ``gate_data`` (the validation split, or the
+    last 10000 training images when ``train.validation`` is 0: the test set is reported, never used to
+    choose). Returns the version.
 
     A gate that cannot decide (the server refuses or fails a read) leaves ``champion`` alone, keeps
     the version ``candidate``, tags the run ``registry.gate_decision=error`` with the reason in

@@ -1,7 +1,9 @@
 """The command line shared by the stage scripts: ``python pipeline/<stage>.py [--params F] [--set k=v]``.
 
 Failures a user can fix (:class:`~mnist_vae.errors.UserError`) end with one line on stderr and exit
-code 1; Ctrl-C and SIGTERM end with exit code 130; anything else is a bug and keeps its traceback.
+code 1; Ctrl-C ends with exit code 130, and so does SIGTERM while the train stage runs its epochs (at
+any other time SIGTERM ends the process at once, as by default); anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations

@@ -191,8 +191,7 @@ def print_table(result: ServeBenchResult, console: Console | None = None) -> Non
     layers = ("layer", "batch", "calls/s", "images/s", "p50 ms", "p99 ms")
     rows = (_layer_row(r) for r in result["in_process"] if r["batch"])
     inproc = table("the same batches in this process, one call at a time", layers, rows, left="layer")
-    # rich assumes 80 columns off a terminal: too few for the cells' table
-    out = print_tables([cells, inproc], console, min_width=130)
+    out = print_tables([cells, inproc], console)
     for key, ratio in result["scaling"].items():
         out.print(f"{key}: {ratio:.2f}x")
 

@@ -1,9 +1,10 @@
 """The MLflow pyfunc flavour of a trained VAE: what ``mlflow models serve`` answers with.
 
 The model is saved with ``loader_module="mnist_vae.serving"``: MLflow calls :func:`_load_pyfunc`
-on the folder holding ``model.pt``, and the weights load with ``weights_only=True``; nothing is
-unpickled. Input is a batch of 28x28 images flattened to 784 float32 grey levels in [0, 1] (divide
-0-255 pixels by 255). The inference parameter ``output`` picks the answer:
+on the folder holding ``model.pt``, and the weights load with ``weights_only=True``; only tensors
+and plain containers are unpickled, never arbitrary objects. Input is a batch of 28x28 images
+flattened to 784 float32 grey levels in [0, 1] (divide 0-255 pixels by 255). The inference parameter
+``output`` picks the answer:
 
 - ``reconstruction`` (default): 784 grey levels per image, decoded from the posterior mean;
 - ``latent``: the posterior mean and log-variance per image (``mu_i``, ``logvar_i`` columns);
@@ -211,8 +212,8 @@ def _tune_server_process(workers: int) -> None:
 
     Threads: torch uses every core by default, so with two workers on two cores each request's
     forward pass asks for both cores while the other worker and the event loops want them too.
-    Each worker takes its share, ``cores // workers``, unless ``$MNIST_VAE_SERVE_THREADS`` says
-    otherwise (one worker keeps torch's default).
+    Each worker takes its share, ``cores // workers`` (all of them for one worker), unless
+    ``$MNIST_VAE_SERVE_THREADS`` says otherwise.
 
     TCP_NODELAY: with ``--workers`` > 1, uvicorn (0.54) binds the listening socket itself with
     ``proto`` 0, so asyncio does not set TCP_NODELAY on accepted connections; every keep-alive

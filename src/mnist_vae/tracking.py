@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from mlflow.data.numpy_dataset import NumpyDataset
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+# The training run's tag holding its weights' MD5 (what dvc.lock records for models/model.pt):
+# how the evaluate stage finds the run that trained the model it measures.
+MODEL_MD5_TAG = "model.md5"
 
 
 class TrackingUnavailableError(UserError):

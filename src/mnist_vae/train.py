@@ -91,7 +91,8 @@ def seed_everything(seed: int) -> None:
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """The schedule: optional linear warm-up, then constant or cosine decay to zero."""
+    """The schedule: optional linear warm-up, then constant, cosine decay to zero, or ``burda`` (Burda
+    et al. 2015: 3^i epochs at lr * 10^(-i/7), counted from the first epoch)."""
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:

@@ -17,7 +17,9 @@ from mnist_vae.bench import (
     ROW_D,
     ROW_THREADS,
     BenchResult,
+    BenchRow,
     BenchSettings,
+    _cells,
     log_to_mlflow,
     print_table,
     time_to_target,
@@ -176,3 +178,45 @@ def test_settings_refuse_a_device_train_does_not_know() -> None:
     with pytest.raises(ValueError, match="device: expected auto, cpu or cuda, got 'gpu'"):
         BenchSettings(device="gpu")
     assert BenchSettings(device="cpu").train_device == "cpu"
+
+
+def _long_result() -> dict:
+    """The result with descriptions as long as the real rows' (the e rows name their setting)."""
+    result = _result()
+    result["rows"][0]["description"] = "default preset, two at once with torch's default threads, together"
+    return result
+
+
+def _columns(text: str, separator: str) -> list[str]:
+    """Each column's text, top to bottom, from the table lines drawn with ``separator`` between
+    cells, whitespace removed: a cell folded over several lines reads back whole."""
+    rows = [line.split(separator)[1:-1] for line in text.splitlines() if line.count(separator) > 2]
+    return ["".join("".join(row[i].split()) for row in rows) for i in range(len(rows[0]))]
+
+
+COLUMNS = ["row", "what", "batch", "samples/s", "s/epoch", "x (a)", "loss at budget", "s to target"]
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["80-column terminal", "piped"])
+def test_the_table_keeps_every_column_and_cell_in_80_columns(terminal: bool) -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=terminal, color_system=None)
+    result = _long_result()
+    print_table(result, console)
+    text = out.getvalue()
+    assert "…" not in text
+    expected = [_cells(BenchRow(**row)) for row in result["rows"]]
+    assert _columns(text, "┃") == ["".join(c.split()) for c in COLUMNS]
+    assert _columns(text, "│") == ["".join("".join(row[i].split()) for row in expected) for i in range(8)]
+    title = "training speed on cpu (Test CPU, 2 threads, torch 2.9.0)"
+    if terminal:
+        assert max(len(line) for line in text.splitlines()) <= 80
+    else:
+        # Off a terminal, one line per row and the title on one line, however wide.
+        assert any(title in line for line in text.splitlines())
+        row = next(line for line in text.splitlines() if "torch's default threads" in line).split("│")
+        assert [cell.strip() for cell in row[1:4]] == [
+            "a",
+            "default preset, two at once with torch's default threads, together",
+            "32",
+        ]

@@ -132,7 +132,7 @@ def test_reconstruct_and_sample_with_a_weights_file(
         (["evaluate", "models/model.pt", "--data", "missing.npz"], "mnist-vae download"),
         (["evaluate", "models/model.pt", "--digits", "11"], "--digits"),
         (["evaluate", "models/model.pt", "--iw-samples", "0"], "evaluate.iw_samples"),
-        (["evaluate", "notes.txt"], "notes.txt: not an mnist-vae checkpoint"),
+        (["evaluate", "notes.txt"], "notes.txt is not a mnist-vae model: it is not a torch zip archive"),
         (["train", "--set", "train.epochs=0"], "train.epochs"),
         (["train", "--set", "epochs"], "section.key=value"),
         (
@@ -186,3 +186,41 @@ def test_profile_lists_and_prints_dvc_arguments() -> None:
     listing = ok("profile").output
     assert "burda2015-vae:" in listing and "burda2015-iwae:" in listing
     assert ok("profile", "burda2015-iwae").output.split()[:2] == ["-S", "model.preset=mlp"]
+
+
+# --- help and tables that survive a log -----------------------------------------------------------
+
+
+def _description(output: str) -> list[list[str]]:
+    """The paragraphs of a command's help, between its usage line and its first panel."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
+    end = next(i for i, line in enumerate(lines) if line.lstrip().startswith("╭"))
+    paragraphs: list[list[str]] = [[]]
+    for line in lines[start:end]:
+        if line.strip():
+            paragraphs[-1].append(line.strip())
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    return [p for p in paragraphs if p]
+
+
+@pytest.mark.parametrize("command", ["score", "bench", "evaluate", "tune"])
+def test_help_piped_at_80_columns_keeps_every_sentence_and_wraps_once(command: str) -> None:
+    import typer.main
+
+    result = invoke(command, "--help", env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    width = 80 - 2  # rich pads the help text by one column on each side
+    for paragraph in _description(result.output):
+        for line, following in zip(paragraph, paragraph[1:], strict=False):
+            # Wrapped once, to the width: the next line's first word would not have fit on this one.
+            assert len(line) + 1 + len(following.split()[0]) > width, f"ragged help line: {line!r}"
+    # Every word of every option's help is printed: none cut by a narrow column.
+    click_command = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    printed = set(result.output.replace("│", " ").split())
+    for param in click_command.params:
+        for word in (param.help or "").split():
+            assert word in printed, f"{param.name}: {word!r} missing from --help"

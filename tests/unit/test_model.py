@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -233,9 +235,56 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 
 def test_loading_a_foreign_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelFileError, match=r"x\.pt: not an mnist-vae checkpoint") as foreign:
+    with pytest.raises(ModelFileError, match=r"x\.pt is not a mnist-vae model") as foreign:
         load_model(tmp_path / "x.pt")
     with pytest.raises(ModelFileError, match=r"missing\.pt: no such model file") as missing:
         load_model(tmp_path / "missing.pt")
     # User errors: the stages and the CLI print them as one line.
     assert isinstance(foreign.value, UserError) and isinstance(missing.value, UserError)
+
+
+class _RunsAShellCommand:
+    """Unpickling this would run ``touch`` on the marker file: it must never happen."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _foreign_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files that are not models, each with what the error must say about it."""
+    good = folder / "good.pt"
+    save_model(build_model(ModelConfig(preset="mlp", hidden=(8,), latent=2)), good)
+    files = {
+        "random": (folder / "random.pt", "not a torch zip archive"),
+        "truncated": (folder / "truncated.pt", "not a torch zip archive (or a truncated one)"),
+        "numpy": (folder / "numpy.pt", "objects other than tensors and plain containers"),
+        "code": (folder / "code.pt", "objects other than tensors and plain containers"),
+        "plain pickle": (folder / "code.pkl", "not a torch zip archive"),
+        "other dict": (folder / "dict.pt", "it holds a dict of ['weights']"),
+        "bad architecture": (folder / "arch.pt", "its architecture or weights do not fit"),
+    }
+    files["random"][0].write_bytes(np.random.default_rng(0).bytes(4096))
+    files["truncated"][0].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    torch.save(np.arange(5), files["numpy"][0])
+    marker = folder / "code-ran"
+    torch.save({"architecture": _RunsAShellCommand(marker), "state_dict": {}}, files["code"][0])
+    files["plain pickle"][0].write_bytes(pickle.dumps(_RunsAShellCommand(marker)))
+    torch.save({"weights": torch.zeros(2)}, files["other dict"][0])
+    torch.save({"architecture": {"latent": 2}, "state_dict": {}}, files["bad architecture"][0])
+    return files
+
+
+def test_a_file_that_is_not_a_model_is_named_for_what_it_is_and_runs_nothing(tmp_path: Path) -> None:
+    for kind, (path, expected) in _foreign_files(tmp_path).items():
+        with pytest.raises(ModelFileError) as error:
+            load_model(path)
+        message = str(error.value)
+        assert message.startswith(f"{path} is not a mnist-vae model: "), (kind, message)
+        assert expected in message, (kind, message)
+        assert "\n" not in message, (kind, message)
+        # torch's own advice for such files is to load them unsafely: never ours.
+        assert "weights_only" not in message and "WeightsUnpickler" not in message, (kind, message)
+    assert not (tmp_path / "code-ran").exists(), "unpickling ran the file's code"

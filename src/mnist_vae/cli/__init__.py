@@ -15,7 +15,7 @@ from collections.abc import Callable
 import typer
 
 from mnist_vae.cli import bench, evaluation, images, pipeline, registry, stack
-from mnist_vae.cli.common import reports_errors, setup_logging
+from mnist_vae.cli.common import help_text, reports_errors, setup_logging
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "download": pipeline.download,
@@ -52,4 +52,4 @@ def _main() -> None:
 
 
 for _name, _command in COMMANDS.items():
-    app.command(_name)(reports_errors(_command))
+    app.command(_name, help=help_text(_command.__doc__))(reports_errors(_command))

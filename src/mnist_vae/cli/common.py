@@ -4,7 +4,9 @@ Commands import torch and mlflow only when they run, so that ``mnist-vae --help`
 """
 
 import functools
+import inspect
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, ParamSpec, TypeVar
@@ -58,8 +60,28 @@ def setup_logging() -> None:
     logger = logging.getLogger("mnist_vae")
     if logging.getLogger().handlers or logger.handlers:
         return
-    logger.addHandler(RichHandler(console=Console(stderr=True), show_time=False, show_path=False))
+    if sys.stderr.isatty():
+        logger.addHandler(RichHandler(console=Console(stderr=True), show_time=False, show_path=False))
+    else:
+        # A log file or a pipe: one message per line, never wrapped at rich's assumed 80 columns.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+def help_text(doc: str | None) -> str:
+    """A command's docstring as the paragraphs that ``--help`` wraps to the terminal's width.
+
+    Lines of one paragraph are joined: the docstring's own line breaks (written for the source
+    file's width) would otherwise be kept and wrapped again, leaving ragged lines. A paragraph
+    whose lines are indented (an example, a list) keeps its breaks.
+    """
+    paragraphs = inspect.cleandoc(doc or "").split("\n\n")
+    return "\n\n".join(
+        p if any(line.startswith((" ", "-", "*")) for line in p.splitlines()) else " ".join(p.split())
+        for p in paragraphs
+    )
 
 
 def busy(message: str) -> Status:

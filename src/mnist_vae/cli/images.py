@@ -16,8 +16,8 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         help="Model reference: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
-        "weights file such as models/model.pt. Default: the champion of mlflow.registered_model "
-        "(models:/mnist-vae@champion).",
+        "weights file such as models/model.pt. Default: the alias champion of the registered model "
+        "that mlflow.registered_model in params.yaml names.",
         show_default=False,
     ),
 ]

@@ -98,7 +98,9 @@ train = _training_command(
     whole=False,
     doc="""Train the VAE as the train stage does, logging the run to MLflow.
 
-    Writes models/model.pt, models/run.json and reports/train_history.csv.
+    Writes models/model.pt, models/run.json and reports/train_history.csv. Trains in this one
+    process: train.nproc above 1 is not started under torchrun from here, so for several processes
+    run `python pipeline/train.py` (or `dvc repro`).
 
     Example: mnist-vae train --set train.epochs=3 --set model.latent=16
     """,
@@ -108,7 +110,9 @@ run = _training_command(
     whole=True,
     doc="""The whole pipeline: download (only when the dataset is missing), train, evaluate, register.
 
-    The new model version becomes champion when it beats the current one on the validation split.
+    Trains in this one process, as `train` does. The new model version becomes champion when it
+    beats the current one on the validation split (the last 10000 training images when
+    train.validation is 0).
 
     Example: mnist-vae run --set train.epochs=5 --set model.latent=16
     """,

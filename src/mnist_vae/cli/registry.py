@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mnist_vae.benchmarks import print_tables
 from mnist_vae.cli.common import ParamsOption
 from mnist_vae.config import load_params
 
@@ -42,12 +43,12 @@ def models(params: ParamsOption = Path("params.yaml")) -> None:
     with _registered_model(params, "read model") as (client, name):
         rows = aliases.list_versions(client, name)
     table = Table(title=f"registered model {name} (test metrics in nats/image)")
-    table.add_column("version", justify="right", no_wrap=True)
-    table.add_column("aliases", min_width=9)
-    table.add_column("created", min_width=10)
-    table.add_column("neg_elbo", justify="right", no_wrap=True)
-    table.add_column("nll_iw", justify="right", no_wrap=True)
-    table.add_column("preset", no_wrap=True)
+    table.add_column("version", justify="right", overflow="fold")
+    table.add_column("aliases", min_width=9, overflow="fold")
+    table.add_column("created", min_width=10, overflow="fold")
+    table.add_column("neg_elbo", justify="right", overflow="fold")
+    table.add_column("nll_iw", justify="right", overflow="fold")
+    table.add_column("preset", overflow="fold")
     table.add_column("run id", min_width=8, overflow="fold")  # 32 hex digits
     for row in rows:
         created = datetime.fromtimestamp(row.created_ms / 1000).strftime("%Y-%m-%d %H:%M")
@@ -60,7 +61,7 @@ def models(params: ParamsOption = Path("params.yaml")) -> None:
             row.tags.get("preset", ""),
             row.run_id,
         )
-    Console().print(table)
+    print_tables([table])
 
 
 def promote(

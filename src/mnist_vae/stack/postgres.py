@@ -137,7 +137,8 @@ class Postgres(Server):
         closes sessions cleanly; ``immediate`` aborts, like a crash (recovery at the next start).
 
         Raises:
-            StackError: ``pg_ctl`` failed; the postmaster's group was SIGKILLed all the same.
+            StackError: ``pg_ctl`` failed; the postmaster's group was stopped all the same, by
+                SIGTERM, then SIGKILL for what was left after the grace period.
         """
         self.halt(mode)
 

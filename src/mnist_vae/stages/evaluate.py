@@ -1,6 +1,7 @@
 """Stage ``evaluate``: measures the trained model on the test set, logs it all and registers it.
 
-Reads ``models/model.pt`` and the MLflow run that ``train`` recorded in ``models/run.json``; writes
+Reads ``models/model.pt`` and continues the MLflow run that trained it (the run tagged with the
+weights' MD5; ``models/run.json`` names it when the train stage ran here); writes
 ``metrics.json`` and ``reports/figures/*.png``, logs both into that run, and registers a new version of
 the model (the promotion gate then decides whether it becomes ``champion``).
 """
@@ -12,6 +13,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnist_vae import registry, runner, tracking
 from mnist_vae.atomic import atomic_write
@@ -22,11 +24,15 @@ from mnist_vae.evaluate import Evaluation, evaluate_model, select, write_figures
 from mnist_vae.model import load_model
 from mnist_vae.paths import DEFAULT_PATHS, Paths, project_root
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 log = logging.getLogger(__name__)
 
 
 class RunRecordError(UserError):
-    """``models/run.json`` is missing or is not what the train stage writes."""
+    """No MLflow run trained ``models/model.pt``, or ``models/run.json`` is not what the train
+    stage writes."""
 
 
 def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
@@ -39,7 +45,7 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
 
     root = project_root()
     tracking.configure(root)
-    run_id = read_run_id(paths.run)
+    run_id = training_run(paths)
     data = load_mnist(paths.data)
     model = load_model(paths.model)
     images, labels = select(data.x_test, data.y_test, params.evaluate.limit)
@@ -94,6 +100,55 @@ def _gate_data(data: MnistData, params: Params) -> registry.GateData:
         data.y_train[-10_000:],
         "the last 10000 training images (train.validation is 0)",
     )
+
+
+def training_run(paths: Paths) -> str:
+    """The id of the MLflow run that trained ``paths.model``, in the configured store.
+
+    That is the run ``models/run.json`` names when its weights' MD5 tag matches the file (the train
+    stage ran in this folder); otherwise the newest run tagged with that MD5, in any experiment:
+    a run-cache hit, a `dvc pull` or another DVC experiment's training brought the weights.
+
+    Raises:
+        RunRecordError: No run in the store trained these weights.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    if not paths.model.is_file():
+        raise RunRecordError(f"{paths.model}: missing; run the train stage first (dvc repro train)")
+    md5 = tracking.file_md5(paths.model)
+    client = MlflowClient()
+    with tracking.server_errors("find the run that trained the model"):
+        if paths.run.is_file():
+            run_id = read_run_id(paths.run)
+            if _tags(client, run_id).get(tracking.MODEL_MD5_TAG) == md5:
+                return run_id
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(
+            experiments,
+            filter_string=f"tags.`{tracking.MODEL_MD5_TAG}` = '{md5}'",
+            order_by=["attribute.start_time DESC"],
+            max_results=1,
+        )
+    if not runs:
+        raise RunRecordError(
+            f"no MLflow run in {tracking.redacted(mlflow.get_tracking_uri())} trained {paths.model} "
+            f"(MD5 {md5}); train it here (dvc repro --force train)"
+        )
+    return runs[0].info.run_id
+
+
+def _tags(client: MlflowClient, run_id: str) -> dict[str, str]:
+    """The run's tags; none for a run this store does not hold (run.json from another store)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).data.tags
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
 
 
 def read_run_id(path: Path) -> str:

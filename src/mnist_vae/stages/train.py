@@ -1,9 +1,13 @@
 """Stage ``train``: trains the VAE on ``data/mnist.npz``, logging to MLflow.
 
-Writes ``models/model.pt``, ``models/run.json`` (the MLflow run that ``evaluate`` continues) and
-``reports/train_history.csv``. At the end of every epoch it saves a checkpoint (model, optimiser, RNG
-states, history, run id); a run killed part way resumes from it, in the same MLflow run, and ends
-with the metrics of an uninterrupted run. Ctrl-C or SIGTERM keep the checkpoint and end the MLflow
+Writes ``models/model.pt`` and ``reports/train_history.csv`` (DVC's outputs: both the same for the
+same weights, so a fresh clone that trains the same weights leaves ``dvc.lock`` unchanged) and
+``models/run.json`` (the MLflow run id, for people and scripts; no DVC output, since it differs on
+every run). The run is tagged with the weights' MD5, by which ``evaluate`` finds it.
+
+At the end of every epoch it saves a checkpoint (model, optimiser, RNG states, history, run id); a
+run killed part way resumes from it, in the same MLflow run, and ends with the metrics of an
+uninterrupted run. Ctrl-C, or a SIGTERM during the epochs, keeps the checkpoint and ends the MLflow
 run as KILLED; a NaN loss ends it as FAILED.
 """
 
@@ -110,6 +114,7 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
         save_model(trainer.model, paths.model)
         atomic_write(paths.history, _history_csv(history))
         with tracking.artifact_errors():
+            mlflow.set_tag(tracking.MODEL_MD5_TAG, tracking.file_md5(paths.model))
             mlflow.log_artifact(str(paths.history))
         atomic_write(
             paths.run,
@@ -220,9 +225,15 @@ def _signals_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+# What changes from run to run with the same weights (speed, the threads a share of the cores gave):
+# in MLflow's metrics, not in the DVC output, whose hash must follow the weights alone.
+_TIMINGS = ("samples_per_sec", "seconds", "threads")
+
+
 def _history_csv(history: list[EpochStats]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(asdict(history[0])), lineterminator="\n")
+    columns = [k for k in asdict(history[0]) if k not in _TIMINGS]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for stats in history:
         writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(stats).items()})

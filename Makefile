@@ -6,7 +6,13 @@ BIN := $(abspath $(VENV))/bin
 # Stage commands in dvc.yaml say `python`: the venv's, whatever the caller's PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-fast lint docs docs-build clean
+# Each test tier prints its wall time at its end, and appends it to $(TIMES) when that is set
+# (.ci/run sums them up). pytest's --durations lists each tier's slowest tests.
+TIMES ?= /dev/null
+timed = start=$$(date +%s); $(2) || exit $$?; \
+	echo "tier $(1): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES)
+
+.PHONY: install repro test test-fast test-e2e lint docs docs-build clean
 
 install: $(VENV)/.installed
 
@@ -20,11 +26,15 @@ $(VENV)/.installed: pyproject.toml
 repro: install  ## the whole pipeline: download, train, evaluate
 	dvc repro
 
-test: install  ## the whole test suite, end-to-end runs included
-	pytest
+test: test-fast test-e2e  ## the whole test suite: the unit tier, then the end-to-end tier (what CI runs)
 
-test-fast: install  ## unit tests only (tests/unit: no real processes, under 30 s on 2 cores)
-	pytest tests/unit
+test-fast: install  ## unit tests only (tests/unit: tiny models, no real process; under 30 s on 2 cores)
+	@$(call timed,unit,pytest tests/unit --durations=25)
+
+# Two workers: much of an end-to-end test is waiting for a server or a child process. A module's
+# tests stay on one worker (its fixtures are made once), and the modules of the team's stack share one.
+test-e2e: install  ## the end-to-end tier (tests/e2e: real processes, servers and `dvc repro`)
+	@$(call timed,e2e,pytest tests/e2e -n 2 --dist loadgroup --durations=25)
 
 lint: install  ## what CI and the pre-commit hooks check: ruff's lint rules and format, mypy on src/
 	ruff check src tests pipeline

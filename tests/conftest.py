@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import gzip
 import hashlib
 import os
@@ -29,6 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # The offline MNIST copy present on every machine of this project, CI included.
 SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
 VENV_BIN = Path(sys.executable).parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker's torch takes one thread: two workers with torch's default
+    (every core each) would oversubscribe two cores and run slower than one."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def _tiny_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -264,9 +274,14 @@ def _make_project(root: Path, n_train: int = 2000, validation: int = 100) -> dic
     return _project_env(root)
 
 
-def _copy_repo(root: Path, changes: dict[str, dict[str, Any]]) -> Path:
+def _copy_repo(root: Path, changes: dict[str, dict[str, Any]], data: Path | None = None) -> Path:
     """The files this checkout tracks or would track (code, params, dvc.yaml and dvc.lock; no
-    outputs) copied into ``root``, with some params changed: a fresh clone of the working tree."""
+    outputs) copied into ``root``, with some params changed: a fresh clone of the working tree.
+
+    With ``data`` (the real ``mnist.npz`` that the download stage wrote), the file is linked into
+    the copy's workspace and DVC cache: `dvc repro` then finds the download stage up to date, as
+    after `dvc pull`, instead of parsing and compressing MNIST once more.
+    """
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -275,13 +290,76 @@ def _copy_repo(root: Path, changes: dict[str, dict[str, Any]]) -> Path:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, root / name)
     _write_params(root / "params.yaml", changes)
+    if data is not None:
+        _link_mnist(root, data)
     return root
 
 
+def _link_mnist(root: Path, data: Path) -> Path:
+    """Links ``data`` (the download stage's output) into the project's workspace and DVC cache,
+    where `dvc pull` would put it; returns the workspace file."""
+    md5 = _file_md5(data)
+    workspace = root / "data" / "mnist.npz"
+    for target in (workspace, root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.link(data, target)
+    return workspace
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 @pytest.fixture(scope="session")
-def copy_repo() -> Callable[[Path, dict[str, dict[str, Any]]], Path]:
-    """``copy_repo(root, {"train": {"epochs": 2}})``: the repo's files in ``root``, params changed."""
-    return _copy_repo
+def link_mnist(real_mnist: Path) -> Callable[[Path], Path]:
+    """``link_mnist(root)``: the real data/mnist.npz in the project ``root``, as after `dvc pull`."""
+    return functools.partial(_link_mnist, data=real_mnist)
+
+
+@pytest.fixture(scope="session")
+def copy_repo(real_mnist: Path) -> Callable[..., Path]:
+    """``copy_repo(root, {"train": {"epochs": 2}})``: the repo's files in ``root``, params changed,
+    and the real ``data/mnist.npz`` in place (``data=None`` leaves it out)."""
+    return functools.partial(_copy_repo, data=real_mnist)
+
+
+def _session_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This test run's base folder, the same for every pytest-xdist worker of the run."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def real_mnist(tmp_path_factory: pytest.TempPathFactory, shared_mnist: Path) -> Path:
+    """The real MNIST as the download stage writes it (``pipeline/download.py``, a real process,
+    from the offline mirror), made once per test run: every project that `dvc repro`s gets this
+    file instead of parsing and compressing 70,000 images again. Workers of pytest-xdist share it
+    through a file lock, as xdist's documentation shows."""
+    from filelock import FileLock
+
+    folder = _session_folder(tmp_path_factory) / "real-mnist"
+    folder.mkdir(exist_ok=True)
+    out = folder / "data" / "mnist.npz"
+    with FileLock(folder / ".lock"):
+        if not out.is_file():
+            shutil.copytree(ROOT / "pipeline", folder / "pipeline", dirs_exist_ok=True)
+            shutil.copy2(ROOT / "params.yaml", folder / "params.yaml")
+            env = {**_project_env(folder), "MNIST_MIRRORS": str(shared_mnist)}
+            result = subprocess.run(
+                [sys.executable, "pipeline/download.py"],
+                cwd=folder,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -25,3 +25,15 @@ def team_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     left = sorted(group for group in stack.process_groups if procs.group_alive(group))
     assert not left, f"process groups of the stack still alive after stop: {left}"
     assert private is not None and not private.exists(), f"{private} was not removed"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n 2 --dist loadgroup`` (``make test-e2e``): the tests of one module run
+    on one worker, so that its module fixtures are made once; every module that uses the session's
+    team stack runs on the same worker, so that the stack is started once."""
+    e2e = [item for item in items if "e2e" in item.path.parts]
+    on_stack = {item.module.__name__ for item in e2e if "team_stack" in item.fixturenames}
+    for item in e2e:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.module.__name__
+            item.add_marker(pytest.mark.xdist_group("team-stack" if module in on_stack else module))

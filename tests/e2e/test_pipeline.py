@@ -208,26 +208,6 @@ def test_changing_an_evaluation_knob_does_not_retrain(
     assert {str(v.version) for v in client.search_model_versions("name='mnist-vae'")} == {"1", "2"}
 
 
-def test_dvc_push_then_fresh_clone_pulls_without_retraining(
-    project: tuple[Path, dict[str, str]], tmp_path: Path
-) -> None:
-    """`dvc push` to a remote; a fresh clone + `dvc pull` has data and model, `dvc status` clean."""
-    root, env = project
-    remote = tmp_path / "remote"
-    _run(["dvc", "remote", "add", "-d", "shared", str(remote)], root, env)
-    _run(["dvc", "push"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], root, env)
-    clone = tmp_path / "clone"
-    _run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
-    assert not (clone / "models" / "model.pt").exists()
-    _run(["dvc", "pull"], clone, env)
-    assert (clone / "models" / "model.pt").read_bytes() == (root / "models" / "model.pt").read_bytes()
-    assert (clone / "data" / "mnist.npz").is_file()
-    status = _run(["dvc", "status"], clone, env).stdout
-    assert "Data and pipelines are up to date" in status
-
-
 def test_mlproject_train_entry_point(project: tuple[Path, dict[str, str]]) -> None:
     """`mlflow run . -e train --env-manager local -P epochs=1` trains into the project's store."""
     root, env = project

@@ -15,6 +15,8 @@ from mnist_vae.stack import Stack
 pytestmark = pytest.mark.slow
 
 PASSWORD = "Sup3r-s3cret-pw"
+# A client gives up on a dead server after one retry: what is printed is the same, minutes sooner.
+FAST_FAILING = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def _dead_server(stack: Stack) -> str:
@@ -36,7 +38,7 @@ def test_no_password_in_output_or_files(
     root = tmp_path / "project"
     env = make_project(root, n_train=200, validation=50)
     uri = server(team_stack)
-    env = {**env, "MLFLOW_TRACKING_URI": uri}
+    env = {**env, **FAST_FAILING, "MLFLOW_TRACKING_URI": uri}
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(name, None)
     commands = {

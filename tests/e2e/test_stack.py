@@ -304,44 +304,6 @@ def test_serve_forever_prints_exports_and_stops_everything_on_sigterm(tmp_path: 
     assert auth[1] not in stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["sigkill", "sighup"])
-def test_stack_cli_killed_or_hung_up_leaves_no_process(
-    tmp_path: Path, venv_bin: Path, sig: signal.Signals
-) -> None:
-    """`mnist-vae stack` SIGKILLed (no cleanup of its own can run) or losing its terminal: a few
-    seconds later none of the processes it started is alive, and its temporary folder is gone."""
-    process = subprocess.Popen(
-        [str(venv_bin / "mnist-vae"), "stack", "--workdir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        line = ""
-        while not line.startswith("export AWS_DEFAULT_REGION"):
-            line = process.stdout.readline()
-            assert line, f"mnist-vae stack ended early: {process.stderr.read()}"
-        children = _descendants(process.pid)
-        commands = {pid: _cmdline(pid) for pid in children}
-        assert any("postgres" in c for c in commands.values()), commands
-        assert any("moto.server" in c for c in commands.values()), commands
-        assert any("mlflow" in c and "server" in c for c in commands.values()), commands
-        assert any("mnist_vae.procs" in c for c in commands.values()), commands  # the watchdog
-        data = next(c.split(" -D ")[1].split()[0] for c in commands.values() if " -D " in c)
-        os.kill(process.pid, sig)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    deadline = time.monotonic() + 40
-    while (left := [pid for pid in children if _live(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, {pid: commands[pid] for pid in left}
-    assert not Path(data).parent.exists(), f"{Path(data).parent} was left behind"
-
-
 def test_stop_stops_every_part_when_one_fails(tmp_path: Path) -> None:
     stack = Stack(tmp_path / "stack")
     stack.start()

@@ -289,11 +289,6 @@ def test_tracking_server_killed_mid_training_loses_no_metric(team) -> None:
     assert team.client().get_run(run_id).info.status == "FINISHED"
 
 
-def test_postgres_restarted_while_the_server_runs(team) -> None:
-    team.stack.part("postgres").restart()
-    assert "champion" in team.run(["mnist-vae", "models"], "alice").stdout
-
-
 def test_s3_down_when_the_model_is_logged(team) -> None:
     client = team.client()
     versions = len(client.search_model_versions("name='mnist-vae'"))

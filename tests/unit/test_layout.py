@@ -1,11 +1,10 @@
 """The shape of the package: each DVC stage depends on exactly the code it imports, and no module
-needs another to be imported first (no import cycles)."""
+needs another to be imported first (no import cycles; that each imports alone in a fresh interpreter
+is tests/e2e/test_imports.py)."""
 
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -94,31 +93,6 @@ MODULES = sorted(
     ".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
     for p in PACKAGE.rglob("*.py")
 )
-
-
-_IMPORT_EACH_ALONE = """
-import importlib, sys, traceback
-failed = []
-for module in sys.argv[1:]:
-    for name in [n for n in sys.modules if n == "mnist_vae" or n.startswith("mnist_vae.")]:
-        del sys.modules[name]
-    try:
-        importlib.import_module(module)
-    except Exception:
-        failed.append(module + ": " + traceback.format_exc(limit=-3))
-print("\\n".join(failed))
-sys.exit(1 if failed else 0)
-"""
-
-
-def test_each_module_imports_alone() -> None:
-    """Importing any one module first works: no import cycle is hidden by the order in which other
-    modules happen to be imported. One interpreter, the project's modules forgotten between imports
-    (a cycle is among them; torch and mlflow stay loaded, which keeps this fast)."""
-    result = subprocess.run(
-        [sys.executable, "-c", _IMPORT_EACH_ALONE, *MODULES], capture_output=True, text=True, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_no_import_cycles_even_through_imports_inside_functions() -> None:

@@ -165,12 +165,12 @@ def _write_best(uri: str, run_id: str, start) -> None:
     record_best(run_id, {f"best.key{i}": str(i) for i in range(8)}, 91.5)
 
 
-def test_processes_finishing_a_shared_study_at_once_both_write_the_summary(tmp_path: Path) -> None:
+def test_processes_finishing_a_shared_study_at_once_both_write_the_summary(mlflow_store: str) -> None:
     # Tag by tag, two writers both found best.trial missing and both inserted it (a UNIQUE error
     # that failed one `mnist-vae tune` of a shared study about one time in two).
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("race")
     for _ in range(3):
@@ -202,13 +202,15 @@ def _join_study(tmp_path: Path, ids, start) -> None:
     ids.put(_parent_run(study, storage, settings, "tune", tmp_path))
 
 
-def test_processes_starting_a_new_study_at_once_share_one_parent_run(tmp_path: Path) -> None:
+def test_processes_starting_a_new_study_at_once_share_one_parent_run(
+    tmp_path: Path, mlflow_store: str
+) -> None:
     import multiprocessing
 
     import mlflow
 
     (tmp_path / "space.yaml").write_text("train.lr: {kind: float, low: 0.001, high: 0.01}\n")
-    mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # the tables
+    assert mlflow_store == f"sqlite:///{tmp_path / 'mlflow.db'}"  # the tables, made once per session
     ids = multiprocessing.get_context("fork").Queue()
     _at_once(_join_study, tmp_path, ids)
     first, second = ids.get(timeout=1), ids.get(timeout=1)

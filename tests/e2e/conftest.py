@@ -27,13 +27,25 @@ def team_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert private is not None and not private.exists(), f"{private} was not removed"
 
 
+# The modules that take longest, first: pytest-xdist hands out whole modules in collection order, and
+# a long one started last would leave the other worker idle at the end. (`make test-e2e` prints
+# the slowest tests; this order follows them.)
+HEAVY_FIRST = ("test_team", "test_gate", "test_experiments", "test_pipeline", "test_stack", "test_secrets")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Groups for ``pytest -n 2 --dist loadgroup`` (``make test-e2e``): the tests of one module run
-    on one worker, so that its module fixtures are made once; every module that uses the session's
-    team stack runs on the same worker, so that the stack is started once."""
+    on one worker, in order, so that its module fixtures are made once; the heaviest modules are
+    handed out first. A worker starts the session's team stack when one of its modules needs it."""
     e2e = [item for item in items if "e2e" in item.path.parts]
-    on_stack = {item.module.__name__ for item in e2e if "team_stack" in item.fixturenames}
     for item in e2e:
         if item.get_closest_marker("xdist_group") is None:
-            module = item.module.__name__
-            item.add_marker(pytest.mark.xdist_group("team-stack" if module in on_stack else module))
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+    def weight(item: pytest.Item) -> int:
+        name = item.path.stem
+        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    in_e2e = {id(item) for item in e2e}
+    rest = [item for item in items if id(item) not in in_e2e]
+    items[:] = rest + sorted(e2e, key=weight)  # a stable sort: each module keeps its own order

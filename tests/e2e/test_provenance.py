@@ -30,10 +30,11 @@ def test_a_fresh_clone_registers_its_commit_and_edited_code_is_dirty(
     tmp_path: Path,
     copy_repo,
     link_mnist,
+    shared_mnist: Path,
     venv_bin: Path,
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "MNIST_MIRRORS"))}
-    env.update({"PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update({"MNIST_MIRRORS": str(shared_mnist), "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"})
     origin = copy_repo(tmp_path / "origin", TINY)
     _run(["git", "init", "-q"], origin, env)
     _run(["git", "add", "-A"], origin, env)

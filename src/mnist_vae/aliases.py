@@ -1,21 +1,34 @@
 """Moving the ``champion`` alias by hand: listing versions, promoting one, rolling back.
 
 The automatic promotion gate lives in :mod:`mnist_vae.registry`; these are the manual overrides an
-operator needs when the gate's choice is wrong. Each promotion remembers the champion it replaced in
-the registered-model tag ``previous_champion``, so one :func:`rollback` undoes it.
+operator needs when the gate's choice is wrong. Every move of ``champion``, by the gate or by hand,
+goes through :func:`mnist_vae.registry.move_champion`, which remembers the champion it replaced in
+the registered-model tag ``previous_champion`` and who moved it when: one :func:`rollback` undoes
+the last move, whoever made it.
 """
 
 from __future__ import annotations
 
+import getpass
+import os
 from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mnist_vae.errors import UserError
-from mnist_vae.registry import CHAMPION, PENDING, REGISTRATION_TAG, ModelNotFoundError
+from mnist_vae.registry import (
+    CHAMPION,
+    MOVED_AT_TAG,
+    MOVED_BY_TAG,
+    PENDING,
+    PREVIOUS_TAG,
+    REGISTRATION_TAG,
+    ModelNotFoundError,
+    champion_version,
+    move_champion,
+)
 
-PREVIOUS_TAG = "previous_champion"
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 
 
@@ -79,13 +92,7 @@ def promote(client: MlflowClient, name: str, version: str) -> str | None:
     previous = champion(client, name)
     if previous == version:
         return previous
-    if previous is None:
-        # A tag left from before the alias vanished would send a later rollback somewhere stale.
-        if PREVIOUS_TAG in (_registered(client, name).tags or {}):
-            client.delete_registered_model_tag(name, PREVIOUS_TAG)
-    else:
-        client.set_registered_model_tag(name, PREVIOUS_TAG, previous)
-    client.set_registered_model_alias(name, CHAMPION, version)
+    move_champion(client, name, version, previous, _person())
     return previous
 
 
@@ -106,12 +113,36 @@ def rollback(client: MlflowClient, name: str) -> str:
     if not previous:
         raise NothingToRollBackError(
             f"registered model {name!r} has no previous champion recorded; nothing to roll back to "
-            f"(promote a version first: mnist-vae promote VERSION)"
+            f"(champion was never moved from one version to another, by the gate or by hand)"
         )
     _check_version(client, name, previous)
-    client.set_registered_model_alias(name, CHAMPION, previous)
-    client.delete_registered_model_tag(name, PREVIOUS_TAG)
+    move_champion(client, name, previous, None, f"rollback by {_person()}")
     return previous
+
+
+@dataclass(frozen=True)
+class ChampionMove:
+    """The last move of ``champion``: by whom (the gate, a person, a rollback), when, from where."""
+
+    version: str
+    by: str
+    at: str
+    previous: str | None
+
+
+def last_move(client: MlflowClient, name: str) -> ChampionMove | None:
+    """How ``champion`` got where it is, or None when there is no champion (or no record of its
+    move: versions promoted before moves were recorded)."""
+    version = champion_version(client, name)
+    tags = _registered(client, name).tags or {}
+    if version is None or MOVED_BY_TAG not in tags:
+        return None
+    return ChampionMove(version, tags[MOVED_BY_TAG], tags.get(MOVED_AT_TAG, ""), tags.get(PREVIOUS_TAG))
+
+
+def _person() -> str:
+    """Who moves the alias by hand: the tracking server's user, else the account."""
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
 
 
 def champion(client: MlflowClient, name: str) -> str | None:

@@ -42,6 +42,11 @@ PENDING, COMPLETE = "pending", "complete"
 # another pipeline that read the same champion and wrote just after is then seen and compared.
 SETTLE_SECONDS = 2.0
 MAX_ROUNDS = 8
+# Registered-model tags that every move of `champion` writes, by the gate or by a person: the
+# version it replaced (what `mnist-vae rollback` returns to) and who moved it, when.
+PREVIOUS_TAG = "previous_champion"
+MOVED_BY_TAG, MOVED_AT_TAG = "champion_moved_by", "champion_moved_at"
+GATE = "promotion gate"
 _ALREADY_EXISTS = {"RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"}
 
 
@@ -248,6 +253,22 @@ def champion_version(client: MlflowClient, name: str) -> str | None:
         raise
 
 
+def move_champion(client: MlflowClient, name: str, version: str, previous: str | None, by: str) -> None:
+    """Points ``champion`` at ``version`` and records the move: the version it replaced (``None``:
+    there was none), who moved it (``by``: the gate or a person) and when, as tags of the
+    registered model. The record is written first, so a failure never leaves a moved alias that
+    `mnist-vae rollback` knows nothing about."""
+    if previous is None:
+        # A record left from before the alias vanished would send a later rollback somewhere stale.
+        if PREVIOUS_TAG in (client.get_registered_model(name).tags or {}):
+            client.delete_registered_model_tag(name, PREVIOUS_TAG)
+    else:
+        client.set_registered_model_tag(name, PREVIOUS_TAG, previous)
+    client.set_registered_model_tag(name, MOVED_BY_TAG, by)
+    client.set_registered_model_tag(name, MOVED_AT_TAG, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    client.set_registered_model_alias(name, CHAMPION, version)
+
+
 def promotion_gate(
     client: MlflowClient,
     name: str,
@@ -314,7 +335,7 @@ def promotion_gate(
                     mine,
                     measured[current],
                 )
-            client.set_registered_model_alias(name, CHAMPION, version)
+            move_champion(client, name, version, current, GATE)
             wrote, replaced = True, current
             if settle:
                 time.sleep(settle)

@@ -36,10 +36,14 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
 
 
 class Compiled:
-    """``torch.compile`` of the loss (CUDA graphs on a GPU), falling back to eager with one warning."""
+    """``torch.compile`` of the loss (CUDA graphs on a GPU), falling back to eager with one warning
+    when compiling fails: at construction, or on the first call, where dynamo traces and inductor
+    compiles. Only torch's compiler errors fall back; any other error (out of memory, a bug in the
+    model, an error on a later step) propagates, so training never changes path silently mid-run."""
 
     def __init__(self, fn: Callable, device: torch.device) -> None:
         self.fn = fn
+        self.first_call = True
         mode = "reduce-overhead" if device.type == "cuda" else "default"
         try:
             self.compiled: Callable | None = torch.compile(fn, mode=mode, dynamic=False)
@@ -48,10 +52,18 @@ class Compiled:
             self.compiled = None
 
     def __call__(self, *args: Any) -> Any:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as exc:  # compilation happens on the first call
-                log.warning("torch.compile failed (%s); training without it", first_line(exc))
-                self.compiled = None
-        return self.fn(*args)
+        if self.compiled is None:
+            return self.fn(*args)
+        if not self.first_call:
+            return self.compiled(*args)
+        from torch._dynamo.exc import TorchDynamoException  # inductor's errors derive from it
+
+        try:
+            out = self.compiled(*args)
+        except TorchDynamoException as exc:
+            # A bug in the model itself fails the same way in eager mode below, with its traceback.
+            log.warning("torch.compile failed (%s); training without it", first_line(exc))
+            self.compiled = None
+            return self.fn(*args)
+        self.first_call = False
+        return out

@@ -80,6 +80,7 @@ class TuneResult:
     dvc_args: str
     trials: int
     pruned: int
+    failed: int = 0
 
 
 def _storage(url: str) -> BaseStorage:
@@ -251,7 +252,11 @@ def _worker(settings: TuneSettings, parent_id: str) -> None:
     data = load_mnist(settings.data)
     while True:
         with _trial_lock(url, storage, settings.study):
-            if len(study.get_trials(deepcopy=False)) >= settings.trials:
+            # Trials queued with `study.enqueue_trial` wait to be asked for: not yet run, not counted.
+            started = [
+                t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING
+            ]
+            if len(started) >= settings.trials:
                 return
             trial = study.ask()
         if trial.number >= settings.trials:
@@ -265,7 +270,34 @@ def _worker(settings: TuneSettings, parent_id: str) -> None:
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
+        except TrialFailedError as failed:
+            # Divergence, a sampled combination the params refuse, memory: this trial's end, not
+            # the search's. It counts toward --trials, as Optuna counts FAIL.
+            _tell_failed(study, trial, str(failed))
+            log.warning("trial %d failed: %s", trial.number, failed)
+            continue
+        except BaseException as exc:
+            # A bug of this project (or Ctrl-C): the trial is not left RUNNING, the search stops
+            # with the traceback.
+            _tell_failed(study, trial, first_line(exc))
+            raise
         study.tell(trial, value)
+
+
+class TrialFailedError(Exception):
+    """A trial ended by its own params or data (not a bug): the search goes on without it."""
+
+
+# What ends a trial and not the search: a user error (divergence, params a sampled combination
+# makes invalid), or the machine's memory.
+_TRIAL_FAILURES: tuple[type[BaseException], ...] = (UserError, MemoryError)
+
+
+def _tell_failed(study: Study, trial: Trial, reason: str) -> None:
+    import optuna
+
+    trial.set_user_attr("fail_reason", reason)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
 def _trial_params(settings: TuneSettings, overrides: list[str]) -> Params:
@@ -288,21 +320,17 @@ def _run_trial(
     data: MnistData,
     parent_id: str,
 ) -> float:
-    """Trains one trial in an MLflow child run; returns its last validation negative ELBO."""
-    import math
+    """Trains one trial in an MLflow child run; returns its last validation negative ELBO.
 
+    Raises:
+        TrialFailedError: The trial's params or data ended it (the run is FAILED, its reason in the
+            tag ``tune.fail_reason``).
+        optuna.TrialPruned: The pruner stopped it.
+    """
     import mlflow
     import optuna
 
-    from mnist_vae.model import build_model
-    from mnist_vae.train import Trainer
-
     overrides = space.overrides(values)
-    params = _trial_params(settings, overrides)
-    x_train, _, x_val, _ = data.split(params.train.validation)
-    trainer = Trainer(
-        build_model(params.model, seed=params.train.seed), x_train, params.train, validation=x_val
-    )
     experiment = mlflow.get_run(parent_id).info.experiment_id
     with mlflow.start_run(
         experiment_id=experiment,
@@ -314,33 +342,59 @@ def _run_trial(
             "tune.overrides": " ".join(overrides),
         },
     ) as run:
-        mlflow.log_params(
-            {k: yaml_text(v) for k, v in params.flat().items() if not k.startswith(("evaluate.", "data."))}
-        )
-        value = math.inf
-        for stats in trainer.epochs(progress=False):
-            mlflow.log_metrics(stats.metrics(), step=stats.epoch)
-            assert stats.val_neg_elbo is not None, "a trial's params have a validation split"
-            value = stats.val_neg_elbo
-            if not math.isfinite(value):
-                break
-            trial.report(value, stats.epoch)
-            if trial.should_prune():
-                mlflow.set_tag("tune.state", "PRUNED")
-                mlflow.end_run("KILLED")
-                log.info(
-                    "trial %d pruned after epoch %d (val neg. ELBO %.2f)", trial.number, stats.epoch, value
-                )
-                raise optuna.TrialPruned()
-        mlflow.set_tag("tune.state", "COMPLETE")
-        mlflow.log_metric("val_neg_elbo_final", value)
-        log.info(
-            "trial %d: val neg. ELBO %.2f with %s (run %s)",
-            trial.number,
-            value,
-            " ".join(overrides),
-            run.info.run_id,
-        )
+        try:
+            return _train_trial(trial, overrides, settings, data, run.info.run_id)
+        except optuna.TrialPruned:
+            raise
+        except _TRIAL_FAILURES as exc:
+            reason = first_line(exc)
+            mlflow.set_tags({"tune.state": "FAIL", "tune.fail_reason": reason})
+            mlflow.end_run("FAILED")
+            raise TrialFailedError(reason) from exc
+        except BaseException as exc:  # a bug: recorded on the run, then raised with its traceback
+            mlflow.set_tags({"tune.state": "FAIL", "tune.fail_reason": first_line(exc)})
+            raise
+
+
+def _train_trial(
+    trial: Trial, overrides: list[str], settings: TuneSettings, data: MnistData, run_id: str
+) -> float:
+    """Trains one trial inside its active MLflow child run; returns its last validation negative
+    ELBO (raises ``optuna.TrialPruned`` when the pruner stops it)."""
+    import math
+
+    import mlflow
+    import optuna
+
+    from mnist_vae.model import build_model
+    from mnist_vae.train import Trainer
+
+    params = _trial_params(settings, overrides)
+    x_train, _, x_val, _ = data.split(params.train.validation)
+    trainer = Trainer(
+        build_model(params.model, seed=params.train.seed), x_train, params.train, validation=x_val
+    )
+    mlflow.log_params(
+        {k: yaml_text(v) for k, v in params.flat().items() if not k.startswith(("evaluate.", "data."))}
+    )
+    value = math.inf
+    for stats in trainer.epochs(progress=False):
+        mlflow.log_metrics(stats.metrics(), step=stats.epoch)
+        assert stats.val_neg_elbo is not None, "a trial's params have a validation split"
+        value = stats.val_neg_elbo
+        if not math.isfinite(value):
+            break
+        trial.report(value, stats.epoch)
+        if trial.should_prune():
+            mlflow.set_tag("tune.state", "PRUNED")
+            mlflow.end_run("KILLED")
+            log.info("trial %d pruned after epoch %d (val neg. ELBO %.2f)", trial.number, stats.epoch, value)
+            raise optuna.TrialPruned()
+    mlflow.set_tag("tune.state", "COMPLETE")
+    mlflow.log_metric("val_neg_elbo_final", value)
+    log.info(
+        "trial %d: val neg. ELBO %.2f with %s (run %s)", trial.number, value, " ".join(overrides), run_id
+    )
     return value
 
 
@@ -387,4 +441,5 @@ def _finish(study: Study, space: SearchSpace, parent_id: str, settings: TuneSett
         dvc_args=dvc_args,
         trials=len(trials),
         pruned=sum(t.state == states.PRUNED for t in trials),
+        failed=sum(t.state == states.FAIL for t in trials),
     )

@@ -186,6 +186,8 @@ def test_models_lists_version_1_as_champion(project: Path) -> None:
     row = next(line for line in result.output.splitlines() if "champion" in line)
     assert row.split()[1] == "1", row  # the first cell after the table border
     assert "mlp" in row  # the preset tag
+    moved = next(line for line in result.output.splitlines() if line.startswith("champion: "))
+    assert moved.startswith("champion: version 1, moved by promotion gate at "), moved
 
 
 def test_promote_then_rollback(project: Path, client: MlflowClient) -> None:
@@ -195,6 +197,9 @@ def test_promote_then_rollback(project: Path, client: MlflowClient) -> None:
     assert "was version 1" in ok("promote", "2").output
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
     assert "already champion" in ok("promote", "2").output  # and the record of 1 survives
+
+    moved = next(line for line in ok("models").output.splitlines() if line.startswith("champion: "))
+    assert "version 2, moved by " in moved and "from version 1" in moved, moved
 
     ok("rollback")
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"

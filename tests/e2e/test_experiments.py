@@ -285,7 +285,7 @@ def test_tune_four_trials_two_jobs(tune_project) -> None:
     assert len(children) == 4
     pruned = [c for c in children if c.data.tags["tune.state"] == "PRUNED"]
     assert all(c.info.status == "KILLED" for c in pruned)
-    assert f"({len(pruned)} pruned)" in out
+    assert f"({len(pruned)} pruned, 0 failed)" in out
     complete = [c for c in children if c.data.tags["tune.state"] == "COMPLETE"]
     best = min(complete, key=lambda c: c.data.metrics["val_neg_elbo_final"])
     assert len(best.data.metrics) and "val_neg_elbo" in best.data.metrics

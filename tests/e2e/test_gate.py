@@ -9,6 +9,7 @@ order). Everything else is real: the stage processes, MLflow's client, the serve
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -132,6 +133,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, venv_bin: Path, http_server
         root / "server.log",
         ping="/health",
         timeout=600,
+        # The job runner (GenAI jobs) would start a dozen huey workers, each importing MLflow.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     ) as url:
         yield url
 

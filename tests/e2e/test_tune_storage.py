@@ -12,7 +12,10 @@ from mnist_vae.stack import Stack
 
 pytestmark = pytest.mark.slow
 
-SPACE = "fixed:\n  train.epochs: 2\nparams:\n  train.lr: {float: {low: 0.001, high: 0.01, log: true}}\n"
+SPACE = (
+    "fixed:\n  train.epochs: 2\n  train.schedule: constant\n"
+    "params:\n  train.lr: {float: {low: 0.001, high: 0.01, log: true}}\n"
+)
 
 
 def test_two_tune_processes_on_postgres_make_exactly_the_trials_asked(
@@ -24,6 +27,11 @@ def test_two_tune_processes_on_postgres_make_exactly_the_trials_asked(
     env = make_project(root, n_train=400, validation=100)
     (root / "search_space.yaml").write_text(SPACE)
     url = team_stack.create_database("optuna")
+    storage = url.replace("mlflow@", f"mlflow:{team_stack.database_password}@")
+    # The first trial is queued with a learning rate that makes training diverge: it fails, and
+    # the search goes on to the 4 trials asked.
+    queued = optuna.create_study(study_name="on-postgres", storage=storage, direction="minimize")
+    queued.enqueue_trial({"train.lr": 0.99})  # outside the space's range: Optuna warns, and uses it
     # The storage from the environment, its password in libpq's own variable: neither on the
     # command line.
     env = {**env, "MNIST_VAE_TUNE_STORAGE": url, "PGPASSWORD": team_stack.database_password}
@@ -44,9 +52,11 @@ def test_two_tune_processes_on_postgres_make_exactly_the_trials_asked(
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    storage = url.replace("mlflow@", f"mlflow:{team_stack.database_password}@")
     study = optuna.load_study(study_name="on-postgres", storage=storage)
     frame = study.trials_dataframe()
     assert sorted(frame["number"]) == [0, 1, 2, 3], frame
-    assert set(frame["state"]) <= {"COMPLETE", "PRUNED"}, frame[["number", "state"]]
+    states = dict(zip(frame["number"], frame["state"], strict=True))
+    assert states[0] == "FAIL", frame[["number", "state"]]
+    assert "loss became NaN or infinite" in study.trials[0].user_attrs["fail_reason"]
+    assert {states[n] for n in (1, 2, 3)} <= {"COMPLETE", "PRUNED"}, frame[["number", "state"]]
     assert not (root / ".tune").exists(), "the journal file was used instead of the database"

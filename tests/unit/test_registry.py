@@ -1,5 +1,6 @@
-"""The registry on an embedded store: incomplete registrations stay out of sight, the champion
-read tells a missing alias from a failure, and the gate's reason for failing hides passwords."""
+"""The registry on an embedded store: incomplete registrations stay out of sight, rollback undoes
+the gate's promotions, the champion read tells a missing alias from a failure, and the gate's
+reason for failing hides passwords."""
 
 from __future__ import annotations
 
@@ -47,3 +48,42 @@ def test_a_password_in_an_error_is_scrubbed() -> None:
     assert registry._scrub(text) == (
         "API request to https://alice@mlflow.example:5000/api failed; see http://h/x"
     )
+
+
+def test_rollback_undoes_a_promotion_by_the_gate(
+    client: MlflowClient, tiny_images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate moves champion from version 1 to 3 and records it as any promotion: `models` says
+    the gate moved it, and one rollback returns to version 1."""
+    from mnist_vae.config import EvaluateConfig, ModelConfig, TrainConfig
+    from mnist_vae.model import build_model
+    from mnist_vae.train import train_model
+
+    images, labels = tiny_images(128)
+    untrained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
+    trained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
+    train_model(trained, images, TrainConfig(device="cpu", epochs=3, batch_size=16, lr=3e-3), progress=False)
+    data = registry.GateData(images, labels, "the tiny images")
+    cfg = EvaluateConfig()
+    # Version 1's files are not a model here: the gate measures the champion as this untrained one.
+    monkeypatch.setattr(registry, "load_vae", lambda reference: untrained)
+
+    first = registry.promotion_gate(client, "m", "1", untrained, data, cfg, settle=0)
+    assert first.promoted and aliases.champion(client, "m") == "1"
+    move = aliases.last_move(client, "m")
+    assert move is not None and (move.version, move.by, move.previous) == ("1", registry.GATE, None)
+    with pytest.raises(aliases.NothingToRollBackError):
+        aliases.rollback(client, "m")  # the first champion replaced nothing
+
+    second = registry.promotion_gate(client, "m", "3", trained, data, cfg, settle=0)
+    assert second.promoted, second.reason
+    move = aliases.last_move(client, "m")
+    assert move is not None and (move.version, move.by, move.previous) == ("3", registry.GATE, "1")
+    assert move.at  # when, as an ISO time
+
+    assert aliases.rollback(client, "m") == "1"
+    assert aliases.champion(client, "m") == "1"
+    move = aliases.last_move(client, "m")
+    assert move is not None and move.by.startswith("rollback by ") and move.previous is None
+    with pytest.raises(aliases.NothingToRollBackError):
+        aliases.rollback(client, "m")  # consumed: no flip-flop

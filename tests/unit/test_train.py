@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
 from mnist_vae import train as train_module
 from mnist_vae.config import ConfigError, ModelConfig, TrainConfig
@@ -71,7 +72,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(
 ) -> None:
     def broken_compile(fn, **kwargs):
         def run(*args):
-            raise RuntimeError("inductor: no C++ compiler\nmore detail")
+            raise TorchDynamoException("inductor: no C++ compiler\nmore detail")
 
         return run
 
@@ -83,6 +84,48 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(
     warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert warnings == ["torch.compile failed (inductor: no C++ compiler); training without it"]
     assert compiled == eager
+
+
+@pytest.mark.parametrize("when", ["first call", "later call"])
+def test_an_error_that_is_not_compiling_propagates(when: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory, or a bug, is no reason to change path mid-run: it stops training."""
+    from mnist_vae.speed import Compiled
+
+    calls = []
+
+    def flaky_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(args)
+            if when == "first call" or len(calls) > 1:
+                raise torch.OutOfMemoryError("CPU out of memory")
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", flaky_compile)
+    step = Compiled(lambda x: x + 1, torch.device("cpu"))
+    if when == "later call":
+        assert step(1) == 2
+    with pytest.raises(torch.OutOfMemoryError):
+        step(1)
+    # A compiler error after the first step is an error too, not a reason to go eager.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: _raise_on_second(fn))
+    step = Compiled(lambda x: x + 1, torch.device("cpu"))
+    assert step(1) == 2
+    with pytest.raises(TorchDynamoException):
+        step(1)
+
+
+def _raise_on_second(fn):
+    calls = []
+
+    def run(*args):
+        calls.append(args)
+        if len(calls) > 1:
+            raise TorchDynamoException("recompiling failed")
+        return fn(*args)
+
+    return run
 
 
 def test_tf32_without_cuda_warns_and_trains_in_fp32(losses: Losses, caplog: pytest.LogCaptureFixture) -> None:

@@ -218,3 +218,100 @@ def test_processes_starting_a_new_study_at_once_share_one_parent_run(
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tune").experiment_id])
     assert [run.info.run_id for run in runs] == [first]
+
+
+# --- trials that fail ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def failing_study(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mlflow_store: str,
+    write_dataset: Callable[..., Path],
+    write_params: Callable[..., Path],
+):
+    """A tiny project and a journal study whose first trials are queued: one whose learning rate
+    makes training diverge, one whose validation split the data cannot hold, one that works."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from mnist_vae.tune import TuneSettings
+
+    monkeypatch.chdir(tmp_path)
+    data = write_dataset(tmp_path / "data" / "mnist.npz", 300)
+    changes = {
+        "model": {"preset": "mlp", "hidden": [16], "latent": 2},
+        "train": {"device": "cpu", "epochs": 2, "batch_size": 32, "threads": 1, "schedule": "constant"},
+    }
+    params = write_params(tmp_path / "params.yaml", changes)
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "params": {
+                    "train.lr": {"categorical": [0.003, 0.99]},
+                    "train.validation": {"categorical": [60, 50_000]},
+                }
+            }
+        )
+    )
+    journal = tmp_path / "study.journal"
+    study = optuna.create_study(
+        study_name="s", storage=JournalStorage(JournalFileBackend(str(journal))), direction="minimize"
+    )
+    # Categorical choices travel as their YAML text (see search_space).
+    for lr, validation in (("0.99", "60"), ("0.003", "50000"), ("0.003", "60")):
+        study.enqueue_trial({"train.lr": lr, "train.validation": validation})
+    settings = TuneSettings(
+        space_file=space, params_file=params, data=data, trials=3, storage=f"journal:{journal}", study="s"
+    )
+    return settings, study
+
+
+def test_failing_trials_are_told_fail_with_their_reason_and_the_search_goes_on(failing_study) -> None:
+    import mlflow
+    import optuna
+
+    from mnist_vae.tune import tune
+
+    settings, study = failing_study
+    result = tune(settings)
+    assert (result.trials, result.failed, result.pruned) == (3, 2, 0)
+    trials = study.get_trials()
+    states = optuna.trial.TrialState
+    assert [t.state for t in trials] == [states.FAIL, states.FAIL, states.COMPLETE]
+    assert "loss became NaN or infinite" in trials[0].user_attrs["fail_reason"]
+    assert "train.validation" in trials[1].user_attrs["fail_reason"]
+    assert result.best_params == {"train.lr": 0.003, "train.validation": 60}
+    children = {
+        run.data.tags["tune.trial"]: run
+        for run in mlflow.search_runs(search_all_experiments=True, output_format="list")
+        if "tune.trial" in run.data.tags
+    }
+    for number in ("0", "1"):
+        assert children[number].info.status == "FAILED"
+        assert children[number].data.tags["tune.state"] == "FAIL"
+        assert children[number].data.tags["tune.fail_reason"] == trials[int(number)].user_attrs["fail_reason"]
+    assert children["2"].data.tags["tune.state"] == "COMPLETE"
+
+
+def test_a_bug_stops_the_search_with_its_traceback_after_telling_the_trial(
+    failing_study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import optuna
+
+    from mnist_vae import tune as tune_module
+
+    settings, study = failing_study
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug in the project's code")
+
+    monkeypatch.setattr(tune_module, "_train_trial", bug)
+    with pytest.raises(KeyError, match="a bug in the project's code"):
+        tune_module.tune(settings)
+    trial, *queued = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL, "the trial was left RUNNING"
+    assert [t.state for t in queued] == [optuna.trial.TrialState.WAITING] * 2  # the search stopped
+    assert "a bug in the project's code" in trial.user_attrs["fail_reason"]

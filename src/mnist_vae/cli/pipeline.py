@@ -197,8 +197,8 @@ def tune(
     )
     result = run_search(settings)
     typer.echo(
-        f"study {study}: {result.trials} trials ({result.pruned} pruned), MLflow parent run "
-        f"{result.parent_run_id}"
+        f"study {study}: {result.trials} trials ({result.pruned} pruned, {result.failed} failed), "
+        f"MLflow parent run {result.parent_run_id}"
     )
     typer.echo(
         f"best validation neg. ELBO {result.best_value:.2f} with "

@@ -34,7 +34,8 @@ def _registered_model(params: Path, action: str) -> "Iterator[tuple[MlflowClient
 
 
 def models(params: ParamsOption = Path("params.yaml")) -> None:
-    """List the registered versions of mlflow.registered_model with aliases and test metrics.
+    """List the registered versions of mlflow.registered_model with aliases and test metrics, and
+    who moved champion last (the promotion gate, a person or a rollback), when, from which version.
 
     Example: mnist-vae models
     """
@@ -42,6 +43,7 @@ def models(params: ParamsOption = Path("params.yaml")) -> None:
 
     with _registered_model(params, "read model") as (client, name):
         rows = aliases.list_versions(client, name)
+        move = aliases.last_move(client, name)
     table = Table(title=f"registered model {name} (test metrics in nats/image)")
     table.add_column("version", justify="right", overflow="fold")
     table.add_column("aliases", min_width=9, overflow="fold")
@@ -62,6 +64,10 @@ def models(params: ParamsOption = Path("params.yaml")) -> None:
             row.run_id,
         )
     print_tables([table])
+    if move is not None:
+        was = f" from version {move.previous}" if move.previous else ""
+        back = f" (`mnist-vae rollback` returns to version {move.previous})" if move.previous else ""
+        Console().print(f"champion: version {move.version}, moved by {move.by} at {move.at}{was}{back}")
 
 
 def promote(
@@ -84,7 +90,8 @@ def promote(
 
 
 def rollback(params: ParamsOption = Path("params.yaml")) -> None:
-    """Move the champion alias back to the version it pointed at before the last promote.
+    """Move the champion alias back to the version it pointed at before its last move, whether the
+    promotion gate or a person moved it.
 
     Example: mnist-vae rollback
     """

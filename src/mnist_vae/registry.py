@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import sys
 import tempfile
@@ -210,7 +209,7 @@ def register(
         if isinstance(exc, MlflowException) and tracking.auth_error(exc, "") is None:
             raise RegistrationError(
                 f"registering version {version} of model {name!r} failed part way "
-                f"({_scrub(first_line(exc))}); {withdrawn}; run again when the server is back"
+                f"({tracking.redacted(first_line(exc))}); {withdrawn}; run again when the server is back"
             ) from None
         raise
     return version
@@ -225,7 +224,7 @@ def _withdraw(client: MlflowClient, name: str, version: str) -> str:
             "could not delete the incomplete version %s of %r (%s); it stays marked %s=%s",
             version,
             name,
-            _scrub(first_line(exc)),
+            tracking.redacted(first_line(exc)),
             REGISTRATION_TAG,
             PENDING,
         )
@@ -341,7 +340,7 @@ def promotion_gate(
                 time.sleep(settle)
         raise _GateRoundsExceeded(f"champion kept moving for {MAX_ROUNDS} rounds")
     except (MlflowException, requests.RequestException, UserError, _GateRoundsExceeded) as exc:
-        error = _scrub(first_line(exc))
+        error = tracking.redacted(first_line(exc))
         where = (
             f"champion may point at version {version} (written before the error)"
             if wrote
@@ -385,9 +384,3 @@ def load_vae(reference: str) -> VAE:
             f"model {reference!r} holds no {serving.WEIGHTS_FILE}; is it an mnist-vae model?"
         )
     return load_model(found[0])
-
-
-def _scrub(text: str) -> str:
-    """``text`` without the password of any ``scheme://user:password@host`` written in it."""
-    # Up to the last "@" before the path: a password may hold "@" itself.
-    return re.sub(r"(\w+://[^/\s:@]*):[^/\s]*@", r"\1@", text)

@@ -6,13 +6,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -244,17 +245,20 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def redacted(uri: str) -> str:
-    """``uri`` without a password, should one be written into it (``https://user:pw@host``).
+# scheme://user:PASSWORD@host, inside any text: the password runs to the last "@" that a host follows
+# (a name, an IPv4 or [IPv6] address, an optional port, then a path, a query, a space or the end), so
+# a password may hold "@", ":" and "/" (which a URL should percent-encode, and people write anyway).
+_PASSWORD_IN_URL = re.compile(
+    r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*):\S*?@"
+    r"(?=(?:[\w.\-]+|\[[0-9A-Fa-f:.]+\])(?::[^\s/?#@]*)?(?:[/?#\s'\"),;]|$))"
+)
 
-    The user, host and port are kept as written (no parsing of the port, which may be invalid).
-    """
-    parts = urlsplit(uri)
-    # The last "@" ends the user information: a password may hold "@" itself.
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return uri
-    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}@{hostport}"))
+
+def redacted(text: str) -> str:
+    """``text`` (a URI, or a message that quotes URIs) without any password written into a URI
+    (``https://user:pw@host`` becomes ``https://user@host``). User, host and port stay as written
+    (no parsing of the port, which may be invalid)."""
+    return _PASSWORD_IN_URL.sub(r"\g<keep>@", text)
 
 
 def log_dataset(

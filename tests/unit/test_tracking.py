@@ -25,6 +25,13 @@ from mnist_vae.tracking import TrackingUnavailableError, check_reachable, redact
         ("http://host:5000", "http://host:5000"),
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
         ("journal:.tune/mnist-vae.journal", "journal:.tune/mnist-vae.journal"),
+        ("http://alice:pa/ss@host:5000/api", "http://alice@host:5000/api"),  # "/" in the password
+        ("http://alice:a/b@c@host/x?alias=a@b", "http://alice@host/x?alias=a@b"),
+        (  # inside a message, two URIs
+            "API request to https://alice:s3@cret@mlflow.example:5000/api failed; see http://h/x",
+            "API request to https://alice@mlflow.example:5000/api failed; see http://h/x",
+        ),
+        ("failed (http://bob:x/y@127.0.0.1:9/api): refused", "failed (http://bob@127.0.0.1:9/api): refused"),
     ],
 )
 def test_redacted_drops_only_the_password(uri: str, shown: str) -> None:

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 OUTPUTS = ("reconstruction", "latent", "score", "sample")
 MAX_SAMPLES = 1024
+# Images in one request: 10,000 are 31 MB of pixels, and the forward pass holds a few times that.
+# A larger body is refused with a 400 before any work; bulk scoring is `mnist-vae score`'s job.
+MAX_IMAGES = 10_000
 WEIGHTS_FILE = "model.pt"
 # torch threads of each serving process; default: the cores divided among the server's workers.
 THREADS_ENV = "MNIST_VAE_SERVE_THREADS"
@@ -117,6 +120,11 @@ def as_batch(model_input: Any) -> np.ndarray:
         if non_numeric:
             raise _invalid(f"expected numeric pixel values, column {non_numeric[0]!r} is not")
         model_input = model_input.to_numpy()
+    if np.ndim(model_input) > 1 and len(model_input) > MAX_IMAGES:
+        raise _invalid(
+            f"expected at most {MAX_IMAGES} images in one request, got {len(model_input)}: split the "
+            "batch, or score in bulk with `mnist-vae score`"
+        )
     try:
         batch = np.asarray(model_input, dtype=np.float32)
     except (TypeError, ValueError):

@@ -43,6 +43,7 @@ def test_as_batch_accepts_each_shape_a_body_gives() -> None:
     np.testing.assert_array_equal(as_batch(pd.DataFrame(x)), x)
     np.testing.assert_array_equal(as_batch({"images": x}), x)  # a named input tensor
     assert as_batch(x).dtype == np.float32
+    assert as_batch(np.zeros((10_000, 784), np.float32)).shape == (10_000, 784)  # the limit itself
 
 
 @pytest.mark.parametrize(
@@ -57,6 +58,8 @@ def test_as_batch_accepts_each_shape_a_body_gives() -> None:
         (pd.DataFrame({"a": ["x"], "b": ["y"]}), "expected numeric pixel values, column 'a' is not"),
         ([["x"] * 784], "expected numeric pixel values"),
         ({"a": np.zeros((1, 784)), "b": np.zeros((1, 784))}, "expected one input tensor"),
+        (np.zeros((10_001, 784), np.float32), "expected at most 10000 images in one request, got 10001"),
+        ([[0.0] * 784] * 10_001, "expected at most 10000 images in one request"),
     ],
     ids=[
         "10-values",
@@ -68,6 +71,8 @@ def test_as_batch_accepts_each_shape_a_body_gives() -> None:
         "text-columns",
         "text",
         "two-tensors",
+        "too-many-images",
+        "too-many-images-as-lists",
     ],
 )
 def test_as_batch_rejects_bad_input_as_invalid_parameter(model_input: object, expected: str) -> None:

@@ -374,13 +374,16 @@ def load_vae(reference: str) -> VAE:
     """
     if "://" not in reference and not reference.startswith(("models:/", "runs:/")):
         return load_model(Path(reference))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
-    except (MlflowException, OSError) as exc:
-        raise ModelNotFoundError(f"model {reference!r} not found: {first_line(exc)}") from None
-    found = sorted(local.rglob(serving.WEIGHTS_FILE)) if local.is_dir() else [local]
-    if not found:
-        raise ModelNotFoundError(
-            f"model {reference!r} holds no {serving.WEIGHTS_FILE}; is it an mnist-vae model?"
-        )
-    return load_model(found[0])
+    # Downloaded into a folder of our own that goes when the weights are loaded: MLflow's default
+    # destination is a temporary folder it never removes (one model's copy per gate run).
+    with tempfile.TemporaryDirectory(prefix="mnist-vae-model-") as scratch:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=scratch))
+        except (MlflowException, OSError) as exc:
+            raise ModelNotFoundError(f"model {reference!r} not found: {first_line(exc)}") from None
+        found = sorted(local.rglob(serving.WEIGHTS_FILE)) if local.is_dir() else [local]
+        if not found:
+            raise ModelNotFoundError(
+                f"model {reference!r} holds no {serving.WEIGHTS_FILE}; is it an mnist-vae model?"
+            )
+        return load_model(found[0])

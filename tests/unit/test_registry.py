@@ -79,3 +79,28 @@ def test_rollback_undoes_a_promotion_by_the_gate(
     assert move is not None and move.by.startswith("rollback by ") and move.previous is None
     with pytest.raises(aliases.NothingToRollBackError):
         aliases.rollback(client, "m")  # consumed: no flip-flop
+
+
+def test_loading_a_logged_model_leaves_no_copy_behind(
+    mlflow_store: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate and `evaluate models:/...` download a model each time: the copy goes afterwards."""
+    import tempfile
+
+    import mlflow
+    import torch
+
+    from mnist_vae.config import ModelConfig
+    from mnist_vae.model import build_model, save_model
+
+    model = build_model(ModelConfig(preset="mlp", hidden=(8,), latent=2), seed=0)
+    save_model(model, tmp_path / "model.pt")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "model.pt"), artifact_path="model")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    loaded = registry.load_vae(f"runs:/{run.info.run_id}/model")
+    x = torch.rand(2, 784)
+    assert torch.equal(loaded.encode(x)[0], model.eval().encode(x)[0])
+    assert list(scratch.iterdir()) == [], "a downloaded copy of the model was left behind"

@@ -20,6 +20,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 
 from mnist_vae import checkpoint, distributed, provenance, runner, tracking
@@ -63,12 +64,14 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
         )
         with tracking.server_errors(f"log into run {resumed['run_id']}"):
             run = mlflow.start_run(run_id=resumed["run_id"])
-        # The checkpoint is written before an epoch's metrics are logged; a kill in between
-        # leaves metrics to log now.
-        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")}
-        for stats in history:
-            if stats.epoch not in logged:
-                mlflow.log_metrics(stats.metrics(), step=stats.epoch)
+        with _failed_on_error():
+            # The checkpoint is written before an epoch's metrics are logged; a kill in between
+            # leaves metrics to log now.
+            client = mlflow.MlflowClient()
+            logged = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
+            for stats in history:
+                if stats.epoch not in logged:
+                    mlflow.log_metrics(stats.metrics(), step=stats.epoch)
     else:
         experiment = params.mlflow.experiment
         with tracking.server_errors(f"log runs in experiment {experiment!r}"):
@@ -77,23 +80,26 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
                 run_name=tracking.run_name(params),
                 tags=tracking.dvc_tags(),
             )
-        mlflow.log_params(
-            {k: _param_value(v) for k, v in params.flat().items() if not k.startswith("evaluate.")}
-        )
-        mlflow.set_tags(
-            {
-                "mlflow.source.git.commit": provenance.git_commit(root),
-                "dvc.data.md5": data_md5,
-                "model.preset": params.model.preset,
-                "train.device_used": str(trainer.device),
-                "model.parameters": str(sum(p.numel() for p in trainer.model.parameters())),
-                "train.processes": str(world),
-            }
-        )
-        x_train, y_train, x_val, y_val = data.split(params.train.validation)
-        tracking.log_dataset(x_train, y_train, "mnist-train", paths.data, data_md5, context="training")
-        if len(x_val):
-            tracking.log_dataset(x_val, y_val, "mnist-validation", paths.data, data_md5, context="validation")
+        with _failed_on_error():
+            mlflow.log_params(
+                {k: _param_value(v) for k, v in params.flat().items() if not k.startswith("evaluate.")}
+            )
+            mlflow.set_tags(
+                {
+                    "mlflow.source.git.commit": provenance.git_commit(root),
+                    "dvc.data.md5": data_md5,
+                    "model.preset": params.model.preset,
+                    "train.device_used": str(trainer.device),
+                    "model.parameters": str(sum(p.numel() for p in trainer.model.parameters())),
+                    "train.processes": str(world),
+                }
+            )
+            x_train, y_train, x_val, y_val = data.split(params.train.validation)
+            tracking.log_dataset(x_train, y_train, "mnist-train", paths.data, data_md5, context="training")
+            if len(x_val):
+                tracking.log_dataset(
+                    x_val, y_val, "mnist-validation", paths.data, data_md5, context="validation"
+                )
     run_id = run.info.run_id
     metrics = _EpochMetrics()
     try:
@@ -179,6 +185,17 @@ class _EpochMetrics:
             with tracking.artifact_errors():
                 mlflow.log_metrics(self.pending[0].metrics(), step=self.pending[0].epoch)
             self.pending.pop(0)
+
+
+@contextlib.contextmanager
+def _failed_on_error() -> Iterator[None]:
+    """Ends the active run FAILED when the block raises: MLflow would otherwise end it FINISHED at
+    exit, a run with no metrics that looks complete."""
+    try:
+        yield
+    except BaseException:
+        _end_run("FAILED")
+        raise
 
 
 def _end_run(status: str) -> None:

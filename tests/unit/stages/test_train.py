@@ -151,3 +151,19 @@ def test_failed_save_leaves_previous_outputs_intact(
     assert sorted(p.name for p in (project / "models").iterdir()) == ["model.pt", "run.json"]
     load_model(project / "models" / "model.pt")
     assert sorted(r.info.status for r in _runs(mlflow_store)) == ["FAILED", "FINISHED"]
+
+
+def test_a_failure_while_describing_the_run_ends_it_failed(
+    project: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logging the datasets fails after the run started: the run ends FAILED, not FINISHED (as
+    MLflow would end it at exit), and the error propagates."""
+    from mnist_vae import tracking
+
+    def broken(*args, **kwargs):
+        raise OSError("disk gone while logging the dataset")
+
+    monkeypatch.setattr(tracking, "log_dataset", broken)
+    with pytest.raises(OSError, match="disk gone"):
+        stage.run(_params(project), progress=False)
+    assert [r.info.status for r in _runs(mlflow_store)] == ["FAILED"]

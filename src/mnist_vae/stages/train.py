@@ -217,7 +217,8 @@ def _prepare(params: Params, paths: Paths, data: MnistData) -> tuple[Trainer, st
     )
     data_md5 = tracking.file_md5(paths.data)
     plain = params.to_dict()
-    fingerprint = checkpoint.fingerprint(plain["model"], plain["train"], data_md5)
+    code = checkpoint.code_digest()
+    fingerprint = checkpoint.fingerprint(plain["model"], plain["train"], data_md5, code)
     resumed = checkpoint.load(paths.checkpoint, fingerprint)
     if resumed is not None:
         trainer.load_state_dict(resumed["trainer"])

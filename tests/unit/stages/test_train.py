@@ -167,3 +167,55 @@ def test_a_failure_while_describing_the_run_ends_it_failed(
     with pytest.raises(OSError, match="disk gone"):
         stage.run(_params(project), progress=False)
     assert [r.info.status for r in _runs(mlflow_store)] == ["FAILED"]
+
+
+def _stop_in_epoch_2(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss turns NaN in epoch 2: the stage fails with the checkpoint of epoch 1 kept."""
+    real, calls = train_module.loss_terms, {"n": 0}
+
+    def poisoned(model, x, k=1):
+        calls["n"] += 1
+        terms = real(model, x, k)
+        if calls["n"] == 20:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_module, "loss_terms", poisoned)
+    with pytest.raises(TrainingDivergedError):
+        stage.run(_params(project), progress=False)
+    monkeypatch.setattr(train_module, "loss_terms", real)
+
+
+@pytest.mark.parametrize("change", ["threads", "code"])
+def test_a_checkpoint_resumes_into_the_same_code_only(
+    change: str,
+    project: Path,
+    mlflow_store: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another thread count resumes (the same model, trained at another speed); edited code sets
+    the checkpoint aside and trains from scratch in a new run."""
+    import logging
+
+    from mnist_vae import checkpoint
+
+    _stop_in_epoch_2(project, monkeypatch)
+    (failed,) = _runs(mlflow_store)
+    overrides: dict[str, Any] = {}
+    if change == "threads":
+        overrides["train.threads"] = 1
+    else:
+        monkeypatch.setattr(checkpoint, "code_digest", lambda module=checkpoint.STAGE_MODULE: "edited")
+    with caplog.at_level(logging.INFO, logger="mnist_vae"):
+        run_id = stage.run(_params(project, **overrides), progress=False)
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    if change == "threads":
+        assert run_id == failed.info.run_id, "resumed into the run it left"
+        assert "resuming from checkpoints/train.pt after epoch 1" in messages
+        assert not list((project / "checkpoints").glob("*set-aside*"))
+    else:
+        assert run_id != failed.info.run_id and "resuming" not in messages
+        assert "checkpoint checkpoints/train.pt was made with other code; set aside as" in messages
+        (kept,) = (project / "checkpoints").glob("train.pt.set-aside-*")
+        assert torch.load(kept, weights_only=True)["trainer"]["epoch"] == 1

@@ -59,17 +59,25 @@ def relaunch(nproc: int, script: str, argv: list[str]) -> int:
             signal.signal(sig, handler)
 
 
-def init() -> tuple[int, int]:
-    """Joins the process group when started by torchrun; returns (rank, world size)."""
+def init(device: str = "auto") -> tuple[int, int]:
+    """Joins the process group when started by torchrun; returns (rank, world size).
+
+    ``device`` is ``train.device``: the ranks train on CUDA, over NCCL, only where it resolves to
+    CUDA; ``cpu`` trains over gloo whatever the machine has.
+    """
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        chosen = backend(device)
+        if chosen == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
+        dist.init_process_group(chosen)
     return dist.get_rank(), dist.get_world_size()
+
+
+def backend(device: str) -> str:
+    """The process group's backend for ``train.device``: NCCL for CUDA, gloo for the CPU."""
+    return "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
 
 
 def rank_and_world() -> tuple[int, int]:

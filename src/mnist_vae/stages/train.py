@@ -42,7 +42,7 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
     """
     import mlflow
 
-    rank, world = distributed.init()
+    rank, world = distributed.init(params.train.device)
     data = load_mnist(paths.data)
     if rank != 0:
         # Other processes train their shard and nothing else: rank 0 alone logs and writes.

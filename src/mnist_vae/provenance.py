@@ -30,16 +30,23 @@ def git_commit(root: Path | None = None) -> str:
     try:
         sha = _git(cwd, "rev-parse", "HEAD").strip()
         # -z: paths verbatim (no quoting of odd names); --no-renames: one path per entry.
-        status = _git(cwd, "status", "--porcelain=v1", "-z", "--no-renames", "--untracked-files=no")
+        status = _git(cwd, "status", "--porcelain=v1", "-z", "--no-renames", "--untracked-files=all")
         top = Path(_git(cwd, "rev-parse", "--show-toplevel").strip())
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    changed = [entry[3:] for entry in status.split("\0") if entry]
+    entries = [entry for entry in status.split("\0") if entry]
+    # An untracked file is an input when it is code: a new module the stages may import runs
+    # although the commit lacks it. Other new files (notes, a scratch table) are not inputs.
+    changed = [e[3:] for e in entries if not e.startswith("??") or _is_code(PurePosixPath(e[3:]))]
     # git names paths from the top of the checkout; dvc.yaml names them from the project's root.
     prefix = PurePosixPath(Path(cwd).resolve().relative_to(top.resolve()).as_posix())
     outputs = {prefix / out for out in pipeline_outputs(Path(cwd))}
     inputs = [path for path in changed if not _is_output(PurePosixPath(path), outputs)]
     return f"{sha}-dirty" if inputs else sha
+
+
+def _is_code(path: PurePosixPath) -> bool:
+    return path.suffix == ".py" or bool({"src", "pipeline"} & set(path.parts[:-1]))
 
 
 def pipeline_outputs(root: Path) -> set[PurePosixPath]:

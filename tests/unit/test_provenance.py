@@ -78,6 +78,13 @@ def test_a_changed_input_is_dirty(repo: Path, name: str) -> None:
     assert git_commit(repo) == _git(repo, "rev-parse", "HEAD") + "-dirty"
 
 
+def test_a_new_uncommitted_module_is_dirty_a_new_note_is_not(repo: Path) -> None:
+    (repo / "notes.txt").write_text("ideas\n")
+    assert git_commit(repo) == _git(repo, "rev-parse", "HEAD")
+    (repo / "pipeline" / "helper.py").write_text("X = 1\n")  # untracked: not in the commit
+    assert git_commit(repo) == _git(repo, "rev-parse", "HEAD") + "-dirty"
+
+
 def test_a_staged_or_deleted_input_is_dirty(repo: Path) -> None:
     (repo / "params.yaml").unlink()
     assert git_commit(repo).endswith("-dirty")

@@ -95,9 +95,14 @@ class CoreShare:
 
     def __init__(self) -> None:
         self.folder = registry_folder()
-        self.entry = self.folder / f"{os.getpid()}-{secrets.token_hex(4)}.training"
-        self._fd: int | None = os.open(self.entry, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.entry = self.folder / f"{name}.training"
+        # Locked under a name no reader looks at, then renamed into view: a reader that found the
+        # entry before its lock was taken would count it dead and remove it.
+        hidden = self.folder / f"{name}.starting"
+        self._fd: int | None = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.rename(hidden, self.entry)
 
     def live(self) -> int:
         """How many trainings run now; entries of trainings that died are removed."""

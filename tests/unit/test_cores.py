@@ -79,3 +79,30 @@ def test_a_killed_training_is_stale_whatever_its_pid(cores_dir: Path) -> None:
     finally:
         share.close()
     assert not share.entry.exists()
+
+
+def test_a_reader_at_the_moment_of_registration_does_not_remove_the_new_entry(
+    cores_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another training counts the live ones just as this one registers, before its lock is
+    taken: the new entry must survive, and be counted."""
+    import fcntl
+
+    from mnist_vae import cores
+
+    other = CoreShare()
+    real_flock = fcntl.flock
+
+    def count_first(fd: int, operation: int) -> None:
+        other.live()  # the concurrent reader, at the worst moment
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(cores.fcntl, "flock", count_first)
+    mine = CoreShare()
+    monkeypatch.setattr(cores.fcntl, "flock", real_flock)
+    try:
+        assert mine.entry.exists(), "a reader removed the entry of a training that was starting"
+        assert other.live() == mine.live() == 2
+    finally:
+        mine.close()
+        other.close()

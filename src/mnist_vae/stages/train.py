@@ -208,7 +208,9 @@ def _end_run(status: str) -> None:
         log.warning("could not mark MLflow run %s: %s", status, str(exc).splitlines()[0][:200])
 
 
-def _prepare(params: Params, paths: Paths, data: MnistData) -> tuple[Trainer, str, str, dict | None]:
+def _prepare(
+    params: Params, paths: Paths, data: MnistData
+) -> tuple[Trainer, str, dict[str, str], dict | None]:
     """The trainer, restored from the checkpoint when one matches; with the data's MD5, the
     checkpoint fingerprint and the checkpoint (None when starting afresh)."""
     x_train, _, x_val, _ = data.split(params.train.validation)

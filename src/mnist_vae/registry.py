@@ -74,6 +74,53 @@ class GateDecision:
         return "promoted" if self.promoted else "candidate"
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """How a model was trained and measured: the data (its MD5), grey or binarised images, and
+    the validation split held out of training (the last ``validation`` training images). Two
+    versions are compared by the gate only under one protocol."""
+
+    data_md5: str
+    binarized: bool
+    validation: int
+
+    @classmethod
+    def of(cls, params: Params, data_md5: str) -> Protocol:
+        return cls(data_md5, params.train.binarize, params.train.validation)
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Protocol | None:
+        """The protocol a version's tags record; None for a version registered before they did."""
+        try:
+            return cls(tags[_P_DATA], tags[_P_BINARIZED] == "true", int(tags[_P_VALIDATION]))
+        except (KeyError, ValueError):
+            return None
+
+    @classmethod
+    def from_run(cls, params: dict[str, str], tags: dict[str, str]) -> Protocol:
+        """The protocol of a training run, read from its params and data tag (older versions)."""
+        return cls(
+            tags.get("dvc.data.md5", ""),
+            params.get("train.binarize", "False").lower() == "true",
+            int(params.get("train.validation", "0")),
+        )
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "protocol": str(self),
+            _P_DATA: self.data_md5,
+            _P_BINARIZED: str(self.binarized).lower(),
+            _P_VALIDATION: str(self.validation),
+        }
+
+    def __str__(self) -> str:
+        images = "binarised" if self.binarized else "grey"
+        return f"{images}, validation {self.validation}, data {self.data_md5[:8]}"
+
+
+_P_DATA, _P_BINARIZED, _P_VALIDATION = "protocol.data_md5", "protocol.binarized", "protocol.validation"
+
+
 @dataclass(frozen=True, eq=False)
 class GateData:
     """The images the promotion gate compares models on, and what they are (for its reason)."""
@@ -143,6 +190,8 @@ def log_and_register(
             "preset": params.model.preset,
         }
     )
+    protocol = Protocol.of(params, test_md5)
+    tags.update(protocol.tags())
     description = (
         f"{params.model.preset} preset, test negative ELBO "
         f"{evaluation.metrics['neg_elbo']:.2f} nats/image on {evaluation.n_images} test images; "
@@ -152,7 +201,9 @@ def log_and_register(
     # On a server nothing serialises two pipelines: the gate re-reads and retries (see there).
     settle = 0.0 if mlflow.get_tracking_uri().startswith("sqlite:") else SETTLE_SECONDS
     with tracking.store_lock():  # two pipelines on one SQLite store: one gate decision at a time
-        decision = promotion_gate(client, name, version, model, gate_data, params.evaluate, settle=settle)
+        decision = promotion_gate(
+            client, name, version, model, gate_data, params.evaluate, settle=settle, protocol=protocol
+        )
     gate_tags = {
         "registry.version": version,
         "registry.promoted": str(decision.promoted),
@@ -276,8 +327,15 @@ def promotion_gate(
     data: GateData,
     cfg: EvaluateConfig,
     settle: float = SETTLE_SECONDS,
+    protocol: Protocol | None = None,
 ) -> GateDecision:
     """Moves ``champion`` to ``version`` if it beats the current champion on ``data``.
+
+    Only like with like: a champion trained and measured under another ``protocol`` (other data,
+    binarised against grey images, another validation split) is never compared with, and the
+    version stays candidate with a reason naming both protocols. Without a validation split
+    (``protocol.validation`` 0) there are no images that neither model trained on: the first
+    version becomes champion, later ones stay candidate (`mnist-vae promote` decides by hand).
 
     Both models are measured by this function, with the same images and the same random draws, so a champion
     registered under other evaluation settings is still compared fairly.
@@ -317,6 +375,9 @@ def promotion_gate(
                 )
             if wrote:
                 displaced_by = current  # another pipeline moved it after this gate did
+            refusal = _other_protocol(client, name, version, current, protocol)
+            if refusal is not None:
+                return GateDecision(False, refusal, mine, None)
             if current is not None and current not in measured:
                 measured[current] = _measure(load_vae(f"models:/{name}/{current}"), data, quick)
                 continue  # measuring took a while: read the champion again before deciding
@@ -355,6 +416,32 @@ def promotion_gate(
             None,
             error=error,
         )
+
+
+def _other_protocol(
+    client: MlflowClient, name: str, version: str, champion: str | None, mine: Protocol | None
+) -> str | None:
+    """Why ``version`` cannot be compared with the ``champion`` version, or None when it can."""
+    if champion is None or mine is None:
+        return None
+    found = client.get_model_version(name, champion)
+    theirs = Protocol.from_tags(dict(found.tags or {}))
+    if theirs is None and found.run_id:  # registered before versions recorded their protocol
+        run = client.get_run(found.run_id)
+        theirs = Protocol.from_run(dict(run.data.params), dict(run.data.tags))
+    if theirs is not None and theirs != mine:
+        return (
+            f"version {version} stays candidate: it was trained and measured as {mine}, champion "
+            f"version {champion} as {theirs}; the gate compares models of one protocol only "
+            "(register another protocol under its own name: mlflow.registered_model)"
+        )
+    if mine.validation == 0:
+        return (
+            f"version {version} stays candidate: without a validation split (train.validation is 0) "
+            f"no images are unseen by both it and champion version {champion}, so the gate cannot "
+            f"compare them (`mnist-vae promote {version}` moves champion by hand)"
+        )
+    return None
 
 
 class _GateRoundsExceeded(Exception):

@@ -256,3 +256,46 @@ def test_bench_prints_rows_a_to_d_writes_json_and_logs_a_run(project: Path) -> N
     assert "tutorial loop" in result.output and "x (a)" in result.output
     runs = mlflow.search_runs(experiment_names=["mnist-vae-bench"], output_format="list")
     assert len(runs) == 1 and runs[0].data.metrics["a_ratio"] == 1.0
+
+
+# --- protocols: the binarised profiles never compete with the grey default -----------------------
+
+SMALL_BINARIZED = (
+    "--profile",
+    "binarized-conv",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "model.channels=[4,8]",
+    "--set",
+    "model.dense=32",
+    "--set",
+    "model.latent=4",
+    "--set",
+    "evaluate.iw_samples=2",
+    "--set",
+    "evaluate.limit=100",
+)
+
+
+def test_a_binarised_profile_run_leaves_the_grey_champion_and_what_it_serves(
+    project: Path, client: MlflowClient
+) -> None:
+    champion = str(client.get_model_version_by_alias(NAME, "champion").version)
+    grey = np.load(project / "data" / "mnist.npz")["x_test"][:4].reshape(4, -1).astype(np.float32) / 255.0
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(grey)
+
+    ok("run", *SMALL_BINARIZED)  # registers under the profile's own name
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == champion
+    binarized = client.get_model_version_by_alias("mnist-vae-binarized", "champion")
+    assert binarized.tags["protocol.binarized"] == "true" and binarized.tags["protocol.validation"] == "0"
+    again = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(grey)
+    np.testing.assert_array_equal(again, served)  # the same grey digits, answered the same
+
+    # Forced under the grey model's name, the gate refuses to compare the two protocols.
+    result = ok("run", *SMALL_BINARIZED, "--set", f"mlflow.registered_model={NAME}")
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == champion
+    assert "stays candidate: it was trained and measured as binarised, validation 0" in result.output
+    assert f"champion version {champion} as grey, validation 100" in result.output
+    listed = ok("models").output
+    assert "binarised, validation 0" in listed and "grey, validation 100" in listed

@@ -104,3 +104,57 @@ def test_loading_a_logged_model_leaves_no_copy_behind(
     x = torch.rand(2, 784)
     assert torch.equal(loaded.encode(x)[0], model.eval().encode(x)[0])
     assert list(scratch.iterdir()) == [], "a downloaded copy of the model was left behind"
+
+
+def test_the_gate_compares_one_protocol_only(client: MlflowClient, tiny_images, monkeypatch) -> None:
+    """A binarised candidate never displaces a grey champion, however it scores; without a
+    validation split no candidate is compared; each version records its protocol."""
+    from mnist_vae.config import EvaluateConfig, ModelConfig
+    from mnist_vae.model import build_model
+
+    images, labels = tiny_images(64)
+
+    untrained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
+    data = registry.GateData(images, labels, "the tiny images")
+    grey = registry.Protocol("md5-of-mnist", binarized=False, validation=10_000)
+    for key, value in grey.tags().items():  # version 1, the champion to be: grey
+        client.set_model_version_tag("m", "1", key, value)
+    monkeypatch.setattr(registry, "load_vae", lambda reference: untrained)
+    cfg = EvaluateConfig()
+
+    first = registry.promotion_gate(client, "m", "1", untrained, data, cfg, settle=0, protocol=grey)
+    assert first.promoted
+    binarised = registry.Protocol("md5-of-mnist", binarized=True, validation=0)
+    refused = registry.promotion_gate(client, "m", "3", untrained, data, cfg, settle=0, protocol=binarised)
+    assert not refused.promoted and refused.error is None and aliases.champion(client, "m") == "1"
+    assert "trained and measured as binarised, validation 0, data md5-of-m" in refused.reason
+    assert "champion version 1 as grey, validation 10000, data md5-of-m" in refused.reason
+    smaller_split = registry.Protocol("md5-of-mnist", binarized=False, validation=5_000)
+    refused = registry.promotion_gate(
+        client, "m", "3", untrained, data, cfg, settle=0, protocol=smaller_split
+    )
+    assert (
+        not refused.promoted and "validation 5000" in refused.reason and "validation 10000" in refused.reason
+    )
+    assert registry.Protocol.from_tags(dict(client.get_model_version("m", "1").tags)) == grey
+
+
+def test_without_a_validation_split_only_the_first_version_becomes_champion(
+    client: MlflowClient, tiny_images, monkeypatch
+) -> None:
+    from mnist_vae.config import EvaluateConfig, ModelConfig
+    from mnist_vae.model import build_model
+
+    images, labels = tiny_images(64)
+    untrained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
+    data = registry.GateData(images, labels, "the last 10000 training images (train.validation is 0)")
+    paper = registry.Protocol("md5", binarized=True, validation=0)
+    for version in ("1", "3"):
+        for key, value in paper.tags().items():
+            client.set_model_version_tag("m", version, key, value)
+    monkeypatch.setattr(registry, "load_vae", lambda reference: untrained)
+    cfg = EvaluateConfig()
+    assert registry.promotion_gate(client, "m", "1", untrained, data, cfg, settle=0, protocol=paper).promoted
+    second = registry.promotion_gate(client, "m", "3", untrained, data, cfg, settle=0, protocol=paper)
+    assert not second.promoted and aliases.champion(client, "m") == "1"
+    assert "no images are unseen by both it and champion version 1" in second.reason

@@ -51,6 +51,7 @@ def models(params: ParamsOption = Path("params.yaml")) -> None:
     table.add_column("neg_elbo", justify="right", overflow="fold")
     table.add_column("nll_iw", justify="right", overflow="fold")
     table.add_column("preset", overflow="fold")
+    table.add_column("protocol", overflow="fold")
     table.add_column("run id", min_width=8, overflow="fold")  # 32 hex digits
     for row in rows:
         created = datetime.fromtimestamp(row.created_ms / 1000).strftime("%Y-%m-%d %H:%M")
@@ -61,6 +62,7 @@ def models(params: ParamsOption = Path("params.yaml")) -> None:
             row.tags.get("test_neg_elbo", ""),
             row.tags.get("test_nll_iw", ""),
             row.tags.get("preset", ""),
+            row.tags.get("protocol", ""),
             row.run_id,
         )
     print_tables([table])

@@ -6,6 +6,7 @@ Its speed switches live in :mod:`mnist_vae.speed`, its progress bars in :mod:`mn
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -217,8 +218,26 @@ class Trainer:
         self.autocast = autocast_for(cfg.precision, self.device)
         self.loss_fn = Compiled(loss_terms, self.device) if cfg.compile else loss_terms
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # The binarisation's draws: from the shared generator in one process (as the permutation,
+        # saved in the checkpoint); with several, from each rank's own (see reseed_noise).
+        self.noise = self.generator if self.world == 1 else torch.Generator(device=self.device)
         self.epoch = 0  # epochs completed
         self.step = 0
+
+    def reseed_noise(self) -> None:
+        """With several processes, seeds each rank's noise (the posterior samples, the binarisation)
+        from the seed, the rank and the epoch about to run.
+
+        Ranks must draw different noise, and a resumed run the same noise an uninterrupted one
+        would: the checkpoint holds rank 0's random state only, which loaded on every rank would
+        give them all one stream. One process keeps its stream and the checkpoint's state.
+        """
+        if self.world == 1:
+            return
+        text = f"{self.cfg.seed}:{self.rank}:{self.epoch}".encode()
+        seed = int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+        torch.manual_seed(seed)
+        self.noise.manual_seed(seed ^ 0x5EED)
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly where this one stands."""
@@ -274,6 +293,7 @@ class Trainer:
         threads = self.threads.update()
         start = time.perf_counter()
         order = torch.randperm(len(self.data), generator=self.generator, device=self.device)
+        self.reseed_noise()
         # Sums and the first bad step stay on the device and are read once per epoch: no host
         # synchronisation inside the loop.
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
@@ -290,7 +310,7 @@ class Trainer:
             x = self.data[index].float().div_(255.0)
             if cfg.binarize:
                 # Dynamic binarisation: a fresh Bernoulli draw of every image at every visit.
-                x = torch.bernoulli(x, generator=self.generator)
+                x = torch.bernoulli(x, generator=self.noise)
             with self.autocast():
                 terms = self.loss_fn(self.net, x, k)
             optimizer.zero_grad(set_to_none=True)

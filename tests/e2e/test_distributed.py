@@ -111,3 +111,66 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+_NOISE_OF_EACH_RANK = """
+import json
+import numpy as np
+import torch
+import torch.distributed as dist
+from mnist_vae import distributed
+from mnist_vae.config import ModelConfig, TrainConfig
+from mnist_vae.model import build_model
+from mnist_vae.train import Trainer
+
+rank, world = distributed.init("cpu")
+images = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)
+cfg = TrainConfig(device="cpu", epochs=2, batch_size=16, binarize=True, threads=1, validation=0)
+
+def trainer():
+    return Trainer(build_model(ModelConfig(preset="mlp", hidden=(8,), latent=2), seed=0), images, cfg)
+
+def noise(t):
+    # What the epoch about to run draws first: posterior noise, then binarisation uniforms.
+    t.reseed_noise()
+    return torch.cat([torch.randn(4), torch.bernoulli(torch.full((4,), 0.5), generator=t.noise)]).tolist()
+
+first = trainer()
+before = noise(first)
+first.reseed_noise()
+for _ in first.epochs():
+    break  # one epoch; a checkpoint is written here, by rank 0 alone
+saved = [first.state_dict() if rank == 0 else None]
+dist.broadcast_object_list(saved, src=0)  # what every rank loads on resume: rank 0's file
+uninterrupted = noise(first)
+resumed = trainer()
+resumed.load_state_dict(saved[0])
+after = noise(resumed)
+found = [None] * world
+dist.all_gather_object(found, {"before": before, "uninterrupted": uninterrupted, "resumed": after})
+if rank == 0:
+    print(json.dumps(found))
+distributed.shutdown()
+"""
+
+
+def test_each_rank_draws_its_own_noise_before_and_after_a_resume(tmp_path: Path) -> None:
+    """Two gloo ranks: their posterior noise and binarisation differ, and a resume from rank 0's
+    checkpoint gives each rank the noise an uninterrupted run would draw, not rank 0's."""
+    import json
+
+    script = tmp_path / "noise.py"
+    script.write_text(_NOISE_OF_EACH_RANK)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(ranks) == 2
+    for when in ("before", "resumed"):
+        assert ranks[0][when] != ranks[1][when], f"both ranks drew the same noise {when}"
+    for rank in ranks:
+        assert rank["resumed"] == rank["uninterrupted"]

@@ -17,7 +17,6 @@ The IDX format itself is read by :mod:`mnist_vae.idx`.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import logging
 import os
@@ -277,7 +276,11 @@ def _fetch_http(mirror: str, name: str, timeout: float, progress: Progress | Non
             if progress is not None and task is not None:
                 progress.remove_task(task)
     body = b"".join(chunks)
-    return (body if encoded else _gunzip(body, url)), url
+    if encoded:  # requests unpacked it already
+        if len(body) > _expected_size(name):
+            raise _MirrorFailure(f"{url}: {len(body)} bytes, more than the {_expected_size(name)} of {name}")
+        return body, url
+    return _gunzip(body, url, _expected_size(name)), url
 
 
 def _fetch_local(mirror: str, name: str) -> tuple[bytes, str]:
@@ -295,21 +298,44 @@ def _fetch_local(mirror: str, name: str) -> tuple[bytes, str]:
     plain = directory / name
     try:
         if compressed.is_file():
-            return _gunzip(compressed.read_bytes(), str(compressed)), str(compressed)
+            return _gunzip(compressed.read_bytes(), str(compressed), _expected_size(name)), str(compressed)
         if plain.is_file():
+            if plain.stat().st_size > _expected_size(name):
+                raise _MirrorFailure(
+                    f"{plain}: {plain.stat().st_size} bytes, more than the {_expected_size(name)} of {name}"
+                )
             return plain.read_bytes(), str(plain)
     except OSError as exc:
         raise _MirrorFailure(f"could not read: {exc}") from None
     raise _MirrorFailure(f"neither {compressed.name} nor {plain.name} in {directory}")
 
 
-def _gunzip(data: bytes, where: str) -> bytes:
+def _gunzip(data: bytes, where: str, limit: int) -> bytes:
+    """Unpacks a gzip file, never to more than ``limit`` bytes: a corrupt or foreign file (a
+    different file, a gzip bomb) is refused as soon as it outgrows the MNIST file it claims to be,
+    not after it was unpacked into memory whole. Its digest is checked after (:func:`_verify`)."""
     if not data.startswith(_GZIP_MAGIC):
         raise _MirrorFailure(f"{where}: expected gzip data, got bytes starting {data[:4].hex()}")
+    unpacker = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; truncation: EOF
+        out = unpacker.decompress(data, limit + 1)
+    except zlib.error as exc:
         raise _MirrorFailure(f"{where}: corrupt or truncated gzip ({exc})") from None
+    if len(out) > limit:
+        raise _MirrorFailure(f"{where}: unpacks to more than the {limit} bytes expected; not this file")
+    if not unpacker.eof:
+        raise _MirrorFailure(f"{where}: corrupt or truncated gzip (the stream ends early)")
+    return out
+
+
+def _expected_size(name: str) -> int:
+    """Bytes of the uncompressed IDX file ``name``: its header and one byte per pixel or label."""
+    for images, labels, count in SPLITS.values():
+        if name == images:
+            return 16 + count * IMAGE_SIDE * IMAGE_SIDE
+        if name == labels:
+            return 8 + count
+    raise ValueError(f"{name!r}: not an MNIST file")
 
 
 def _verify(data: bytes, name: str) -> None:

@@ -332,3 +332,21 @@ def test_failed_write_removes_temp_file(
         download_mnist(out, [str(mirror)], progress=False)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror", "mnist.npz"]
+
+
+def test_a_file_that_unpacks_larger_than_the_one_it_claims_to_be_is_refused_early(
+    tmp_path: Path, tiny_idx: dict[str, bytes], tiny_splits: dict[str, int], make_mirror
+) -> None:
+    """A corrupt mirror's "train-images" that would unpack to 50 MB (a gzip bomb, a wrong file) is
+    refused once it passes the 2,368 bytes of the file it claims to be, never unpacked whole."""
+    import tracemalloc
+
+    mirror = make_mirror(tmp_path / "mirror", {**tiny_idx, "train-images-idx3-ubyte": bytes(50 << 20)})
+    tracemalloc.start()
+    try:
+        with pytest.raises(DownloadError, match=r"unpacks to more than the 2368 bytes expected"):
+            fetch_file("train-images-idx3-ubyte", [str(mirror)])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 << 20, f"{peak / 2**20:.0f} MiB held while refusing it"

@@ -32,9 +32,9 @@ test-fast: install  ## unit tests only (tests/unit: tiny models, no real process
 	@$(call timed,unit,pytest tests/unit --durations=25)
 
 # Two workers: much of an end-to-end test is waiting for a server or a child process. A module's
-# tests stay on one worker (its fixtures are made once), and the modules of the team's stack share one.
+# tests stay on one worker (its module fixtures are made once), handed out heaviest first.
 test-e2e: install  ## the end-to-end tier (tests/e2e: real processes, servers and `dvc repro`)
-	@$(call timed,e2e,pytest tests/e2e -n 2 --dist loadgroup --durations=25)
+	@$(call timed,e2e,pytest tests/e2e -n 2 --dist loadfile --no-loadscope-reorder --durations=25)
 
 lint: install  ## what CI and the pre-commit hooks check: ruff's lint rules and format, mypy on src/
 	ruff check src tests pipeline

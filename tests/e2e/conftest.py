@@ -27,25 +27,22 @@ def team_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert private is not None and not private.exists(), f"{private} was not removed"
 
 
-# The modules that take longest, first: pytest-xdist hands out whole modules in collection order, and
-# a long one started last would leave the other worker idle at the end. (`make test-e2e` prints
-# the slowest tests; this order follows them.)
-HEAVY_FIRST = ("test_team", "test_gate", "test_experiments", "test_pipeline", "test_stack", "test_secrets")
+# The modules that take longest, first: with `--dist loadfile --no-loadscope-reorder` pytest-xdist
+# hands out whole modules in collection order, and a long one started last would leave the other
+# worker idle at the end. (`make test-e2e` prints the slowest tests; this order follows them.)
+HEAVY_FIRST = ("test_team", "test_gate", "test_experiments", "test_pipeline", "test_stack", "test_cli")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for ``pytest -n 2 --dist loadgroup`` (``make test-e2e``): the tests of one module run
-    on one worker, in order, so that its module fixtures are made once; the heaviest modules are
-    handed out first. A worker starts the session's team stack when one of its modules needs it."""
+    """Puts the heaviest end-to-end modules first (``make test-e2e`` runs them on two workers, a
+    module's tests on one, so that its module fixtures are made once); each module keeps its order.
+    A worker starts the session's team stack when one of its modules needs it."""
     e2e = [item for item in items if "e2e" in item.path.parts]
-    for item in e2e:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    in_e2e = {id(item) for item in e2e}
 
     def weight(item: pytest.Item) -> int:
         name = item.path.stem
         return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
 
-    in_e2e = {id(item) for item in e2e}
     rest = [item for item in items if id(item) not in in_e2e]
     items[:] = rest + sorted(e2e, key=weight)  # a stable sort: each module keeps its own order

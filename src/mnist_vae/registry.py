@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import sys
@@ -152,6 +154,9 @@ def log_and_register(
     ``registry.gate_error``, prints one warning line to stderr and returns normally: the version is
     registered and the stage's outputs are valid; `mnist-vae promote` can finish the job.
 
+    A rerun on the weights of a version of this run, evaluated the same way by the same code
+    (``dvc repro -f evaluate``), registers nothing and returns that version.
+
     Raises:
         RegistrationError: The server failed after the version was created (it is withdrawn).
     """
@@ -159,6 +164,21 @@ def log_and_register(
     if run is None:
         raise RuntimeError("log_and_register needs an active MLflow run")
     name = params.mlflow.registered_model
+    client = MlflowClient()
+    weights_md5 = tracking.file_md5(paths.model)
+    commit = provenance.git_commit(root)
+    evaluation_key = _evaluation_key(params, commit)
+    again = _registered_already(client, name, run.info.run_id, weights_md5, evaluation_key)
+    if again is not None:
+        # `dvc repro -f evaluate`, or a rerun after a later step failed: the same weights of the same
+        # run, measured the same way by the same code, are this version already; a second one
+        # would be a duplicate.
+        mlflow.set_tags({"registry.version": again})
+        print(
+            f"promotion gate: version {again} of {name} already holds these weights of run "
+            f"{run.info.run_id}, evaluated the same way; not registered again"
+        )
+        return again
     example = test_data[0][:2].reshape(2, -1).astype(np.float32) / 255.0
     # MLflow logs a folder as the model's data: one holding just the weights, removed also when
     # logging fails.
@@ -178,11 +198,11 @@ def log_and_register(
     test_md5 = tracking.file_md5(paths.data)
     test_set = tracking.log_dataset(*test_data, "mnist-test", paths.data, test_md5, context="testing")
     mlflow.log_metrics(evaluation.mlflow_metrics(), model_id=info.model_id, dataset=test_set)
-    client = MlflowClient()
     tags = {f"test_{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()}
+    tags.update({WEIGHTS_TAG: weights_md5, EVALUATION_TAG: evaluation_key})
     tags.update(
         {
-            "git_commit": provenance.git_commit(root),
+            "git_commit": commit,
             "dvc_data_md5": test_md5,
             "run_id": run.info.run_id,
             "run_link": f"runs:/{run.info.run_id}/model",
@@ -218,6 +238,39 @@ def log_and_register(
     else:
         print(f"promotion gate: {decision.reason}")
     return version
+
+
+# A version's weights (MD5 of model.pt) and how it was evaluated (a digest of evaluate.* and the
+# commit of the code that measured it): with the run id they tell a rerun of `evaluate` from a new
+# registration.
+WEIGHTS_TAG, EVALUATION_TAG = "weights_md5", "evaluation"
+
+
+def _evaluation_key(params: Params, commit: str) -> str:
+    settings = json.dumps({"evaluate": params.to_dict()["evaluate"], "commit": commit}, sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def _registered_already(
+    client: MlflowClient, name: str, run_id: str, weights_md5: str, evaluation_key: str
+) -> str | None:
+    """The complete version of ``name`` that holds these weights of this run, evaluated the same
+    way, or None."""
+    try:
+        versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    for version in versions:
+        tags = version.tags or {}
+        if (
+            tags.get(WEIGHTS_TAG) == weights_md5
+            and tags.get(EVALUATION_TAG) == evaluation_key
+            and tags.get(REGISTRATION_TAG) == COMPLETE
+        ):
+            return str(version.version)
+    return None
 
 
 def register(

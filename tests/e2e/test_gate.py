@@ -213,7 +213,7 @@ def test_a_gate_that_cannot_read_the_champion_leaves_it_alone(
         return 500 if reading and query.get("alias") == ["champion"] else None
 
     proxy.rule = refuse_champion
-    result = _stage("evaluate", tmp_path, env, *settings)
+    result = _stage("evaluate", tmp_path, env, *settings, "evaluate.seed=1")  # a second evaluation
     assert any(method == "GET" and "alias=champion" in path for method, path in proxy.seen)
     assert client.get_registered_model(name).aliases == {"champion": "1", "candidate": "2"}
     warning = _warnings(result.stderr)

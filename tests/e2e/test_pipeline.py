@@ -232,6 +232,10 @@ def test_changing_an_evaluation_knob_does_not_retrain(
     runs = client.search_runs([client.get_experiment_by_name("mnist-vae").experiment_id])
     assert len(runs) == 1
     assert {str(v.version) for v in client.search_model_versions("name='mnist-vae'")} == {"1", "2"}
+    # The same evaluation again (`dvc repro -f evaluate`) registers no duplicate of version 2.
+    result = _run(["dvc", "repro", "--force", "--single-item", "evaluate"], root, env)
+    assert "version 2 of mnist-vae already holds these weights" in result.stdout
+    assert {str(v.version) for v in client.search_model_versions("name='mnist-vae'")} == {"1", "2"}
 
 
 def test_mlproject_train_entry_point(project: tuple[Path, dict[str, str]]) -> None:

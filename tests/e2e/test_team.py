@@ -138,8 +138,9 @@ def test_pipeline_logs_and_registers_through_the_stack(team) -> None:
 
 
 def test_cli_models_evaluate_promote_rollback_through_the_stack(team) -> None:
-    # A second version, so that there is something to promote and roll back.
-    team.run([sys.executable, "pipeline/evaluate.py"], "alice")
+    # A second version, so that there is something to promote and roll back: another evaluation
+    # (the same one again registers nothing, see tests/e2e/test_pipeline.py).
+    team.run([sys.executable, "pipeline/evaluate.py", "--set", "evaluate.seed=1"], "alice")
     listed = team.run(["mnist-vae", "models"], "alice").stdout
     assert re.search(r"\b1\b.*champion", listed) and re.search(r"\b2\b.*candidate", listed), listed
     out = team.run(["mnist-vae", "evaluate", "models:/mnist-vae@champion", "--limit", "100"], "alice").stdout
@@ -305,8 +306,9 @@ def test_s3_down_when_the_model_is_logged(team) -> None:
         for o in page.get("Contents", [])
     }
     team.stack.part("s3").kill()
+    another = [sys.executable, "pipeline/evaluate.py", "--set", "evaluate.seed=2"]  # a new version
     try:
-        failed = team.run([sys.executable, "pipeline/evaluate.py"], "alice", ok=False)
+        failed = team.run(another, "alice", ok=False)
     finally:
         team.stack.part("s3").start()
         s3 = team.stack.s3_client()
@@ -315,7 +317,7 @@ def test_s3_down_when_the_model_is_logged(team) -> None:
     _one_error_line(failed, "error: evaluate:", "previous outputs are kept")
     assert {p: p.read_bytes() for p in kept} == kept
     assert len(client.search_model_versions("name='mnist-vae'")) == versions
-    team.run([sys.executable, "pipeline/evaluate.py"], "alice")
+    team.run(another, "alice")
     assert len(client.search_model_versions("name='mnist-vae'")) == versions + 1
 
 

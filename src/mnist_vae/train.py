@@ -219,25 +219,18 @@ class Trainer:
         self.loss_fn = Compiled(loss_terms, self.device) if cfg.compile else loss_terms
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         # The binarisation's draws: from the shared generator in one process (as the permutation,
-        # saved in the checkpoint); with several, from each rank's own (see reseed_noise).
-        self.noise = self.generator if self.world == 1 else torch.Generator(device=self.device)
+        # saved in the checkpoint); with several, from each rank's own.
+        self.noise = self.generator
+        if self.world > 1:
+            text = f"{cfg.seed}:{self.rank}".encode()
+            self.noise = torch.Generator(device=self.device).manual_seed(
+                int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+            )
+        # With several processes, every rank's random states at the end of the last epoch: rank 0
+        # alone writes the checkpoint, and each rank resumes from its own states, not rank 0's.
+        self._rank_states: list | None = None
         self.epoch = 0  # epochs completed
         self.step = 0
-
-    def reseed_noise(self) -> None:
-        """With several processes, seeds each rank's noise (the posterior samples, the binarisation)
-        from the seed, the rank and the epoch about to run.
-
-        Ranks must draw different noise, and a resumed run the same noise an uninterrupted one
-        would: the checkpoint holds rank 0's random state only, which loaded on every rank would
-        give them all one stream. One process keeps its stream and the checkpoint's state.
-        """
-        if self.world == 1:
-            return
-        text = f"{self.cfg.seed}:{self.rank}:{self.epoch}".encode()
-        seed = int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
-        torch.manual_seed(seed)
-        self.noise.manual_seed(seed ^ 0x5EED)
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly where this one stands."""
@@ -251,6 +244,8 @@ class Trainer:
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self._rank_states is not None:
+            state["rank_rng"] = self._rank_states
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -260,6 +255,14 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        ranks = state.get("rank_rng")
+        if self.world > 1 and ranks is not None and len(ranks) == self.world:
+            # This rank's own states (the file is rank 0's: its torch_rng is rank 0's noise).
+            mine = ranks[self.rank]
+            torch.set_rng_state(mine["torch_rng"])
+            self.noise.set_state(mine["noise"])
+            if "cuda_rng" in mine and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         self.epoch, self.step = state["epoch"], state["step"]
 
     def epochs(self, progress: bool | None = False) -> Iterator[EpochStats]:
@@ -293,7 +296,6 @@ class Trainer:
         threads = self.threads.update()
         start = time.perf_counter()
         order = torch.randperm(len(self.data), generator=self.generator, device=self.device)
-        self.reseed_noise()
         # Sums and the first bad step stay on the device and are read once per epoch: no host
         # synchronisation inside the loop.
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
@@ -330,6 +332,12 @@ class Trainer:
 
             dist.all_reduce(sums)
             dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+            mine = {"torch_rng": torch.get_rng_state(), "noise": self.noise.get_state()}
+            if self.device.type == "cuda":
+                mine["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            states: list = [None] * self.world
+            dist.all_gather_object(states, mine)
+            self._rank_states = states
         seen = self.steps_per_epoch * batch
         loss, recon, kl, mse = (sums / seen).tolist()
         if first_bad.item() >= 0 or not math.isfinite(loss):

@@ -131,13 +131,12 @@ def trainer():
     return Trainer(build_model(ModelConfig(preset="mlp", hidden=(8,), latent=2), seed=0), images, cfg)
 
 def noise(t):
-    # What the epoch about to run draws first: posterior noise, then binarisation uniforms.
-    t.reseed_noise()
+    # What the next step draws: posterior noise, then binarisation uniforms.
     return torch.cat([torch.randn(4), torch.bernoulli(torch.full((4,), 0.5), generator=t.noise)]).tolist()
 
 first = trainer()
 before = noise(first)
-first.reseed_noise()
+first = trainer()  # afresh: the draws above must not shift its stream
 for _ in first.epochs():
     break  # one epoch; a checkpoint is written here, by rank 0 alone
 saved = [first.state_dict() if rank == 0 else None]

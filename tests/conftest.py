@@ -298,21 +298,15 @@ def _copy_repo(root: Path, changes: dict[str, dict[str, Any]], data: Path | None
 def _link_mnist(root: Path, data: Path) -> Path:
     """Links ``data`` (the download stage's output) into the project's workspace and DVC cache,
     where `dvc pull` would put it; returns the workspace file."""
-    md5 = _file_md5(data)
+    from mnist_vae.tracking import file_md5
+
+    md5 = file_md5(data)
     workspace = root / "data" / "mnist.npz"
     for target in (workspace, root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]):
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             os.link(data, target)
     return workspace
-
-
-def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,team]'
-	$(BIN)/python -m mnist_vae.plots  # the offline page template of `dvc plots show`
+	$(BIN)/python -m mnist_vae.evaluation.plots  # the offline page template of `dvc plots show`
 	touch $@
 
 repro: install  ## the whole pipeline: download, train, evaluate

@@ -208,8 +208,8 @@ def make_mirror() -> Callable[..., Path]:
 @pytest.fixture
 def tiny_idx(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
     """Four tiny MNIST-shaped IDX files (labels: train 0, 9, 4; test 7, 1), with
-    ``mnist_vae.fetch.SHA256`` pointed at them so that the real checks run on them."""
-    from mnist_vae import fetch
+    ``mnist_vae.data.fetch.SHA256`` pointed at them so that the real checks run on them."""
+    from mnist_vae.data import fetch
 
     rng = np.random.default_rng(0)
     files = {
@@ -227,7 +227,7 @@ def tiny_idx(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
 @pytest.fixture
 def tiny_splits(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Lets ``download_mnist`` accept the tiny files' sizes instead of 60000/10000; returns them."""
-    from mnist_vae import fetch
+    from mnist_vae.data import fetch
 
     monkeypatch.setattr(
         fetch,

@@ -3,6 +3,9 @@
 Every knob of the pipeline lives in ``params.yaml``, one section per stage. This module turns that
 file into frozen pydantic models that validate on construction: an unknown key, a value of the wrong
 type or one out of range raises :class:`ConfigError` naming the dotted key and what was expected.
+
+Over 300 lines because every section of params.yaml is declared here with its checks and its
+messages: one file answers "what can I set, and what does it take".
 """
 
 from __future__ import annotations
@@ -217,7 +220,7 @@ def load_params(
     Args:
         path: The YAML file, sectioned by stage.
         overrides: ``section.key=value`` strings (the value read as YAML), in order, later ones
-            winning: a profile's (:mod:`mnist_vae.profiles`) then ``--set``'s. A mapping
+            winning: a profile's (:mod:`mnist_vae.stages.profiles`) then ``--set``'s. A mapping
             ``{"section.key": value}`` is also taken (tests build them).
 
     Raises:

@@ -26,3 +26,8 @@ def first_line(exc: BaseException, *, limit: int | None = None, with_type: bool 
     if limit is not None:
         line = line[:limit]
     return f"{type(exc).__name__}: {line}" if with_type else line
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a download's per-mirror reasons) joined into one line."""
+    return "; ".join(part.strip() for part in message.strip().splitlines() if part.strip()).replace(":;", ":")

@@ -13,6 +13,9 @@ their own, and PostgreSQL's postmaster shuts its backends down cleanly only when
 The watchdog instead reads a pipe from its parent: the kernel closes it when the parent dies, for any
 reason, and the watchdog then runs each group's stop command (``pg_ctl stop -m fast`` for
 PostgreSQL), SIGTERMs the rest and SIGKILLs whatever is left after a grace period.
+
+Over 300 lines because the process groups and the watchdog that stops them are one mechanism:
+split, neither half would say why the other exists.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -326,3 +330,29 @@ def _watch(parent: int) -> None:
 
 if __name__ == "__main__":
     _watch(int(sys.argv[1]))
+
+
+@contextlib.contextmanager
+def signals_raise(error: Callable[[int], BaseException], *signals: signal.Signals) -> Iterator[None]:
+    """While the block runs, each of ``signals`` raises ``error(signum)`` where the main thread is,
+    so that the ``finally`` and ``except`` clauses of the block run as for Ctrl-C; the previous
+    handlers come back at its end. Off the main thread, where Python cannot set handlers, signals
+    are left alone.
+
+    A stopped training (SIGTERM as KeyboardInterrupt), a benchmark that stops its servers (SIGTERM
+    as SystemExit) and the team stack run for a person (SIGINT, SIGTERM and SIGHUP) use it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise error(signum)
+
+    # All set explicitly: a process started in the background by a shell inherits SIGINT ignored.
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
-import secrets
-import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import numpy as np
 import requests
 from filelock import FileLock
 
-from mnist_vae.config import Params
 from mnist_vae.errors import UserError, first_line
 from mnist_vae.paths import project_root
 
 if TYPE_CHECKING:
-    from mlflow.data.numpy_dataset import NumpyDataset
+    pass
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 # The training run's tag holding its weights' MD5 (what dvc.lock records for models/model.pt):
@@ -259,51 +253,3 @@ def redacted(text: str) -> str:
     (``https://user:pw@host`` becomes ``https://user@host``). User, host and port stay as written
     (no parsing of the port, which may be invalid)."""
     return _PASSWORD_IN_URL.sub(r"\g<keep>@", text)
-
-
-def log_dataset(
-    images: np.ndarray, labels: np.ndarray, name: str, source: Path, file_md5: str, context: str
-) -> NumpyDataset:
-    """Logs a split as an input of the active run, its digest that of the DVC-tracked file and split.
-
-    The digest names the file (its MD5, as in dvc.lock) and the rows taken from it, so the run page
-    shows which data, exactly, a model saw.
-    """
-    import mlflow
-    from mlflow.data.numpy_dataset import from_numpy
-
-    digest = hashlib.md5(f"{file_md5}:{name}:{len(images)}".encode()).hexdigest()[:8]
-    with warnings.catch_warnings():
-        # MLflow registers two local-file source classes under one name and warns that a path
-        # "can be interpreted in multiple ways"; both record the same path.
-        warnings.filterwarnings("ignore", message="The specified dataset source")
-        dataset = from_numpy(
-            images.reshape(len(images), -1),
-            targets=labels,
-            source=str(Path(source).resolve()),
-            name=name,
-            digest=digest,
-        )
-    mlflow.log_input(dataset, context=context)
-    return dataset
-
-
-# What DVC passes to a stage command run by `dvc exp run`, tagged on the run so that a row of
-# `dvc exp show` and a run in `mlflow ui` are found from each other.
-_DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev"}
-
-
-def run_name(params: Params) -> str:
-    """The experiment's name under ``dvc exp run``; else ``<preset>-<params hash>-<time>-<random>``.
-
-    Never drawn from Python's ``random``: seeded training would give every run the same name.
-    """
-    name = os.environ.get("DVC_EXP_NAME", "").strip()
-    if name:
-        return name
-    digest = hashlib.sha256(json.dumps(params.to_dict(), sort_keys=True).encode()).hexdigest()[:7]
-    return f"{params.model.preset}-{digest}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-def dvc_tags() -> dict[str, str]:
-    return {tag: os.environ[var] for var, tag in _DVC_ENV_TAGS.items() if os.environ.get(var)}

@@ -120,8 +120,8 @@ import torch
 import torch.distributed as dist
 from mnist_vae import distributed
 from mnist_vae.config import ModelConfig, TrainConfig
-from mnist_vae.model import build_model
-from mnist_vae.train import Trainer
+from mnist_vae.models.vae import build_model
+from mnist_vae.training.trainer import Trainer
 
 rank, world = distributed.init("cpu")
 images = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mnist_vae.data import load_mnist
+from mnist_vae.data.dataset import load_mnist
 from mnist_vae.tracking import file_md5
 
 pytestmark = pytest.mark.slow

@@ -138,13 +138,14 @@ def test_gate_follows_validation_when_test_disagrees(
     import mlflow
 
     from mnist_vae.config import load_params
-    from mnist_vae.data import load_mnist
-    from mnist_vae.evaluate import evaluate_model
-    from mnist_vae.model import build_model, save_model
+    from mnist_vae.data.dataset import load_mnist
+    from mnist_vae.evaluation.metrics import evaluate_model
+    from mnist_vae.models.vae import build_model
+    from mnist_vae.models.weights import save_model
     from mnist_vae.paths import Paths
     from mnist_vae.stages import evaluate
     from mnist_vae.tracking import MODEL_MD5_TAG, file_md5
-    from mnist_vae.train import Trainer
+    from mnist_vae.training.trainer import Trainer
 
     monkeypatch.chdir(tmp_path)
     bars, bar_labels = tiny_images(400, seed=1)
@@ -211,8 +212,8 @@ _TRAIN_AND_REPORT_THREADS = """
 import sys
 import numpy as np
 from mnist_vae.config import TrainConfig, ModelConfig
-from mnist_vae.model import build_model
-from mnist_vae.train import train_epochs
+from mnist_vae.models.vae import build_model
+from mnist_vae.training.trainer import train_epochs
 images = np.random.default_rng(0).integers(0, 256, (6000, 28, 28), dtype=np.uint8)
 cfg = TrainConfig(device="cpu", epochs=int(sys.argv[1]), threads="auto", validation=0)
 model = build_model(ModelConfig(preset="mlp", hidden=(256,), latent=8), seed=0)
@@ -222,7 +223,7 @@ for stats in train_epochs(model, images, cfg):
 
 
 def test_threads_auto_gives_each_of_two_trainings_fewer_threads(tmp_path: Path) -> None:
-    from mnist_vae.cores import available_cores
+    from mnist_vae.training.threads import available_cores
 
     if available_cores() < 2:
         pytest.skip("needs at least 2 cores to share")

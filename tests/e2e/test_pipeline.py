@@ -53,7 +53,7 @@ def project(
         _run(args, root, env)
     _run(["dvc", "repro"], root, env)
     # What `make install` does on a fresh clone: the offline page template of `dvc plots show`.
-    _run([str(venv_bin / "python"), "-m", "mnist_vae.plots"], root, env)
+    _run([str(venv_bin / "python"), "-m", "mnist_vae.evaluation.plots"], root, env)
     return root, env
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from mnist_vae import procs
+from mnist_vae.bench.serving import group_alive, serve, wrap_weights
 from mnist_vae.config import ModelConfig
-from mnist_vae.model import build_model, save_model
-from mnist_vae.serve_bench import group_alive, serve, wrap_weights
+from mnist_vae.models.vae import build_model
+from mnist_vae.models.weights import save_model
 
 pytestmark = pytest.mark.slow
 

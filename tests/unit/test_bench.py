@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from mnist_vae.bench import (
+from mnist_vae.bench.training import (
     ROW_D,
     ROW_THREADS,
     BenchResult,
@@ -27,7 +27,7 @@ from mnist_vae.bench import (
     write_json,
 )
 from mnist_vae.config import ModelConfig, TrainConfig
-from mnist_vae.data import MnistData
+from mnist_vae.data.dataset import MnistData
 
 
 @pytest.fixture(scope="module")

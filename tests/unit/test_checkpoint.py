@@ -1,4 +1,4 @@
-"""Tests for :mod:`mnist_vae.checkpoint`: only a checkpoint of the same params, data and code is
+"""Tests for :mod:`mnist_vae.training.checkpoint`: only a checkpoint of the same params, data and code is
 resumed; any other is set aside, never loaded."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_vae import checkpoint
+from mnist_vae.training import checkpoint
 
 MODEL, TRAIN = {"preset": "mlp", "hidden": [8], "latent": 2}, {"epochs": 3, "seed": 0, "threads": "auto"}
 
@@ -60,7 +60,7 @@ def test_a_checkpoint_made_otherwise_is_set_aside_not_loaded(
     path = tmp_path / "train.pt"
     checkpoint.save(path, {"fingerprint": made_by, "trainer": {"epoch": 5}})
     before = path.read_bytes()
-    with caplog.at_level(logging.WARNING, logger="mnist_vae.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mnist_vae.training.checkpoint"):
         assert checkpoint.load(path, checkpoint.fingerprint(MODEL, TRAIN, "md5", "code")) is None
     (kept,) = tmp_path.iterdir()
     assert kept.name.startswith("train.pt.set-aside-") and kept.read_bytes() == before
@@ -76,7 +76,7 @@ def test_an_unreadable_file_starts_afresh_with_a_warning(
     expected = checkpoint.fingerprint(MODEL, TRAIN, "md5", "code")
     assert checkpoint.load(path, expected) is None  # none yet: no warning
     path.write_bytes(b"half a checkpoint")
-    with caplog.at_level(logging.WARNING, logger="mnist_vae.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mnist_vae.training.checkpoint"):
         assert checkpoint.load(path, expected) is None
     (message,) = [r.getMessage() for r in caplog.records]
     assert message.startswith(f"ignoring unreadable checkpoint {path}")

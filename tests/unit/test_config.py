@@ -9,7 +9,7 @@ import yaml
 
 from mnist_vae.config import ConfigError, Params, load_params, params_from_dict, parse_override
 from mnist_vae.errors import UserError
-from mnist_vae.profiles import PROFILES
+from mnist_vae.stages.profiles import PROFILES
 
 
 def test_project_params_file_is_valid(repo_root: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_vae.cores import CoreShare, CoresRegistryError, registry_folder
+from mnist_vae.training.threads import CoreShare, CoresRegistryError, registry_folder
 
 # A training's entry as CoreShare holds it: an exclusive flock for as long as the process lives.
 HOLDER = (
@@ -88,7 +88,7 @@ def test_a_reader_at_the_moment_of_registration_does_not_remove_the_new_entry(
     taken: the new entry must survive, and be counted."""
     import fcntl
 
-    from mnist_vae import cores
+    from mnist_vae.training import threads as cores
 
     other = CoreShare()
     real_flock = fcntl.flock

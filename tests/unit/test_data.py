@@ -1,4 +1,4 @@
-"""Tests for :mod:`mnist_vae.data`: loading the prepared archive and the validation split."""
+"""Tests for :mod:`mnist_vae.data.dataset`: loading the prepared archive and the validation split."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mnist_vae.config import ConfigError
-from mnist_vae.data import DatasetFormatError, DatasetMissingError, MnistData, load_mnist
+from mnist_vae.data.dataset import DatasetFormatError, DatasetMissingError, MnistData, load_mnist
 from mnist_vae.errors import UserError
 
 # --- load_mnist --------------------------------------------------------------------------------

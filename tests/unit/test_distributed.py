@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnist_vae.distributed import backend
+from mnist_vae.training.distributed import backend
 
 
 @pytest.mark.parametrize("cuda", [True, False], ids=["with a GPU", "without"])

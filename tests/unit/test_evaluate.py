@@ -8,9 +8,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from mnist_vae import evaluate
 from mnist_vae.config import EvaluateConfig, ModelConfig
-from mnist_vae.model import build_model
+from mnist_vae.evaluation import metrics as evaluate
+from mnist_vae.models.vae import build_model
 
 
 @pytest.mark.parametrize(("progress", "lines"), [(None, 3), (False, 0)])
@@ -25,11 +25,11 @@ def test_off_a_terminal_a_long_evaluation_logs_how_far_it_is(
     images, labels = tiny_images(40, seed=1)
     model = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
     cfg = EvaluateConfig(batch_size=10, iw_samples=4)
-    with caplog.at_level(logging.INFO, logger="mnist_vae.evaluate"):
+    with caplog.at_level(logging.INFO, logger="mnist_vae.evaluation.metrics"):
         quiet = evaluate.evaluate_model(model, images, labels, cfg, progress=False)
         caplog.clear()
         measured = evaluate.evaluate_model(model, images, labels, cfg, progress=progress)
-    said = [r.getMessage() for r in caplog.records if r.name == "mnist_vae.evaluate"]
+    said = [r.getMessage() for r in caplog.records if r.name == "mnist_vae.evaluation.metrics"]
     # A line after each batch but the last, which the result itself reports.
     assert len(said) == lines
     if lines:
@@ -45,7 +45,7 @@ def test_the_duration_reads_in_minutes_and_seconds() -> None:
 def test_the_latent_plots_long_title_stays_inside_the_figure() -> None:
     import matplotlib.pyplot as plt
 
-    from mnist_vae.images import scatter_figure
+    from mnist_vae.evaluation.figures import scatter_figure
 
     points = np.random.default_rng(0).normal(size=(50, 2))
     title = (

@@ -1,8 +1,8 @@
-"""Tests for :mod:`mnist_vae.fetch`: IDX parsing, mirror fall-through, atomic writes.
+"""Tests for :mod:`mnist_vae.data.fetch`: IDX parsing, mirror fall-through, atomic writes.
 
 No test touches the network: mirrors are directories under ``tmp_path``, a refused local port, or a
 throwaway HTTP server on 127.0.0.1 in this process. Tiny stand-in files (the ``tiny_idx`` fixture)
-get their digests swapped into ``mnist_vae.fetch.SHA256`` (and their sizes into ``SPLITS``:
+get their digests swapped into ``mnist_vae.data.fetch.SHA256`` (and their sizes into ``SPLITS``:
 ``tiny_splits``) so the real checks run on them.
 """
 
@@ -23,11 +23,10 @@ import requests
 from rich.console import Console
 from rich.progress import Progress
 
-from mnist_vae import fetch
 from mnist_vae.config import ConfigError
-from mnist_vae.data import load_mnist
-from mnist_vae.errors import UserError
-from mnist_vae.fetch import (
+from mnist_vae.data import fetch
+from mnist_vae.data.dataset import load_mnist
+from mnist_vae.data.fetch import (
     FILES,
     MIRRORS_ENV,
     DownloadError,
@@ -37,6 +36,7 @@ from mnist_vae.fetch import (
     parse_idx,
     resolve_mirrors,
 )
+from mnist_vae.errors import UserError
 
 REFUSED = "http://127.0.0.1:9/"  # the discard port: nothing listens there, so connecting is refused
 IdxBytes = Callable[..., bytes]
@@ -152,7 +152,7 @@ def test_checksum_mismatch_falls_through(
     name = "train-labels-idx1-ubyte"
     bad = make_mirror(tmp_path / "bad", {name: idx_bytes(np.array([1, 1, 1]))})
     good = make_mirror(tmp_path / "good", tiny_idx)
-    with caplog.at_level(logging.INFO, logger="mnist_vae.fetch"):
+    with caplog.at_level(logging.INFO, logger="mnist_vae.data.fetch"):
         assert fetch_file(name, [str(bad), str(good)]) == tiny_idx[name]
     assert "checksum mismatch" in caplog.text
     assert str(good / f"{name}.gz") in caplog.text

@@ -1,4 +1,4 @@
-"""Tests for :mod:`mnist_vae.model`: architectures, the loss terms, the bounds, saving and loading."""
+"""Tests for :mod:`mnist_vae.models.vae`: architectures, the loss terms, the bounds, saving and loading."""
 
 from __future__ import annotations
 
@@ -14,17 +14,12 @@ import torch
 
 from mnist_vae.config import ModelConfig, TrainConfig
 from mnist_vae.errors import UserError
-from mnist_vae.model import (
-    Architecture,
-    ModelFileError,
-    build_model,
-    importance_weighted_log_likelihood,
-    kl_divergence,
-    load_model,
-    loss_terms,
-    save_model,
-)
-from mnist_vae.train import Trainer, learning_rate, train_model
+from mnist_vae.models.objectives import iw_log_likelihood as importance_weighted_log_likelihood
+from mnist_vae.models.objectives import kl_divergence
+from mnist_vae.models.objectives import training_loss as loss_terms
+from mnist_vae.models.vae import Architecture, build_model
+from mnist_vae.models.weights import ModelFileError, load_model, save_model
+from mnist_vae.training.trainer import Trainer, learning_rate, train_model
 
 TinyImages = Callable[..., tuple[np.ndarray, np.ndarray]]
 

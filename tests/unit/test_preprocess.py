@@ -1,4 +1,4 @@
-"""Tests for :mod:`mnist_vae.preprocess`: any picture of a digit is made MNIST-like."""
+"""Tests for :mod:`mnist_vae.data.pictures`: any picture of a digit is made MNIST-like."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from mnist_vae.data.pictures import ImageError, load_digit
 from mnist_vae.errors import UserError
-from mnist_vae.preprocess import ImageError, load_digit
 
 StrokePicture = Callable[..., Path]
 

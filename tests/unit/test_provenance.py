@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_vae.provenance import git_commit, pipeline_outputs
+from mnist_vae.registry.provenance import git_commit, pipeline_outputs
 
 DVC_YAML = """\
 stages:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from mnist_vae import aliases, registry
+from mnist_vae.registry import aliases
+from mnist_vae.registry import registration as registry
 
 
 @pytest.fixture
@@ -48,8 +49,8 @@ def test_rollback_undoes_a_promotion_by_the_gate(
     """The gate moves champion from version 1 to 3 and records it as any promotion: `models` says
     the gate moved it, and one rollback returns to version 1."""
     from mnist_vae.config import EvaluateConfig, ModelConfig, TrainConfig
-    from mnist_vae.model import build_model
-    from mnist_vae.train import train_model
+    from mnist_vae.models.vae import build_model
+    from mnist_vae.training.trainer import train_model
 
     images, labels = tiny_images(128)
     untrained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
@@ -91,7 +92,8 @@ def test_loading_a_logged_model_leaves_no_copy_behind(
     import torch
 
     from mnist_vae.config import ModelConfig
-    from mnist_vae.model import build_model, save_model
+    from mnist_vae.models.vae import build_model
+    from mnist_vae.models.weights import save_model
 
     model = build_model(ModelConfig(preset="mlp", hidden=(8,), latent=2), seed=0)
     save_model(model, tmp_path / "model.pt")
@@ -110,7 +112,7 @@ def test_the_gate_compares_one_protocol_only(client: MlflowClient, tiny_images, 
     """A binarised candidate never displaces a grey champion, however it scores; without a
     validation split no candidate is compared; each version records its protocol."""
     from mnist_vae.config import EvaluateConfig, ModelConfig
-    from mnist_vae.model import build_model
+    from mnist_vae.models.vae import build_model
 
     images, labels = tiny_images(64)
 
@@ -143,7 +145,7 @@ def test_without_a_validation_split_only_the_first_version_becomes_champion(
     client: MlflowClient, tiny_images, monkeypatch
 ) -> None:
     from mnist_vae.config import EvaluateConfig, ModelConfig
-    from mnist_vae.model import build_model
+    from mnist_vae.models.vae import build_model
 
     images, labels = tiny_images(64)
     untrained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)

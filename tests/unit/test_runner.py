@@ -1,4 +1,4 @@
-"""Tests for :mod:`mnist_vae.runner`: the command line of the stage scripts. A user error ends in one
+"""Tests for :mod:`mnist_vae.stages.runner`: the command line of the stage scripts. A user error ends in one
 line and exit code 1, Ctrl-C in exit code 130, and anything else, a bug, keeps its traceback."""
 
 from __future__ import annotations
@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mnist_vae import runner
 from mnist_vae.config import ConfigError
 from mnist_vae.errors import UserError
-from mnist_vae.stages import download
+from mnist_vae.stages import download, runner
 
 
 def test_a_user_error_is_one_line_and_exit_code_1(capsys: pytest.CaptureFixture[str]) -> None:

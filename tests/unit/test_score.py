@@ -1,4 +1,4 @@
-"""Tests for :mod:`mnist_vae.score` (bulk scoring to CSV/Parquet) on an untrained tiny model and tiny
+"""Tests for :mod:`mnist_vae.serving.scoring` (bulk scoring to CSV/Parquet) on an untrained tiny model and tiny
 arrays: each input kind, each output kind, the bad-input messages, and agreement with the served
 model's ``score`` output."""
 
@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 
 from mnist_vae.cli import app
 from mnist_vae.config import ModelConfig
+from mnist_vae.data.pictures import ImageError
 from mnist_vae.errors import UserError
-from mnist_vae.model import VAE, build_model, save_model
-from mnist_vae.preprocess import ImageError
-from mnist_vae.score import ScoreInputError, read_images, score_file, score_pixels
-from mnist_vae.serving import ServedVAE
+from mnist_vae.models.vae import VAE, build_model
+from mnist_vae.models.weights import save_model
+from mnist_vae.serving.pyfunc import ServedVAE
+from mnist_vae.serving.scoring import ScoreInputError, read_images, score_file, score_pixels
 
 LATENT = 3
 

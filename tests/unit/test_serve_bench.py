@@ -1,5 +1,5 @@
 """The serving benchmark's report in this process: its tables, JSON and MLflow run, from a result
-as :func:`mnist_vae.serve_bench.run_serve_bench` returns it. The real servers are measured in
+as :func:`mnist_vae.bench.serving.run_serve_bench` returns it. The real servers are measured in
 tests/e2e/test_serve_bench.py."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mnist_vae.serve_bench import ServeBenchResult, log_to_mlflow, print_table, write_json
+from mnist_vae.bench.serving import ServeBenchResult, log_to_mlflow, print_table, write_json
 
 
 def _result() -> ServeBenchResult:

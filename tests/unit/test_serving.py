@@ -1,4 +1,4 @@
-"""Tests for :mod:`mnist_vae.serving` in this process, on an untrained tiny model: the input checks
+"""Tests for :mod:`mnist_vae.serving.pyfunc` in this process, on an untrained tiny model: the input checks
 and every output of the pyfunc model. The real `mlflow models serve` is in tests/e2e/test_serving.py."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from mnist_vae.config import ModelConfig
-from mnist_vae.evaluate import reconstruct
-from mnist_vae.model import build_model, save_model
-from mnist_vae.serving import WEIGHTS_FILE, ServedVAE, _load_pyfunc, as_batch, signature
+from mnist_vae.evaluation.figures import reconstruct
+from mnist_vae.models.vae import build_model
+from mnist_vae.models.weights import save_model
+from mnist_vae.serving.inputs import as_batch
+from mnist_vae.serving.pyfunc import WEIGHTS_FILE, ServedVAE, _load_pyfunc, signature
 
 LATENT = 3
 

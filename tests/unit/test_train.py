@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch._dynamo.exc import TorchDynamoException
 
-from mnist_vae import train as train_module
 from mnist_vae.config import ConfigError, ModelConfig, TrainConfig
-from mnist_vae.cores import available_cores
 from mnist_vae.errors import UserError
-from mnist_vae.model import build_model
-from mnist_vae.train import (
+from mnist_vae.models.vae import build_model
+from mnist_vae.training import trainer as train_module
+from mnist_vae.training.threads import available_cores
+from mnist_vae.training.trainer import (
     DeviceError,
     Trainer,
     TrainingDataError,
@@ -79,7 +79,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(
     cfg = TrainConfig(device="cpu", epochs=2, batch_size=32, seed=1)
     eager = losses(cfg)
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with caplog.at_level(logging.WARNING, logger="mnist_vae.speed"):
+    with caplog.at_level(logging.WARNING, logger="mnist_vae.training.precision"):
         compiled = losses(TrainConfig(device="cpu", epochs=2, batch_size=32, seed=1, compile=True))
     warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert warnings == ["torch.compile failed (inductor: no C++ compiler); training without it"]
@@ -89,7 +89,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(
 @pytest.mark.parametrize("when", ["first call", "later call"])
 def test_an_error_that_is_not_compiling_propagates(when: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Out of memory, or a bug, is no reason to change path mid-run: it stops training."""
-    from mnist_vae.speed import Compiled
+    from mnist_vae.training.precision import Compiled
 
     calls = []
 
@@ -131,7 +131,7 @@ def _raise_on_second(fn):
 def test_tf32_without_cuda_warns_and_trains_in_fp32(losses: Losses, caplog: pytest.LogCaptureFixture) -> None:
     if torch.cuda.is_available():
         pytest.skip("tf32 is used on CUDA; the fallback only happens without it")
-    with caplog.at_level(logging.WARNING, logger="mnist_vae.speed"):
+    with caplog.at_level(logging.WARNING, logger="mnist_vae.training.precision"):
         tf32 = losses(TrainConfig(device="cpu", epochs=2, batch_size=32, precision="tf32"))
     assert any("tf32 needs CUDA" in r.getMessage() for r in caplog.records)
     assert tf32 == losses(TrainConfig(device="cpu", epochs=2, batch_size=32))

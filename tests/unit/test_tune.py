@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mnist_vae.cli import app
-from mnist_vae.tune import SearchSpaceError, load_space
+from mnist_vae.tuning.search import SearchSpaceError, load_space
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_storage_comes_from_the_option_then_the_environment_then_the_journal(
 ) -> None:
     from dataclasses import replace
 
-    from mnist_vae.tune import STORAGE_ENV, TuneSettings
+    from mnist_vae.tuning.search import STORAGE_ENV, TuneSettings
 
     settings = TuneSettings(
         space_file=Path("space.yaml"),
@@ -158,7 +158,7 @@ def _at_once(target: Callable[..., None], *args: object) -> None:
 def _write_best(uri: str, run_id: str, start) -> None:
     import mlflow
 
-    from mnist_vae.tune import record_best
+    from mnist_vae.tuning.search import record_best
 
     mlflow.set_tracking_uri(uri)
     start.wait()
@@ -185,7 +185,7 @@ def _join_study(tmp_path: Path, ids, start) -> None:
     import mlflow
     import optuna
 
-    from mnist_vae.tune import TuneSettings, _parent_run, _storage
+    from mnist_vae.tuning.search import TuneSettings, _parent_run, _storage
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     settings = TuneSettings(
@@ -236,7 +236,7 @@ def failing_study(
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    from mnist_vae.tune import TuneSettings
+    from mnist_vae.tuning.search import TuneSettings
 
     monkeypatch.chdir(tmp_path)
     data = write_dataset(tmp_path / "data" / "mnist.npz", 300)
@@ -273,7 +273,7 @@ def test_failing_trials_are_told_fail_with_their_reason_and_the_search_goes_on(f
     import mlflow
     import optuna
 
-    from mnist_vae.tune import tune
+    from mnist_vae.tuning.search import tune
 
     settings, study = failing_study
     result = tune(settings)
@@ -301,7 +301,7 @@ def test_a_bug_stops_the_search_with_its_traceback_after_telling_the_trial(
 ) -> None:
     import optuna
 
-    from mnist_vae import tune as tune_module
+    from mnist_vae.tuning import search as tune_module
 
     settings, study = failing_study
 

@@ -1,20 +1,23 @@
 """The ``mnist-vae`` command line: one thin command per library function.
 
-Pipeline commands (``download``, ``train``, ``run``) call :mod:`mnist_vae.stages`, the same functions
-that ``dvc repro`` and ``MLproject`` run. The others load a model through
-:func:`mnist_vae.registry.load_vae` and call :mod:`mnist_vae.evaluate`, :mod:`mnist_vae.preprocess`
-or :mod:`mnist_vae.aliases`. Failures a user can fix end with one line ``error: ...`` on stderr and
-exit code 1, never a traceback.
+Each module of this package holds one group of commands, named after the room of the library it
+calls: :mod:`.pipeline` (``download``, ``train``, ``run``, ``profile``: :mod:`mnist_vae.stages`, the
+same functions that ``dvc repro`` and ``MLproject`` run), :mod:`.evaluation` (``evaluate``,
+``compare``), :mod:`.images` (``reconstruct``, ``sample``), :mod:`.scoring` (``score``),
+:mod:`.registry` (``models``, ``promote``, ``rollback``), :mod:`.tuning` (``tune``), :mod:`.bench`
+(``bench``, ``serve-bench``) and :mod:`.stack` (``stack``); :mod:`.common` holds what they share.
+Failures a user can fix end with one line ``error: ...`` on stderr and exit code 1, never a
+traceback.
 
-Each module of this package holds one group of commands; this one names them, in the order that
-``mnist-vae --help`` lists them, and gives each the one-line error handling.
+This module names the commands, in the order that ``mnist-vae --help`` lists them, and gives each
+the one-line error handling.
 """
 
 from collections.abc import Callable
 
 import typer
 
-from mnist_vae.cli import bench, evaluation, images, pipeline, registry, stack
+from mnist_vae.cli import bench, evaluation, images, pipeline, registry, scoring, stack, tuning
 from mnist_vae.cli.common import help_text, reports_errors, setup_logging
 
 COMMANDS: dict[str, Callable[..., None]] = {
@@ -30,10 +33,10 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "rollback": registry.rollback,
     "bench": bench.bench,
     "profile": pipeline.profile,
-    "tune": pipeline.tune,
+    "tune": tuning.tune,
     "stack": stack.stack,
     "serve-bench": bench.serve_bench,
-    "score": images.score,
+    "score": scoring.score,
 }
 
 app = typer.Typer(

@@ -21,7 +21,7 @@ _Result = TypeVar("_Result", contravariant=True)
 
 
 class _Benchmark(Protocol[_Result]):
-    """What :mod:`mnist_vae.bench` and :mod:`mnist_vae.serve_bench` each offer for their result."""
+    """What :mod:`mnist_vae.bench.training` and :mod:`mnist_vae.bench.serving` each offer for their result."""
 
     def print_table(self, result: _Result, console: Console | None = None) -> None: ...
 
@@ -70,8 +70,8 @@ def bench(
 
     Example: mnist-vae bench --device cpu --out reports/bench.json
     """
-    from mnist_vae import bench as benchmark
-    from mnist_vae.data import load_mnist
+    from mnist_vae.bench import training as benchmark
+    from mnist_vae.data.dataset import load_mnist
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device: expected auto, cpu or cuda, got {device!r}")
@@ -81,7 +81,7 @@ def bench(
         chunk=chunk, target_neg_elbo=target, max_epochs_d=max_epochs, device=device
     )
     mnist = load_mnist(data)
-    for name in ("mnist_vae.train", "mnist_vae.progress"):  # the table says it all
+    for name in ("mnist_vae.training.trainer", "mnist_vae.progress"):  # the table says it all
         logging.getLogger(name).setLevel(logging.WARNING)
     with busy("benchmarking rows (a)-(e), about ten minutes on a 2-core CPU"):
         result = benchmark.run_benchmark(mnist, settings)
@@ -119,8 +119,8 @@ def serve_bench(
 
     Example: mnist-vae serve-bench --model models:/mnist-vae@champion --clients 8 --seconds 5
     """
-    from mnist_vae import serve_bench as benchmark
-    from mnist_vae.data import load_mnist
+    from mnist_vae.bench import serving as benchmark
+    from mnist_vae.data.dataset import load_mnist
 
     settings = benchmark.ServeBenchSettings(clients=clients, seconds=seconds, warmup=min(1.0, seconds))
     images = load_mnist(data).x_test[:256]

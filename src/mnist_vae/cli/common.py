@@ -16,17 +16,26 @@ from rich.console import Console
 from rich.status import Status
 
 from mnist_vae.config import Params
-from mnist_vae.errors import UserError
-from mnist_vae.runner import one_line
+from mnist_vae.errors import UserError, one_line
 
 if TYPE_CHECKING:
-    from mnist_vae.model import VAE
+    from mnist_vae.models.vae import VAE
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="Params file, sectioned by stage.")]
 DataOption = Annotated[Path, typer.Option("--data", help="The MNIST .npz that `mnist-vae download` writes.")]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Model reference: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
+        "weights file such as models/model.pt. Default: the alias champion of the registered model "
+        "that mlflow.registered_model in params.yaml names.",
+        show_default=False,
+    ),
+]
 
 
 def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
@@ -91,18 +100,18 @@ def busy(message: str) -> Status:
 
 def load_model(reference: str) -> "VAE":
     """The model behind a registry reference, a run's model or a weights file."""
-    from mnist_vae import registry, tracking
+    from mnist_vae import tracking
+    from mnist_vae.registry.references import in_mlflow, load_vae
 
-    # A local weights file needs no tracking store, so a server that is down must not stop it; this
-    # mirrors how load_vae tells references apart.
-    if "://" in reference or reference.startswith(("models:/", "runs:/")):
+    # A local weights file needs no tracking store, so a server that is down must not stop it.
+    if in_mlflow(reference):
         tracking.configure()
     with busy(f"loading {reference}"):
-        return registry.load_vae(reference)
+        return load_vae(reference)
 
 
 def default_model(params: Params, reference: str | None) -> str:
     """``reference``, else the champion of mlflow.registered_model."""
-    from mnist_vae.registry import CHAMPION
+    from mnist_vae.registry.aliases import CHAMPION
 
     return reference or f"models:/{params.mlflow.registered_model}@{CHAMPION}"

@@ -16,7 +16,7 @@ from mnist_vae.config import EvaluateConfig, load_params
 if TYPE_CHECKING:
     import numpy as np
 
-    from mnist_vae.evaluate import Evaluation
+    from mnist_vae.evaluation.metrics import Evaluation
 
 # (unit, whether lower is better) of the metrics that evaluate_model reports.
 _METRICS: dict[str, tuple[str, bool]] = {
@@ -66,8 +66,8 @@ def _test_set(
 ) -> "tuple[EvaluateConfig, np.ndarray, np.ndarray]":
     """``evaluate`` of the params file with the command-line values (validated like the file), and
     the test images and labels it selects."""
-    from mnist_vae.data import load_mnist
-    from mnist_vae.evaluate import select
+    from mnist_vae.data.dataset import load_mnist
+    from mnist_vae.evaluation.metrics import select
 
     resolved = load_params(params)
     chosen = _parse_digits(digits)
@@ -181,7 +181,8 @@ def evaluate(
     Example: mnist-vae evaluate models:/mnist-vae@champion --digits 3,8 --out reports/champion
     """
     from mnist_vae.atomic import atomic_write
-    from mnist_vae.evaluate import evaluate_model, write_figures
+    from mnist_vae.evaluation.figures import write_figures
+    from mnist_vae.evaluation.metrics import evaluate_model
 
     cfg, images, labels = _test_set(params, data, limit, digits, iw_samples)
     vae = load_model(model)
@@ -213,7 +214,7 @@ def compare(
 
     Example: mnist-vae compare models:/mnist-vae/1 models:/mnist-vae@champion
     """
-    from mnist_vae.evaluate import evaluate_model
+    from mnist_vae.evaluation.metrics import evaluate_model
 
     cfg, images, labels = _test_set(params, data, limit, digits, iw_samples)
     results = []

@@ -1,5 +1,4 @@
-"""Commands that run a model on images: ``reconstruct`` your own pictures, ``sample`` new digits,
-``score`` many images in bulk."""
+"""Commands that draw with a model: ``reconstruct`` your own pictures, ``sample`` new digits."""
 
 import math
 from pathlib import Path
@@ -8,19 +7,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mnist_vae.cli.common import ParamsOption, busy, default_model, fail, load_model
+from mnist_vae.cli.common import ModelOption, ParamsOption, default_model, fail, load_model
 from mnist_vae.config import load_params
-
-ModelOption = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        help="Model reference: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
-        "weights file such as models/model.pt. Default: the alias champion of the registered model "
-        "that mlflow.registered_model in params.yaml names.",
-        show_default=False,
-    ),
-]
 
 
 def reconstruct(
@@ -48,9 +36,9 @@ def reconstruct(
     """
     import numpy as np
 
-    from mnist_vae.evaluate import reconstruct as decode_means
-    from mnist_vae.images import image_grid, write_png
-    from mnist_vae.preprocess import load_digit
+    from mnist_vae.data.pictures import load_digit
+    from mnist_vae.evaluation.figures import image_grid, write_png
+    from mnist_vae.evaluation.figures import reconstruct as decode_means
 
     # Read the pictures first: a bad file fails before the slow model download.
     prepared = np.stack([load_digit(path) for path in images])
@@ -74,8 +62,8 @@ def sample(
 
     Example: mnist-vae sample -n 64 -o grid.png --seed 1
     """
-    from mnist_vae.evaluate import sample as draw
-    from mnist_vae.images import image_grid, write_png
+    from mnist_vae.evaluation.figures import image_grid, write_png
+    from mnist_vae.evaluation.figures import sample as draw
 
     if number < 1:
         fail(f"--number: expected at least 1 image, got {number}")
@@ -83,56 +71,3 @@ def sample(
     images = draw(vae, number, seed=seed)
     written = write_png(out, image_grid(images, columns=math.ceil(math.sqrt(number))))
     Console().print(f"wrote {written}")
-
-
-def score(
-    source: Annotated[
-        Path,
-        typer.Argument(
-            help="An .npz (its test images by default, see --key), an .npy of uint8 (N,28,28)/(N,784) "
-            "or float [0,1] images, or a folder of PNG/JPEG digits."
-        ),
-    ] = Path("data/mnist.npz"),
-    model: ModelOption = None,
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="The table to write: .csv or .parquet (by the suffix).")
-    ] = Path("reports/scores.csv"),
-    key: Annotated[
-        str | None,
-        typer.Option("--key", help="The array of an .npz to score. Default: x_test.", show_default=False),
-    ] = None,
-    latents: Annotated[
-        bool, typer.Option("--latents", help="Also write the posterior means mu_0, mu_1, ... of each image.")
-    ] = False,
-    seed: Annotated[
-        int,
-        typer.Option(
-            "--seed",
-            min=0,
-            max=2**31 - 1,
-            help="Seed of the posterior draws, as the served model's `seed` parameter.",
-        ),
-    ] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 4096,
-    params: ParamsOption = Path("params.yaml"),
-) -> None:
-    """Score many images in bulk, without a server or JSON: per-image negative ELBO (nats).
-
-    The same numbers as the served model's `score` output for the same seed; higher is more
-    unusual. Writes one row per image: `image` (index, or file name in a folder), `neg_elbo`, and
-    with --latents `mu_0`, `mu_1`, ...
-
-    Example: mnist-vae score data/mnist.npz --model models/model.pt --out reports/scores.parquet
-    """
-    from mnist_vae.score import check_output, score_file
-
-    check_output(out)  # a bad suffix fails before the model loads
-    vae = load_model(model or default_model(load_params(params), None))
-    with busy(f"scoring {source}"):
-        result = score_file(vae, source, out, key=key, seed=seed, latents=latents, batch_size=batch_size)
-    Console().print(
-        f"scored {result.images} images in {result.seconds:.2f} s "
-        f"({result.images_per_sec:,.0f} images/s): wrote {result.path}",
-        highlight=False,
-        soft_wrap=True,
-    )

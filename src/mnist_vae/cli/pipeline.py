@@ -1,5 +1,5 @@
-"""Commands that train: the pipeline's stages (``download``, ``train``, ``run``), the named profiles of
-params, and the hyperparameter search (``tune``)."""
+"""Commands that run the pipeline: its stages (``download``, ``train``, ``run``) and the named profiles
+of params (``profile``)."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +35,7 @@ ProfileOption = Annotated[
 def _params(path: Path, overrides: list[str] | None, profile: str | None = None) -> Params:
     """The params file with the profile's overrides, then ``--set``'s, applied."""
     if profile is not None:
-        from mnist_vae.profiles import PROFILES
+        from mnist_vae.stages.profiles import PROFILES
 
         if profile not in PROFILES:
             fail(f"--profile: unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
@@ -128,7 +128,7 @@ def profile(
 
     Example: dvc exp run $(mnist-vae profile burda2015-iwae)
     """
-    from mnist_vae.profiles import PROFILES, dvc_arguments
+    from mnist_vae.stages.profiles import PROFILES, dvc_arguments
 
     if name is None:
         for known, items in PROFILES.items():
@@ -137,71 +137,3 @@ def profile(
     if name not in PROFILES:
         fail(f"unknown profile {name!r}; expected one of {', '.join(PROFILES)}")
     typer.echo(dvc_arguments(name))
-
-
-def tune(
-    trials: Annotated[
-        int,
-        typer.Option(
-            "--trials", min=1, help="Trials in the study, in total over every process that works on it."
-        ),
-    ] = 20,
-    jobs: Annotated[
-        int,
-        typer.Option(
-            "--jobs",
-            min=1,
-            help="Trials at once on this machine (processes; train.threads auto shares the cores).",
-        ),
-    ] = 1,
-    space: Annotated[Path, typer.Option("--space", help="The search space file.")] = Path(
-        "search_space.yaml"
-    ),
-    storage: Annotated[
-        str | None,
-        typer.Option(
-            "--storage",
-            help="Optuna storage URL shared by several machines, e.g. "
-            "postgresql+psycopg://user@host/optuna. Better: set it in $MNIST_VAE_TUNE_STORAGE, so that a "
-            "password is not on the command line. Default: that variable, else the journal file "
-            ".tune/STUDY.journal (this machine's processes).",
-            show_default=False,
-        ),
-    ] = None,
-    study: Annotated[
-        str, typer.Option("--study", help="Study name; an existing study is continued.")
-    ] = "mnist-vae",
-    params: ParamsOption = Path("params.yaml"),
-    data: DataOption = Path("data/mnist.npz"),
-    overrides: SetOption = None,
-) -> None:
-    """Search hyperparameters with Optuna (TPE, pruning on the validation negative ELBO).
-
-    Each trial is an MLflow child run of one parent run; the best trial is printed as `dvc exp run`
-    arguments, to reproduce and commit it through the pipeline.
-
-    Example: mnist-vae tune --trials 20 --jobs 2 --set train.limit=20000
-    """
-    from mnist_vae.tune import TuneSettings
-    from mnist_vae.tune import tune as run_search
-
-    settings = TuneSettings(
-        space_file=space,
-        params_file=params,
-        data=data,
-        trials=trials,
-        jobs=jobs,
-        storage=storage,
-        study=study,
-        overrides=tuple(overrides or ()),
-    )
-    result = run_search(settings)
-    typer.echo(
-        f"study {study}: {result.trials} trials ({result.pruned} pruned, {result.failed} failed), "
-        f"MLflow parent run {result.parent_run_id}"
-    )
-    typer.echo(
-        f"best validation neg. ELBO {result.best_value:.2f} with "
-        + ", ".join(f"{k}={v}" for k, v in result.best_params.items())
-    )
-    typer.echo(f"reproduce: dvc exp run {result.dvc_args}")

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mnist_vae.benchmarks import print_tables
+from mnist_vae.bench.report import print_tables
 from mnist_vae.cli.common import ParamsOption
 from mnist_vae.config import load_params
 
@@ -39,7 +39,7 @@ def models(params: ParamsOption = Path("params.yaml")) -> None:
 
     Example: mnist-vae models
     """
-    from mnist_vae import aliases
+    from mnist_vae.registry import aliases
 
     with _registered_model(params, "read model") as (client, name):
         rows = aliases.list_versions(client, name)
@@ -80,7 +80,7 @@ def promote(
 
     Example: mnist-vae promote 3
     """
-    from mnist_vae import aliases
+    from mnist_vae.registry import aliases
 
     with _registered_model(params, "move aliases of model") as (client, name):
         previous = aliases.promote(client, name, version)
@@ -97,7 +97,7 @@ def rollback(params: ParamsOption = Path("params.yaml")) -> None:
 
     Example: mnist-vae rollback
     """
-    from mnist_vae import aliases
+    from mnist_vae.registry import aliases
 
     with _registered_model(params, "move aliases of model") as (client, name):
         version = aliases.rollback(client, name)

@@ -5,6 +5,9 @@ Start order: PostgreSQL (then its role and databases), S3 (then its bucket), MLf
 config); stop order: the reverse. The work folder keeps the logs (``postgres.log``, ``s3.log``,
 ``mlflow.log``, ``watchdog.log``); the private folder, PostgreSQL's data and socket, goes with the
 stack, and so does the work folder when the stack made it.
+
+Over 300 lines because starting the parts in order, granting users and stopping everything on
+every path out (SIGKILL included, through the watchdog) is one sequence, read top to bottom.
 """
 
 from __future__ import annotations
@@ -329,38 +332,30 @@ def serve_forever(workdir: Path | None = None) -> None:
         StackError: A part is missing, did not come up, or died while the stack ran.
     """
 
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
     stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    # All set explicitly: a process started in the background by a shell inherits SIGINT ignored.
-    previous = {sig: signal.signal(sig, interrupt) for sig in stopping}
-    stack = Stack(workdir)
-    try:
-        stack.start()
-        for name, value in stack.env().items():
-            print(f"export {name}={shlex.quote(value)}")
-        sys.stdout.flush()
-        print(
-            f"team stack up: MLflow {stack.tracking_uri} (user {stack.admin_username}), "
-            f"S3 {stack.s3_endpoint_url} bucket {stack.bucket}; logs in {stack.workdir}"
-            f"{' (removed at exit)' if workdir is None else ''}; Ctrl-C stops it",
-            file=sys.stderr,
-            flush=True,
-        )
-        while True:
-            stack.check()
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        # After SIGHUP the terminal may be gone: a failed write must not skip the stop below.
-        with contextlib.suppress(OSError):
-            print("stopping the team stack", file=sys.stderr, flush=True)
-    finally:
-        # A second Ctrl-C must not leave half the stack running.
-        for sig in stopping:
-            signal.signal(sig, signal.SIG_IGN)
+    with procs.signals_raise(lambda signum: KeyboardInterrupt(), *stopping):
+        stack = Stack(workdir)
         try:
-            stack.stop()
+            stack.start()
+            for name, value in stack.env().items():
+                print(f"export {name}={shlex.quote(value)}")
+            sys.stdout.flush()
+            print(
+                f"team stack up: MLflow {stack.tracking_uri} (user {stack.admin_username}), "
+                f"S3 {stack.s3_endpoint_url} bucket {stack.bucket}; logs in {stack.workdir}"
+                f"{' (removed at exit)' if workdir is None else ''}; Ctrl-C stops it",
+                file=sys.stderr,
+                flush=True,
+            )
+            while True:
+                stack.check()
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            # After SIGHUP the terminal may be gone: a failed write must not skip the stop below.
+            with contextlib.suppress(OSError):
+                print("stopping the team stack", file=sys.stderr, flush=True)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            # A second Ctrl-C must not leave half the stack running.
+            for sig in stopping:
+                signal.signal(sig, signal.SIG_IGN)
+            stack.stop()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mnist_vae import runner
 from mnist_vae.config import Params
-from mnist_vae.fetch import download_mnist, resolve_mirrors
+from mnist_vae.data.fetch import download_mnist, resolve_mirrors
 from mnist_vae.paths import DEFAULT_PATHS, Paths, project_root
+from mnist_vae.stages import runner
 
 
 def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Path:

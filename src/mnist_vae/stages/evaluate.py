@@ -15,14 +15,18 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mnist_vae import registry, runner, tracking
+from mnist_vae import tracking
 from mnist_vae.atomic import atomic_write
 from mnist_vae.config import Params
-from mnist_vae.data import MnistData, load_mnist
+from mnist_vae.data.dataset import MnistData, load_mnist
 from mnist_vae.errors import UserError
-from mnist_vae.evaluate import Evaluation, evaluate_model, select, write_figures
-from mnist_vae.model import load_model
+from mnist_vae.evaluation.figures import write_figures
+from mnist_vae.evaluation.metrics import Evaluation, evaluate_model, select
+from mnist_vae.models.weights import load_model
 from mnist_vae.paths import DEFAULT_PATHS, Paths, project_root
+from mnist_vae.registry.gate import GateData
+from mnist_vae.registry.registration import log_and_register
+from mnist_vae.stages import runner
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -64,7 +68,7 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
                 mlflow.log_dict(evaluation.to_json(), "metrics.json")
                 for figure in figures:
                     mlflow.log_artifact(str(figure), artifact_path="figures")
-                version = registry.log_and_register(
+                version = log_and_register(
                     model, params, evaluation, (images, labels), _gate_data(data, params), paths, root
                 )
         atomic_write(paths.metrics, json.dumps(evaluation.to_json(), indent=2) + "\n")
@@ -88,14 +92,14 @@ def _replace_folder(new: Path, target: Path) -> None:
         os.replace(item, target / item.name)
 
 
-def _gate_data(data: MnistData, params: Params) -> registry.GateData:
+def _gate_data(data: MnistData, params: Params) -> GateData:
     """The validation split the model was not trained on; without one (a paper's profile trains on
     all 60000 images), the last 10000 training images, and the gate says so."""
     n = params.train.validation
     _, _, x_val, y_val = data.split(n)
     if n:
-        return registry.GateData(x_val, y_val, f"the validation split ({n} images)")
-    return registry.GateData(
+        return GateData(x_val, y_val, f"the validation split ({n} images)")
+    return GateData(
         data.x_train[-10_000:],
         data.y_train[-10_000:],
         "the last 10000 training images (train.validation is 0)",

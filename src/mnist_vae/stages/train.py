@@ -23,13 +23,17 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict
 
-from mnist_vae import checkpoint, distributed, provenance, runner, tracking
+from mnist_vae import procs, tracking
 from mnist_vae.atomic import atomic_write
 from mnist_vae.config import Params
-from mnist_vae.data import MnistData, load_mnist
-from mnist_vae.model import build_model, save_model
+from mnist_vae.data.dataset import MnistData, load_mnist
+from mnist_vae.models.vae import build_model
+from mnist_vae.models.weights import save_model
 from mnist_vae.paths import DEFAULT_PATHS, Paths, project_root
-from mnist_vae.train import EpochStats, Trainer
+from mnist_vae.registry import provenance
+from mnist_vae.stages import runner
+from mnist_vae.training import checkpoint, distributed
+from mnist_vae.training.trainer import EpochStats, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +81,11 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
         with tracking.server_errors(f"log runs in experiment {experiment!r}"):
             run = mlflow.start_run(
                 experiment_id=tracking.experiment_id(experiment, root),
-                run_name=tracking.run_name(params),
-                tags=tracking.dvc_tags(),
+                run_name=provenance.run_name(params),
+                tags=provenance.dvc_tags(),
             )
         with _failed_on_error():
-            mlflow.log_params(
-                {k: _param_value(v) for k, v in params.flat().items() if not k.startswith("evaluate.")}
-            )
+            mlflow.log_params({k: _param_value(v) for k, v in _read_params(params).items()})
             mlflow.set_tags(
                 {
                     "mlflow.source.git.commit": provenance.git_commit(root),
@@ -95,15 +97,16 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
                 }
             )
             x_train, y_train, x_val, y_val = data.split(params.train.validation)
-            tracking.log_dataset(x_train, y_train, "mnist-train", paths.data, data_md5, context="training")
+            provenance.log_dataset(x_train, y_train, "mnist-train", paths.data, data_md5, context="training")
             if len(x_val):
-                tracking.log_dataset(
+                provenance.log_dataset(
                     x_val, y_val, "mnist-validation", paths.data, data_md5, context="validation"
                 )
     run_id = run.info.run_id
     metrics = _EpochMetrics()
     try:
-        with _signals_as_interrupt():
+        # SIGTERM stops training as Ctrl-C does: the checkpoint is kept, the run ends KILLED.
+        with procs.signals_raise(lambda signum: KeyboardInterrupt(f"signal {signum}"), signal.SIGTERM):
             for stats in trainer.epochs(progress=progress):
                 history.append(stats)
                 checkpoint.save(
@@ -227,24 +230,6 @@ def _prepare(
     return trainer, data_md5, fingerprint, resumed
 
 
-@contextlib.contextmanager
-def _signals_as_interrupt():
-    """Turns SIGTERM into KeyboardInterrupt, so both stop training the same, clean way."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 # What changes from run to run with the same weights (speed, the threads a share of the cores gave):
 # in MLflow's metrics, not in the DVC output, whose hash must follow the weights alone.
 _TIMINGS = ("samples_per_sec", "seconds", "threads")
@@ -258,6 +243,13 @@ def _history_csv(history: list[EpochStats]) -> str:
     for stats in history:
         writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(stats).items()})
     return buffer.getvalue()
+
+
+def _read_params(params: Params) -> dict[str, object]:
+    """The params this stage reads (dvc.yaml lists them): ``model.*``, ``train.*`` and
+    ``mlflow.experiment``, flat, as the run's MLflow params."""
+    flat = params.flat()
+    return {k: v for k, v in flat.items() if k.startswith(("model.", "train.")) or k == "mlflow.experiment"}
 
 
 def _param_value(value: object) -> object:

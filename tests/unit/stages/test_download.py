@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mnist_vae.data import load_mnist
-from mnist_vae.fetch import MIRRORS_ENV
+from mnist_vae.data.dataset import load_mnist
+from mnist_vae.data.fetch import MIRRORS_ENV
 from mnist_vae.stages.download import main
 
 

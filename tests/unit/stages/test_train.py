@@ -12,12 +12,12 @@ import mlflow
 import pytest
 import torch
 
-from mnist_vae import train as train_module
 from mnist_vae.atomic import DiskFullError
 from mnist_vae.config import Params, load_params
-from mnist_vae.model import load_model
+from mnist_vae.models.weights import load_model
 from mnist_vae.stages import train as stage
-from mnist_vae.train import TrainingDivergedError
+from mnist_vae.training import trainer as train_module
+from mnist_vae.training.trainer import TrainingDivergedError
 
 # 256 + 64 images: 16 steps of 16 per epoch, and a validation split of 64.
 TINY = {
@@ -158,12 +158,12 @@ def test_a_failure_while_describing_the_run_ends_it_failed(
 ) -> None:
     """Logging the datasets fails after the run started: the run ends FAILED, not FINISHED (as
     MLflow would end it at exit), and the error propagates."""
-    from mnist_vae import tracking
+    from mnist_vae.registry import provenance
 
     def broken(*args, **kwargs):
         raise OSError("disk gone while logging the dataset")
 
-    monkeypatch.setattr(tracking, "log_dataset", broken)
+    monkeypatch.setattr(provenance, "log_dataset", broken)
     with pytest.raises(OSError, match="disk gone"):
         stage.run(_params(project), progress=False)
     assert [r.info.status for r in _runs(mlflow_store)] == ["FAILED"]
@@ -198,7 +198,7 @@ def test_a_checkpoint_resumes_into_the_same_code_only(
     the checkpoint aside and trains from scratch in a new run."""
     import logging
 
-    from mnist_vae import checkpoint
+    from mnist_vae.training import checkpoint
 
     _stop_in_epoch_2(project, monkeypatch)
     (failed,) = _runs(mlflow_store)

@@ -1,4 +1,5 @@
-"""Which code made a run: the git commit, and whether the inputs differ from it.
+"""Where a run came from: the git commit of its code (and whether the inputs differ from it), the
+data it saw, and the DVC experiment that ran it.
 
 A run records ``<sha>-dirty`` only when a tracked input (code, params, configuration) differs from
 the commit. The pipeline's own outputs do not count: ``dvc repro`` rewrites ``dvc.lock`` and
@@ -8,12 +9,24 @@ clone as dirty.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import secrets
 import subprocess
+import time
+import warnings
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
+import numpy as np
 import yaml
 
+from mnist_vae.config import Params
 from mnist_vae.paths import project_root
+
+if TYPE_CHECKING:
+    from mlflow.data.numpy_dataset import NumpyDataset
 
 # Written by the pipeline and the CLI (figures, training history, bench results), never read as
 # an input; DVC's lock file records what the last `dvc repro` produced.
@@ -72,3 +85,53 @@ def _is_output(path: PurePosixPath, outputs: set[PurePosixPath]) -> bool:
 
 def _git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def log_dataset(
+    images: np.ndarray, labels: np.ndarray, name: str, source: Path, file_md5: str, context: str
+) -> NumpyDataset:
+    """Logs a split as an input of the active run, its digest that of the DVC-tracked file and split.
+
+    The digest names the file (its MD5, as in dvc.lock) and the rows taken from it, so the run page
+    shows which data, exactly, a model saw.
+    """
+    import mlflow
+    from mlflow.data.numpy_dataset import from_numpy
+
+    digest = hashlib.md5(f"{file_md5}:{name}:{len(images)}".encode()).hexdigest()[:8]
+    with warnings.catch_warnings():
+        # MLflow registers two local-file source classes under one name and warns that a path
+        # "can be interpreted in multiple ways"; both record the same path.
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        dataset = from_numpy(
+            images.reshape(len(images), -1),
+            targets=labels,
+            source=str(Path(source).resolve()),
+            name=name,
+            digest=digest,
+        )
+    mlflow.log_input(dataset, context=context)
+    return dataset
+
+
+# What DVC passes to a stage command run by `dvc exp run`, tagged on the run so that a row of
+# `dvc exp show` and a run in `mlflow ui` are found from each other.
+_DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev"}
+
+
+def run_name(params: Params) -> str:
+    """The experiment's name under ``dvc exp run``; else ``<preset>-<hash>-<time>-<random>``, the hash
+    that of the ``model`` and ``train`` params (what the train stage reads).
+
+    Never drawn from Python's ``random``: seeded training would give every run the same name.
+    """
+    name = os.environ.get("DVC_EXP_NAME", "").strip()
+    if name:
+        return name
+    trained = {k: v for k, v in params.to_dict().items() if k in ("model", "train")}
+    digest = hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:7]
+    return f"{params.model.preset}-{digest}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def dvc_tags() -> dict[str, str]:
+    return {tag: os.environ[var] for var, tag in _DVC_ENV_TAGS.items() if os.environ.get(var)}

@@ -1,7 +1,7 @@
 """The networks of the presets and what rebuilds them: :class:`Architecture`, the MLP of ``seed``
 and ``mlp``, and the convolutional encoder and decoder of ``conv``.
 
-Every network takes and returns flat (..., features) tensors; :class:`mnist_vae.model.VAE` puts an
+Every network takes and returns flat (..., features) tensors; :class:`mnist_vae.models.vae.VAE` puts an
 encoder and a decoder together.
 """
 
@@ -165,7 +165,7 @@ class ConvDecoder(nn.Module):
 
     A convolution's bias is the same at every position, while MNIST's pixels are not: the border
     is always blank, the centre often ink. The MLP's last linear layer has a bias per pixel; this
-    gives the conv decoder one too (:meth:`mnist_vae.model.VAE.start_at_mean` sets it to the
+    gives the conv decoder one too (:meth:`mnist_vae.models.vae.VAE.start_at_mean` sets it to the
     training images' mean at the start of training).
     """
 

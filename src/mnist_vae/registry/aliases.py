@@ -1,9 +1,10 @@
-"""Moving the ``champion`` alias by hand: listing versions, promoting one, rolling back.
+"""The aliases of a registered model and every move of ``champion``: listing versions, promoting one,
+rolling back.
 
-The automatic promotion gate lives in :mod:`mnist_vae.registry`; these are the manual overrides an
-operator needs when the gate's choice is wrong. Every move of ``champion``, by the gate or by hand,
-goes through :func:`mnist_vae.registry.move_champion`, which remembers the champion it replaced in
-the registered-model tag ``previous_champion`` and who moved it when: one :func:`rollback` undoes
+The promotion gate (:mod:`.gate`) moves ``champion`` automatically; :func:`promote` and
+:func:`rollback` are the manual overrides an operator needs when its choice is wrong. Every move,
+by the gate or by hand, goes through :func:`move_champion`, which remembers the champion it replaced
+in the registered-model tag ``previous_champion`` and who moved it when: one :func:`rollback` undoes
 the last move, whoever made it.
 """
 
@@ -11,25 +12,60 @@ from __future__ import annotations
 
 import getpass
 import os
+import time
 from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mnist_vae.errors import UserError
-from mnist_vae.registry import (
-    CHAMPION,
-    MOVED_AT_TAG,
-    MOVED_BY_TAG,
-    PENDING,
-    PREVIOUS_TAG,
-    REGISTRATION_TAG,
-    ModelNotFoundError,
-    champion_version,
-    move_champion,
-)
+from mnist_vae.registry.references import ModelNotFoundError
 
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+# A version is created with this tag "pending" and set "complete" once it is `candidate`; a pending
+# version (its registration failed part way and could not be deleted) is left out of
+# `mnist-vae models`, `promote` and the gate.
+REGISTRATION_TAG = "registration"
+PENDING, COMPLETE = "pending", "complete"
+# Registered-model tags that every move of `champion` writes, by the gate or by a person: the
+# version it replaced (what `mnist-vae rollback` returns to) and who moved it, when.
+PREVIOUS_TAG = "previous_champion"
+MOVED_BY_TAG, MOVED_AT_TAG = "champion_moved_by", "champion_moved_at"
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+
+
+def champion(client: MlflowClient, name: str) -> str | None:
+    """The version ``champion`` points at, or None when there is no such alias.
+
+    Only "this alias (or model) does not exist" means no champion: MLflow's SQL and file stores
+    answer a missing alias with INVALID_PARAMETER_VALUE "Registered model alias champion not
+    found", other registries with RESOURCE_DOES_NOT_EXIST. Any other failure raises.
+    """
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {CHAMPION} not found" in str(exc)
+        ):
+            return None
+        raise
+
+
+def move_champion(client: MlflowClient, name: str, version: str, previous: str | None, by: str) -> None:
+    """Points ``champion`` at ``version`` and records the move: the version it replaced (``None``:
+    there was none), who moved it (``by``: the gate or a person) and when, as tags of the
+    registered model. The record is written first, so a failure never leaves a moved alias that
+    `mnist-vae rollback` knows nothing about."""
+    if previous is None:
+        # A record left from before the alias vanished would send a later rollback somewhere stale.
+        if PREVIOUS_TAG in (client.get_registered_model(name).tags or {}):
+            client.delete_registered_model_tag(name, PREVIOUS_TAG)
+    else:
+        client.set_registered_model_tag(name, PREVIOUS_TAG, previous)
+    client.set_registered_model_tag(name, MOVED_BY_TAG, by)
+    client.set_registered_model_tag(name, MOVED_AT_TAG, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    client.set_registered_model_alias(name, CHAMPION, version)
 
 
 class NothingToRollBackError(UserError, LookupError):
@@ -133,7 +169,7 @@ class ChampionMove:
 def last_move(client: MlflowClient, name: str) -> ChampionMove | None:
     """How ``champion`` got where it is, or None when there is no champion (or no record of its
     move: versions promoted before moves were recorded)."""
-    version = champion_version(client, name)
+    version = champion(client, name)
     tags = _registered(client, name).tags or {}
     if version is None or MOVED_BY_TAG not in tags:
         return None
@@ -143,13 +179,6 @@ def last_move(client: MlflowClient, name: str) -> ChampionMove | None:
 def _person() -> str:
     """Who moves the alias by hand: the tracking server's user, else the account."""
     return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
-
-
-def champion(client: MlflowClient, name: str) -> str | None:
-    """The version the ``champion`` alias points at, or None when it is not set."""
-    aliases = _registered(client, name).aliases or {}
-    version = aliases.get(CHAMPION)
-    return None if version is None else str(version)
 
 
 def _registered(client: MlflowClient, name: str):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mnist_vae.config import Params, load_params
-from mnist_vae.errors import UserError
+from mnist_vae.errors import UserError, one_line
 
 
 def parse_args(stage: str, argv: list[str] | None, description: str | None) -> Params:
@@ -52,8 +52,3 @@ def reporting(stage: str) -> Iterator[None]:
             file=sys.stderr,
         )
         sys.exit(130)
-
-
-def one_line(message: str) -> str:
-    """A multi-line message (a download's per-mirror reasons) joined into one line."""
-    return "; ".join(part.strip() for part in message.strip().splitlines() if part.strip()).replace(":;", ":")

@@ -8,6 +8,9 @@ database URL (``$MNIST_VAE_TUNE_STORAGE`` or ``--storage``) so that several mach
 study. Each process counts the study's trials and asks for a new one under a lock (a file lock beside a
 journal or SQLite file, a PostgreSQL advisory lock), so processes on one study create exactly the
 number of trials asked for in total, none twice and no surplus.
+
+Over 300 lines because a study's trials are shared by processes on one or many machines, and
+every way a trial ends (pruned, failed, interrupted, waiting) is handled here, where it happens.
 """
 
 from __future__ import annotations
@@ -28,17 +31,16 @@ import yaml
 
 from mnist_vae.config import ConfigError, Params, load_params
 from mnist_vae.errors import UserError, first_line
-from mnist_vae.search_space import SearchSpace, load_space, yaml_text
 
 # The search space's names, as this module's callers (the CLI, the tests) import them.
-from mnist_vae.search_space import SearchSpaceError as SearchSpaceError
+from mnist_vae.tuning.space import SearchSpace, load_space, yaml_text
 
 if TYPE_CHECKING:
     from optuna import Study
     from optuna.storages import BaseStorage
     from optuna.trial import Trial
 
-    from mnist_vae.data import MnistData
+    from mnist_vae.data.dataset import MnistData
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +238,7 @@ def _worker(settings: TuneSettings, parent_id: str) -> None:
     import optuna
 
     from mnist_vae import tracking
-    from mnist_vae.data import load_mnist
+    from mnist_vae.data.dataset import load_mnist
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracking.configure()
@@ -366,8 +368,8 @@ def _train_trial(
     import mlflow
     import optuna
 
-    from mnist_vae.model import build_model
-    from mnist_vae.train import Trainer
+    from mnist_vae.models.vae import build_model
+    from mnist_vae.training.trainer import Trainer
 
     params = _trial_params(settings, overrides)
     x_train, _, x_val, _ = data.split(params.train.validation)

@@ -1,10 +1,10 @@
 """Bulk scoring without JSON: the per-image negative ELBO of many images, written to CSV or Parquet.
 
-The same numbers as the served model's ``score`` output (:func:`mnist_vae.serving.neg_elbo`, one
+The same numbers as the served model's ``score`` output (:func:`mnist_vae.models.objectives.neg_elbo`, one
 posterior draw per image from a generator seeded with ``seed``), computed in large batches in this
 process instead of through HTTP and JSON. Inputs: an ``.npz`` (``x_test`` of ``data/mnist.npz`` by
 default), an ``.npy``, or a folder of PNG/JPEG pictures, each prepared by
-:func:`mnist_vae.preprocess.load_digit`.
+:func:`mnist_vae.data.pictures.load_digit`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import torch
 
 from mnist_vae.atomic import atomic_write
 from mnist_vae.errors import UserError
-from mnist_vae.model import N_PIXELS, VAE
-from mnist_vae.serving import PixelMessages, checked_pixels, neg_elbo
+from mnist_vae.models.networks import N_PIXELS
+from mnist_vae.models.objectives import neg_elbo
+from mnist_vae.models.vae import VAE
+from mnist_vae.serving.inputs import PixelMessages, checked_pixels
 
 DEFAULT_KEY = "x_test"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -119,7 +121,7 @@ def _checked(array: np.ndarray, what: str) -> np.ndarray:
 
 
 def _read_folder(folder: Path) -> Images:
-    from mnist_vae.preprocess import load_digit
+    from mnist_vae.data.pictures import load_digit
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:

@@ -12,6 +12,9 @@ several timed windows; the windows of (a)-(c) take turns, so a shared machine wh
 all rows alike. Each of (a)-(c) also reports its loss after the same number of training samples, so a
 faster row that learns worse shows it. (d) reports the speed over its epochs, (e0)-(e2) the trainings'
 summed speed in their second epoch (the first warms up).
+
+Over 300 lines because its four rows (the tutorial's loop, the trainer, several trainings at
+once and time to a target) share their settings and timing code, which a split would repeat.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast, get_args
 import numpy as np
 import torch
 
-from mnist_vae.benchmarks import EXPERIMENT, BenchmarkResult, log_run, machine, print_tables, table
-from mnist_vae.benchmarks import write_json as write_json  # the CLI writes the result through this module
+from mnist_vae.bench.report import EXPERIMENT, BenchmarkResult, log_run, machine, print_tables, table
+from mnist_vae.bench.report import write_json as write_json  # re-exported: the CLI writes through it
 from mnist_vae.config import Device, EvaluateConfig, ModelConfig, TrainConfig
-from mnist_vae.data import MnistData
-from mnist_vae.evaluate import evaluate_model
-from mnist_vae.model import N_PIXELS, VAE, build_model, loss_terms
-from mnist_vae.train import resolve_device, train_epochs
+from mnist_vae.data.dataset import MnistData
+from mnist_vae.evaluation.metrics import evaluate_model
+from mnist_vae.models.networks import N_PIXELS
+from mnist_vae.models.objectives import training_loss
+from mnist_vae.models.vae import VAE, build_model
+from mnist_vae.training.trainer import resolve_device, train_epochs
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -87,7 +92,7 @@ def _fixed_loss(model: VAE, images: np.ndarray, device: torch.device) -> float:
     model.eval()
     torch.manual_seed(1234)
     x = torch.from_numpy(images[:5000].reshape(-1, N_PIXELS)).to(device).float() / 255.0
-    loss = loss_terms(model, x).loss.item()
+    loss = training_loss(model, x).loss.item()
     model.train()
     return loss
 
@@ -131,7 +136,7 @@ def tutorial_loop(data: MnistData, settings: BenchSettings) -> _TimedRow:
         while True:
             for x, _ in loader:
                 x = x.view(-1, N_PIXELS).to(device)
-                terms = loss_terms(model, x)
+                terms = training_loss(model, x)
                 optimizer.zero_grad()
                 terms.loss.backward()
                 optimizer.step()

@@ -1,4 +1,4 @@
-"""Reading the prepared MNIST archive that the ``download`` stage writes (see :mod:`mnist_vae.fetch`).
+"""Reading the prepared MNIST archive that the ``download`` stage writes (see :mod:`mnist_vae.data.fetch`).
 
 Every stage after ``download`` reads ``data/mnist.npz`` through :func:`load_mnist`, and this module
 imports nothing of the downloader, so those stages do not depend on it.
@@ -53,7 +53,7 @@ class MnistData:
 
 
 def load_mnist(path: Path) -> MnistData:
-    """Reads the archive written by :func:`mnist_vae.fetch.download_mnist`.
+    """Reads the archive written by :func:`mnist_vae.data.fetch.download_mnist`.
 
     Args:
         path: The ``.npz`` file, usually ``data/mnist.npz``.

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_vae.model_server import Server
+from mnist_vae.serving.server import Server
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def measure_in_process(
     folder: Path, x: np.ndarray, batches: Sequence[int], seconds: float
 ) -> list[dict[str, Any]]:
     """The same batches through each layer of a request, in this process, ``seconds`` per layer and
-    batch (see :mod:`mnist_vae.serve_bench`)."""
+    batch (see :mod:`mnist_vae.bench.serving`)."""
     import mlflow
     import torch
     from mlflow.pyfunc import scoring_server

@@ -42,7 +42,7 @@ def machine(device: str = "auto") -> Machine:
     """The device ``device`` resolves to, its CPU or GPU, torch's threads and the versions."""
     import torch
 
-    from mnist_vae.train import resolve_device
+    from mnist_vae.training.trainer import resolve_device
 
     dev = resolve_device(device)
     gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else ""

@@ -12,12 +12,13 @@ enforcement), and MLflow's ``invocations`` handler (JSON parsing and encoding) w
 
 The clients run in this process, on the same cores as the server: on a 2-core machine their CPU
 time is taken from the server's. The servers and the model folder they serve are
-:mod:`mnist_vae.model_server`'s, the clients and the in-process timings :mod:`mnist_vae.serve_load`'s.
+:mod:`mnist_vae.serving.server`'s, the clients and the in-process timings :mod:`mnist_vae.bench.load`'s.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -26,12 +27,12 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
-from mnist_vae.benchmarks import EXPERIMENT, BenchmarkResult, log_run, print_tables, table
-from mnist_vae.benchmarks import write_json as write_json  # the CLI writes the result through this module
-from mnist_vae.model_server import group_alive as group_alive  # re-exported, as is wrap_weights
-from mnist_vae.model_server import model_folder, serve, terminate_as_exit
-from mnist_vae.model_server import wrap_weights as wrap_weights
-from mnist_vae.serve_load import load, measure_in_process, request_bodies
+from mnist_vae import procs
+from mnist_vae.bench.load import load, measure_in_process, request_bodies
+from mnist_vae.bench.report import EXPERIMENT, BenchmarkResult, log_run, print_tables, table
+from mnist_vae.bench.report import write_json as write_json  # re-exported: the CLI writes through it
+from mnist_vae.registry.references import model_folder
+from mnist_vae.serving.server import serve
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -63,9 +64,9 @@ class LoadAverage(TypedDict):
 class ServeBenchResult(BenchmarkResult):
     """What :func:`run_serve_bench` returns and the JSON holds.
 
-    A cell holds ``workers``, ``batch``, ``clients`` and the keys of :func:`mnist_vae.serve_load.load`;
+    A cell holds ``workers``, ``batch``, ``clients`` and the keys of :func:`mnist_vae.bench.load.load`;
     an in-process row ``layer``, ``what``, ``batch``, ``calls`` and those of
-    :meth:`mnist_vae.serve_load.Timing.summary`.
+    :meth:`mnist_vae.bench.load.Timing.summary`.
     """
 
     model: str
@@ -99,13 +100,16 @@ def run_serve_bench(
         ServerStartError: A server did not start; the message ends with its log's last line.
         ModelNotFoundError: ``model`` does not resolve to an MLflow model.
     """
-    from mnist_vae.benchmarks import machine
+    from mnist_vae.bench.report import machine
 
     assert len(images) >= max(settings.batches), "need at least one image per row of a batch"
     load_before = os.getloadavg()[0]  # other work on a shared machine skews every number
     x = images.reshape(len(images), -1).astype(np.float32) / 255.0
     bodies = {b: request_bodies(x, b) for b in settings.batches}
-    with tempfile.TemporaryDirectory(prefix="mnist-vae-serve-bench-") as tmp, terminate_as_exit():
+    with (
+        tempfile.TemporaryDirectory(prefix="mnist-vae-serve-bench-") as tmp,
+        procs.signals_raise(_exit_code, signal.SIGTERM),
+    ):
         folder = model_folder(model, Path(tmp))
         logs = Path(log_dir) if log_dir is not None else Path(tmp) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -231,3 +235,8 @@ def log_to_mlflow(result: ServeBenchResult, json_path: Path, experiment: str = E
     tags = {"bench": "serving", "model": result["model"]}
     run_name = f"serve-bench-{time.strftime('%m%d-%H%M%S')}"
     return log_run(result, json_path, experiment, "serve_bench", metrics, tags, run_name)
+
+
+def _exit_code(signum: int) -> SystemExit:
+    """SIGTERM (a killed benchmark) ends as an exit, so the servers' ``finally`` stops them."""
+    return SystemExit(128 + signum)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
 from mnist_vae.errors import UserError
 
@@ -34,8 +31,6 @@ def parse_idx(raw: bytes, name: str) -> np.ndarray:
     Raises:
         IdxError: The header is malformed or the data is not exactly as long as the header says.
     """
-    # torchvision's reader only asserts on a bad header or length, so check them here to name the
-    # file and what was expected.
     if len(raw) < 4:
         raise IdxError(f"{name}: expected a 4-byte IDX magic number, got {len(raw)} bytes in all")
     if raw[:2] != b"\x00\x00":
@@ -60,8 +55,5 @@ def parse_idx(raw: bytes, name: str) -> np.ndarray:
             f"{name}: expected {expected} bytes of data after the header (shape {shape}), "
             f"got {len(raw) - header}"
         )
-    # The reader takes a path only.
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "file.idx"
-        path.write_bytes(raw)
-        return read_sn3_pascalvincent_tensor(str(path)).numpy()
+    # A copy: the caller may keep the array after ``raw`` is gone, and write to it.
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()

@@ -4,7 +4,7 @@ DVC's own page loads Vega, Vega-Lite and Vega-Embed from a CDN, so with no inter
 are a blank page. ``.dvc/config`` points ``plots.html_template`` at the file written here instead,
 which carries the three libraries inline, bundled by vl-convert-python (a package that ships them).
 The page has no ``{scripts}`` placeholder, so DVC has nowhere to add its CDN tags. ``make install``
-writes it; ``python -m mnist_vae.plots`` writes it again.
+writes it; ``python -m mnist_vae.evaluation.plots`` writes it again.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Pulls the four IDX files of the MNIST database from a list of mirrors, checks each against its pinned
 SHA-256, parses it with torchvision's MNIST reader and writes the whole dataset as one compressed
-``.npz``, which every other stage reads through :func:`mnist_vae.data.load_mnist`.
+``.npz``, which every other stage reads through :func:`mnist_vae.data.dataset.load_mnist`.
 
 A mirror is one of:
 
@@ -11,7 +11,10 @@ A mirror is one of:
 
 The digests are of the *uncompressed* files, so a mirror may recompress the data as it likes.
 
-The IDX format itself is read by :mod:`mnist_vae.idx`.
+The IDX format itself is read by :mod:`mnist_vae.data.idx`.
+
+Over 300 lines because each way a download fails (an unreachable mirror, a truncated or
+oversized gzip, a wrong checksum, a malformed file) gets its own message, which is most of it.
 """
 
 from __future__ import annotations
@@ -31,21 +34,14 @@ from urllib.request import url2pathname
 
 import numpy as np
 import requests
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
 from mnist_vae.atomic import atomic_write
 from mnist_vae.config import ConfigError
-from mnist_vae.data import IMAGE_SIDE, N_CLASSES, NPZ_KEYS, MnistData
+from mnist_vae.data.dataset import IMAGE_SIDE, N_CLASSES, NPZ_KEYS, MnistData
+from mnist_vae.data.idx import IdxError, parse_idx
 from mnist_vae.errors import UserError, first_line
-from mnist_vae.idx import IdxError, parse_idx
+from mnist_vae.progress import bars
 
 log = logging.getLogger(__name__)
 
@@ -374,17 +370,11 @@ def _progress_display(enabled: bool) -> Iterator[Progress | None]:
     if not enabled:
         yield None
         return
-    display = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    with display:
+    display = bars(DownloadColumn(), TransferSpeedColumn())
+    try:
         yield display
+    finally:
+        display.stop()
 
 
 def _check_splits(arrays: Mapping[str, np.ndarray]) -> MnistData:

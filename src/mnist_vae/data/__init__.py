@@ -1,0 +1,12 @@
+"""The data room: MNIST from the official files to the arrays every other room reads.
+
+- :mod:`.fetch`: the download stage's work: the mirrors, the checksums of the uncompressed files,
+  one ``.npz`` written atomically;
+- :mod:`.idx`: the IDX file format of the official files, parsed and checked;
+- :mod:`.dataset`: :class:`~.dataset.MnistData` and :func:`~.dataset.load_mnist`, what training,
+  evaluation, the search and the benchmarks read;
+- :mod:`.pictures`: a user's photo or drawing of a digit prepared as an MNIST image (28x28, white
+  ink on black, centred by its centre of mass).
+
+May import the top-level modules only (config, errors, atomic, progress).
+"""

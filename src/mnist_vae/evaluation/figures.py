@@ -1,0 +1,190 @@
+"""What a model looks like: reconstructions, samples from the prior, latent traversals and the latent
+space, as PNG files (image grids drawn with torchvision's ``make_grid`` and ``save_image``, the
+latent space as a matplotlib scatter plot)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from mnist_vae.atomic import atomic_open
+from mnist_vae.models.networks import N_PIXELS
+from mnist_vae.models.objectives import kl_per_unit
+from mnist_vae.models.vae import VAE
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+_PAD = 2  # grey pixels between cells, and white ones between stacked grids
+_SCALE = 3  # nearest-neighbour enlargement: 28-pixel digits are too small to judge on screen
+
+
+def image_grid(images: np.ndarray | torch.Tensor, columns: int) -> torch.Tensor:
+    """Tiles images of shape (N, 28, 28) or (N, 784), grey levels in [0, 1], into one picture."""
+    # Imported here: torchvision pulls in torch's compiler stack (1.5 s), which every command that
+    # merely imports this module (the evaluate stage, most of the CLI) would pay at start.
+    from torchvision.utils import make_grid
+
+    batch = torch.as_tensor(images, dtype=torch.float32).cpu().reshape(-1, 1, 28, 28)
+    return make_grid(batch, nrow=columns, padding=_PAD, pad_value=0.5)
+
+
+def write_png(path: Path, *grids: torch.Tensor) -> Path:
+    """Writes grids of equal width one above the other (e.g. originals above their reconstructions),
+    enlarged, as one PNG; atomically, so a reader never sees half an image."""
+    from torchvision.utils import save_image
+
+    white = torch.ones(3, _PAD, grids[0].shape[2])
+    picture = torch.cat([part for g in grids for part in (white, g)][1:], dim=1)
+    picture = torch.nn.functional.interpolate(picture[None], scale_factor=_SCALE, mode="nearest")[0]
+    with atomic_open(path) as fh:
+        save_image(picture, fh, format="png")
+    return Path(path)
+
+
+def write_scatter(path: Path, points: np.ndarray, labels: np.ndarray, title: str) -> Path:
+    """Writes 2-D ``points`` coloured by their digit ``labels`` as a PNG, atomically."""
+    import matplotlib.pyplot as plt
+
+    figure = scatter_figure(points, labels, title)
+    try:
+        with atomic_open(path) as fh:
+            figure.savefig(fh, format="png")
+    finally:
+        plt.close(figure)
+    return Path(path)
+
+
+def scatter_figure(points: np.ndarray, labels: np.ndarray, title: str) -> Figure:
+    """The figure of :func:`write_scatter`; a long title is wrapped to the figure's width."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: figures are files
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 6), dpi=100)
+    for digit in range(10):
+        chosen = labels == digit
+        axes.scatter(
+            points[chosen, 0],
+            points[chosen, 1],
+            s=3,
+            alpha=0.6,
+            color=plt.get_cmap("tab10")(digit),
+            label=str(digit),
+            rasterized=True,
+        )
+    axes.legend(title="digit", markerscale=4, loc="upper right", fontsize=8, ncols=2)
+    axes.set_title(textwrap.fill(title, width=70), fontsize=10)
+    axes.set_xlabel("first principal component")
+    axes.set_ylabel("second principal component")
+    figure.tight_layout()
+    return figure
+
+
+@torch.no_grad()
+def reconstruct(model: VAE, images: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    """Posterior-mean reconstructions of uint8 or [0, 1] images, as floats in [0, 1]."""
+    x = torch.as_tensor(np.asarray(images).reshape(len(images), N_PIXELS), device=device).float()
+    if np.asarray(images).dtype == np.uint8:
+        x = x / 255.0
+    mu, _ = model.encode(x)
+    return model.pixel_means(model.decode(mu)).cpu().numpy()
+
+
+@torch.no_grad()
+def sample(model: VAE, n: int, seed: int = 0, device: torch.device | str = "cpu") -> np.ndarray:
+    """Decodes ``n`` draws from the prior N(0, I) into images in [0, 1]."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn(n, model.latent_dim, generator=generator, device=device)
+    return model.pixel_means(model.decode(z)).cpu().numpy()
+
+
+@torch.no_grad()
+def latent_traversal(
+    model: VAE,
+    image: np.ndarray,
+    dims: int = 8,
+    steps: int = 11,
+    span: float = 3.0,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Decodes one image's posterior mean with single latent units swept over [-span, span].
+
+    Uses the units with the largest KL for this image (the ones the model uses to encode it); each
+    row of the result is one unit, each column one step.
+    """
+    x = torch.as_tensor(image.reshape(1, N_PIXELS), device=device).float() / 255.0
+    mu, logvar = model.encode(x)
+    active = kl_per_unit(mu, logvar).squeeze(0).argsort(descending=True)
+    rows = []
+    for unit in active[: min(dims, model.latent_dim)].tolist():
+        z = mu.repeat(steps, 1)
+        z[:, unit] = torch.linspace(-span, span, steps, device=device)
+        rows.append(model.pixel_means(model.decode(z)).cpu().numpy())
+    return np.concatenate(rows)
+
+
+@torch.no_grad()
+def latent_projection(
+    model: VAE, images: np.ndarray, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, float]:
+    """Posterior means of uint8 images on their first two principal components.
+
+    Returns the (N, 2) points and the share of the means' variance those two components explain.
+    """
+    x = torch.as_tensor(images.reshape(len(images), N_PIXELS), device=device).float() / 255.0
+    mu = torch.cat([model.encode(chunk)[0] for chunk in x.split(1000)]).double()
+    centred = mu - mu.mean(0)
+    _, singular, basis = torch.linalg.svd(centred, full_matrices=False)
+    explained = (singular[:2].square().sum() / singular.square().sum()).item()
+    return (centred @ basis[:2].T).float().cpu().numpy(), explained
+
+
+def write_figures(
+    model: VAE,
+    images: np.ndarray,
+    out_dir: Path,
+    n: int = 8,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    labels: np.ndarray | None = None,
+    latent_points: int = 5000,
+) -> list[Path]:
+    """Draws the evaluation figures into ``out_dir`` and returns their paths.
+
+    ``reconstructions.png``: test digits (top panel) above their reconstructions (bottom panel);
+    ``samples.png``: 64 draws from the prior; ``traversal.png``: latent units swept one at a time;
+    ``latent.png`` (with ``labels``): the first ``latent_points`` images' posterior means on their
+    two principal components, coloured by digit.
+    """
+    out_dir = Path(out_dir)
+    originals = images[: 2 * n]
+    recon = reconstruct(model, originals, device)
+    paths = [
+        write_png(
+            out_dir / "reconstructions.png",
+            image_grid(originals / 255.0, columns=n),
+            image_grid(recon, columns=n),
+        )
+    ]
+    paths.append(write_png(out_dir / "samples.png", image_grid(sample(model, 64, seed, device), columns=8)))
+    steps = 11
+    traversal = latent_traversal(model, images[0], steps=steps, device=device)
+    paths.append(write_png(out_dir / "traversal.png", image_grid(traversal, columns=steps)))
+    if labels is not None:
+        points, explained = latent_projection(model, images[:latent_points], device)
+        paths.append(
+            write_scatter(
+                out_dir / "latent.png",
+                points,
+                labels[:latent_points],
+                f"posterior means of {len(points):,} test digits, {model.latent_dim}-D latent space "
+                f"projected on 2 principal components ({explained:.0%} of the variance)",
+            )
+        )
+    return paths

@@ -1,0 +1,205 @@
+"""Every term of a VAE's objective, each written once.
+
+Training (:mod:`mnist_vae.training.trainer`), validation, evaluation (:mod:`mnist_vae.evaluation`),
+the served model's ``score`` output and ``mnist-vae score`` all call these functions, so "what is the
+loss of one image" has one answer. With a diagonal Gaussian posterior q(z | x) = N(mu, sigma^2), a
+standard normal prior p(z) and a Bernoulli likelihood p(x | z) on the decoder's logits:
+
+- the negative ELBO of an image is ``-log p(x | z) + KL(q(z | x) || p(z))`` with one draw
+  ``z = mu + sigma * eps`` (Kingma & Welling 2014, eq. 10; the KL in closed form, appendix B);
+- the log importance weight of a draw is ``log p(x | z) + log p(z) - log q(z | x)``, and
+  ``log (1/k) sum_i w_i`` over k draws estimates log p(x) from below (Burda et al. 2015, eq. 8).
+
+Every model is measured under the Bernoulli likelihood on grey levels; the tutorial's ``seed``
+preset is *trained* on its squared error with the KL divided by the number of pixels
+(:func:`training_loss`), and its output read as pixel probabilities for the measure.
+
+``model`` below is a :class:`mnist_vae.models.vae.VAE`, or anything with its ``encode``, ``decode``,
+``arch`` and ``loss_scale`` (:class:`VAE` here); tests/unit/test_objectives_math.py pins each term against
+``torch.distributions`` and against the exact likelihood by numerical integration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_vae.models.networks import N_PIXELS, Architecture
+
+# Floor under the decoder's pixel probabilities where the seed model's unbounded output is read as a
+# Bernoulli mean; without it a single pixel outside (0, 1) makes the BCE infinite.
+_PROB_FLOOR = 1e-4
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class VAE(Protocol):
+    """What the objective needs of a model (:class:`mnist_vae.models.vae.VAE` has it)."""
+
+    arch: Architecture
+
+    @property
+    def loss_scale(self) -> float: ...
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor: ...
+
+
+def posterior_sample(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The reparameterised draw ``z = mu + sigma * eps`` (eps ~ N(0, I)), differentiable in mu and
+    sigma; ``eps`` may carry a leading dimension of k draws."""
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def kl_per_unit(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) of each latent unit: ``0.5 (mu^2 + sigma^2 - log sigma^2 - 1)``."""
+    return 0.5 * (mu.square() + logvar.exp() - logvar - 1.0)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z | x) || p(z)) per image, in nats: the units' KL summed."""
+    return kl_per_unit(mu, logvar).sum(-1)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over the last dimension."""
+    return -0.5 * (z.square() + _LOG_2PI).sum(-1)
+
+
+def posterior_log_prob(eps: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log q(z | x) at ``z = mu + sigma * eps``: the standard normal density of eps, divided by the
+    scale sigma of each unit."""
+    return standard_normal_log_prob(eps) - 0.5 * logvar.sum(-1)
+
+
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x | z) per image under a Bernoulli likelihood on ``logits``, grey levels ``x`` in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+
+
+def reconstruction_nll(model: VAE, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x | z) in nats per image, the measure every preset is compared on: a Bernoulli
+    likelihood on the decoder's logits, or on the seed's output read as pixel probabilities
+    (clamped away from 0 and 1)."""
+    if model.arch.likelihood == "bernoulli":
+        return bernoulli_nll(out, x)
+    p = out.clamp(_PROB_FLOOR, 1.0 - _PROB_FLOOR)
+    return F.binary_cross_entropy(p, x.expand_as(p), reduction="none").sum(-1)
+
+
+def squared_error(model: VAE, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Summed squared error per image between the decoder's mean image and ``x``: the seed's training
+    likelihood term, and the tutorial's loss for every preset (the seed's output unclamped)."""
+    mean = out if model.arch.likelihood == "gaussian" else torch.sigmoid(out)
+    return (mean - x).square().sum(-1)
+
+
+def training_reconstruction(model: VAE, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The likelihood term a preset is trained on: squared error for the seed, else -log p(x | z)."""
+    if model.arch.likelihood == "gaussian":
+        return squared_error(model, out, x)
+    return reconstruction_nll(model, out, x)
+
+
+@dataclass
+class ElboTerms:
+    """One posterior draw's terms per image: -log p(x | z), the KL term and the decoder output."""
+
+    recon: torch.Tensor  # (B,) nats
+    kl: torch.Tensor  # (B,) nats
+    out: torch.Tensor  # (B, 784) decoder output at z
+
+    @property
+    def neg_elbo(self) -> torch.Tensor:
+        return self.recon + self.kl
+
+
+def elbo_terms(
+    model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
+) -> ElboTerms:
+    """The negative ELBO's terms of images ``x`` whose posterior is (mu, logvar), at the draw eps."""
+    out = model.decode(posterior_sample(mu, logvar, eps))
+    return ElboTerms(recon=reconstruction_nll(model, out, x), kl=kl_divergence(mu, logvar), out=out)
+
+
+def neg_elbo(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Per-image negative ELBO in nats of images ``x`` (B, 784) with one draw per image from
+    ``eps`` (B, latent): the ``score`` output, validation's and the gate's measure."""
+    mu, logvar = model.encode(x)
+    return elbo_terms(model, x, mu, logvar, eps).neg_elbo
+
+
+def tutorial_loss(model: VAE, out: torch.Tensor, x: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """The tutorial's loss per image (squared error plus KL, both per pixel), for comparing any preset
+    with the seed's reported figure."""
+    return (squared_error(model, out, x) + kl) / N_PIXELS
+
+
+def log_importance_weights(
+    model: VAE, x: torch.Tensor, out: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """``log p(x | z) + log p(z) - log q(z | x)`` of k draws ``z = mu + sigma * eps`` per image:
+    eps (k, B, latent), ``out`` the decoder's output at those draws (k, B, 784); returns (k, B)."""
+    z = posterior_sample(mu, logvar, eps)
+    return -reconstruction_nll(model, out, x) + standard_normal_log_prob(z) - posterior_log_prob(eps, logvar)
+
+
+def iw_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """``log (1/k) sum_i w_i`` over the leading dimension of k log weights."""
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+
+
+@torch.no_grad()
+def iw_log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk_rows: int = 1 << 16) -> torch.Tensor:
+    """Estimates log p(x) per image with k importance samples (Burda et al. 2015, eq. 8).
+
+    A lower bound that tightens as k grows; at k = 1 its mean is the ELBO. Draws are decoded
+    ``chunk_rows`` (sample, image) rows at a time, to bound memory; the draws, and so the estimate,
+    do not depend on the chunking as long as a chunk holds whole samples.
+    """
+    mu, logvar = model.encode(x)
+    log_w = torch.empty(k, x.shape[0], device=x.device)
+    chunk = max(1, chunk_rows // x.shape[0])  # samples decoded at once
+    for start in range(0, k, chunk):
+        eps = torch.randn(min(chunk, k - start), *mu.shape, device=x.device, dtype=mu.dtype)
+        out = model.decode(posterior_sample(mu, logvar, eps))
+        log_w[start : start + len(eps)] = log_importance_weights(model, x, out, mu, logvar, eps)
+    return iw_bound(log_w)
+
+
+@dataclass
+class LossTerms:
+    """One batch's objective and its parts, per image unless named otherwise."""
+
+    loss: torch.Tensor  # scalar that is minimised
+    recon: torch.Tensor  # (B,) training likelihood term
+    kl: torch.Tensor  # (B,) nats
+    out: torch.Tensor  # (B, 784) decoder output
+
+
+def training_loss(net: nn.Module, x: torch.Tensor, iw_samples: int = 1) -> LossTerms:
+    """The training objective of a batch: the negative ELBO, or the IWAE bound with k samples.
+
+    For the default preset ``loss`` is the mean over the batch of -log p(x | z) + KL (nats per
+    image). For the seed it is the tutorial's ``MSE(mean) + KL / (batch * 784)``; both are
+    ``mean(recon + kl) / scale``. With ``iw_samples`` k > 1 (Bernoulli likelihood only) it is minus
+    the importance-weighted bound (:func:`iw_bound`), which the ELBO equals at k = 1.
+
+    ``net`` may be a VAE or a DistributedDataParallel wrapper of one: the forward pass goes through
+    ``net(...)`` so that DDP sees it.
+    """
+    vae = cast(VAE, getattr(net, "module", net))
+    out, mu, logvar, eps = net(x, iw_samples)
+    kl = kl_divergence(mu, logvar)
+    if iw_samples > 1:
+        assert vae.arch.likelihood == "bernoulli", "the IWAE bound needs the Bernoulli likelihood"
+        log_w = log_importance_weights(vae, x, out, mu, logvar, eps)
+        recon = reconstruction_nll(vae, out[0], x)
+        return LossTerms(loss=-iw_bound(log_w).mean(), recon=recon, kl=kl, out=out[0])
+    recon = training_reconstruction(vae, out, x)
+    return LossTerms(loss=(recon + kl).mean() / vae.loss_scale, recon=recon, kl=kl, out=out)

@@ -1,0 +1,106 @@
+"""The variational autoencoder: an encoder and a decoder around a diagonal Gaussian latent.
+
+Three presets share every line below; only their networks (:mod:`.networks`) differ. ``seed`` is
+the tutorial's model: ReLU MLPs, an encoder whose second half is a raw sigma and a squared-error
+likelihood, its loss scaled per pixel. ``mlp`` is a nonlinear MLP and ``conv`` (the default) a
+convolutional network (stride-2 convolutions, residual blocks only if ``model.blocks`` asks, none by
+default, and a dense layer); both have a log-variance head and a Bernoulli likelihood on logits,
+their loss the negative ELBO in nats per image (Kingma & Welling 2014, eq. 10 and appendix B). Every
+model takes and returns flat (..., 784) images, so the trainer, the estimators and serving never see
+the difference. What a model is trained and measured by lives in :mod:`.objectives`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mnist_vae.config import ModelConfig
+from mnist_vae.models.networks import N_PIXELS, Architecture, ConvDecoder, ConvEncoder, mlp
+from mnist_vae.models.objectives import posterior_sample
+
+# Bounds on the mean pixel that starts the output bias (a logit of -6.9 to 6.9): the border pixels
+# of MNIST are 0 in every image.
+_MEAN_FLOOR = 1e-3
+
+__all__ = ["N_PIXELS", "VAE", "build_model"]
+
+
+class VAE(nn.Module):
+    """A VAE with a diagonal Gaussian posterior and a standard normal prior, on flat images."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        if arch.kind == "conv":
+            self.encoder: nn.Module = ConvEncoder(arch)
+            self.decoder: nn.Module = ConvDecoder(arch)
+            # Channels-last lets oneDNN run the convolutions without reordering every batch:
+            # 1.2-1.3x faster training on a 2-core CPU; on CUDA cuDNN prefers it as well.
+            self.to(memory_format=torch.channels_last)
+        else:
+            self.encoder = mlp([N_PIXELS, *arch.hidden, 2 * arch.latent], arch.activation)
+            self.decoder = mlp([arch.latent, *reversed(arch.hidden), N_PIXELS], arch.activation)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.arch.latent
+
+    @property
+    def loss_scale(self) -> float:
+        """What the summed per-image loss is divided by: pixels for the seed, 1 (nats) otherwise."""
+        return float(N_PIXELS) if self.arch.likelihood == "gaussian" else 1.0
+
+    @torch.no_grad()
+    def start_at_mean(self, images: torch.Tensor) -> None:
+        """Sets the conv decoder's per-pixel output bias to the logit of ``images``' mean grey
+        level (uint8, (N, 784)); other networks are left as they are.
+
+        The decoder then starts at the average digit instead of grey everywhere: at 12 epochs the
+        conv default's validation negative ELBO was 1.2 nats lower than with a zero start.
+        """
+        bias = getattr(self.decoder, "pixel_bias", None)
+        if bias is None:
+            return
+        mean = images.sum(0, dtype=torch.float64) / (255.0 * len(images))
+        mean = mean.clamp(_MEAN_FLOOR, 1.0 - _MEAN_FLOOR)
+        bias.copy_(torch.log(mean) - torch.log1p(-mean))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the posterior's mean and log-variance for images ``x`` of shape (B, 784)."""
+        mu, second = self.encoder(x).chunk(2, dim=-1)
+        if self.arch.sigma_head:
+            # The tutorial's head emits sigma itself and takes log(1e-8 + sigma^2) in its KL; the same
+            # quantity as a log-variance keeps one reparameterisation and one KL for both presets.
+            return mu, torch.log(1e-8 + second.square())
+        return mu, second
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Returns the decoder's raw output: logits (Bernoulli) or pixel means (Gaussian)."""
+        return self.decoder(z)
+
+    def forward(
+        self, x: torch.Tensor, samples: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encodes, draws z and decodes: returns (decoder output, mu, logvar, eps).
+
+        With ``samples`` k > 1, eps and the output get a leading dimension of k posterior draws.
+        Training calls the model through this method (DistributedDataParallel needs it to).
+        """
+        mu, logvar = self.encode(x)
+        shape = mu.shape if samples == 1 else (samples, *mu.shape)
+        eps = torch.randn(shape, device=mu.device, dtype=mu.dtype)
+        return self.decode(posterior_sample(mu, logvar, eps)), mu, logvar, eps
+
+    def pixel_means(self, out: torch.Tensor) -> torch.Tensor:
+        """Turns decoder output into grey levels in [0, 1]."""
+        if self.arch.likelihood == "bernoulli":
+            return torch.sigmoid(out)
+        return out.clamp(0.0, 1.0)
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> VAE:
+    """Builds the VAE that ``model`` in params.yaml describes; ``seed`` fixes its initial weights."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return VAE(Architecture.from_config(cfg))

@@ -118,7 +118,7 @@ import json
 import numpy as np
 import torch
 import torch.distributed as dist
-from mnist_vae import distributed
+from mnist_vae.training import distributed
 from mnist_vae.config import ModelConfig, TrainConfig
 from mnist_vae.models.vae import build_model
 from mnist_vae.training.trainer import Trainer

@@ -35,7 +35,7 @@ def _changed_code_and_params(project: Path, dvc: Path) -> dict[str, list[str]]:
             if not isinstance(change, dict):
                 continue
             for path in change.get("changed deps", {}):
-                if (project / path).suffix == ".py":
+                if path.startswith(("src/", "pipeline/")):
                     changed.setdefault(stage, []).append(path)
             for params_file, keys in change.get("changed params", {}).items():
                 changed.setdefault(stage, []).extend(f"{params_file}:{k}" for k in keys)
@@ -53,16 +53,20 @@ def test_dvc_lock_matches_the_committed_code_and_params(
 
 
 @pytest.mark.parametrize(
-    ("module", "function", "stage"),
+    ("module", "function", "reruns"),
     [
-        ("src/mnist_vae/evaluate.py", "def select(", "evaluate"),
-        ("src/mnist_vae/fetch.py", "def resolve_mirrors(", "download"),
-        ("src/mnist_vae/train.py", "def learning_rate(", "train"),
+        ("src/mnist_vae/evaluation/metrics.py", "def select(", {"evaluate": ["src/mnist_vae/evaluation"]}),
+        ("src/mnist_vae/data/fetch.py", "def resolve_mirrors(", {"download": ["src/mnist_vae/data"]}),
+        ("src/mnist_vae/training/trainer.py", "def learning_rate(", {"train": ["src/mnist_vae/training"]}),
+        ("src/mnist_vae/bench/training.py", "def tutorial_loop(", {}),
+        ("src/mnist_vae/tuning/search.py", "def tune(", {}),
     ],
 )
 def test_editing_a_function_reruns_only_its_stage(
-    tmp_path: Path, repo_root: Path, venv_bin: Path, module: str, function: str, stage: str
+    tmp_path: Path, repo_root: Path, venv_bin: Path, module: str, function: str, reruns: dict[str, list[str]]
 ) -> None:
+    """An edit reruns the stages whose room it is in (a folder dep), and none for the benchmarks or
+    the search."""
     project = _tracked_copy(repo_root, tmp_path / "clone")
     source = (project / module).read_text()
     assert function in source
@@ -71,4 +75,4 @@ def test_editing_a_function_reruns_only_its_stage(
     signature_end = rest.index(":\n") + 2
     edited = head + sep + rest[:signature_end] + "    _ = None  # edited\n" + rest[signature_end:]
     (project / module).write_text(edited)
-    assert _changed_code_and_params(project, venv_bin / "dvc") == {stage: [module]}
+    assert _changed_code_and_params(project, venv_bin / "dvc") == reruns

@@ -57,7 +57,7 @@ def test_a_fresh_clone_registers_its_commit_and_edited_code_is_dirty(
     assert run.data.tags["mlflow.source.git.commit"] == sha
 
     # A change to tracked code is a change of inputs: the next version says so.
-    code = clone / "src" / "mnist_vae" / "evaluate.py"
+    code = clone / "src" / "mnist_vae" / "evaluation" / "metrics.py"
     code.write_text(code.read_text() + "\n# a local change\n")
     _run(["dvc", "repro"], clone, env)
     assert client.get_model_version("mnist-vae", "2").tags["git_commit"] == f"{sha}-dirty"

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from mnist_vae import progress as progress_module
 from mnist_vae.config import EvaluateConfig, ModelConfig
 from mnist_vae.evaluation import metrics as evaluate
 from mnist_vae.models.vae import build_model
@@ -21,25 +22,25 @@ def test_off_a_terminal_a_long_evaluation_logs_how_far_it_is(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(evaluate, "LOG_EVERY", 0.0)  # as if every batch took a minute
+    monkeypatch.setattr(progress_module, "LOG_EVERY", 0.0)  # as if every batch took a minute
     images, labels = tiny_images(40, seed=1)
     model = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
     cfg = EvaluateConfig(batch_size=10, iw_samples=4)
-    with caplog.at_level(logging.INFO, logger="mnist_vae.evaluation.metrics"):
+    with caplog.at_level(logging.INFO, logger="mnist_vae.progress"):
         quiet = evaluate.evaluate_model(model, images, labels, cfg, progress=False)
         caplog.clear()
         measured = evaluate.evaluate_model(model, images, labels, cfg, progress=progress)
-    said = [r.getMessage() for r in caplog.records if r.name == "mnist_vae.evaluation.metrics"]
+    said = [r.getMessage() for r in caplog.records if r.name == "mnist_vae.progress"]
     # A line after each batch but the last, which the result itself reports.
     assert len(said) == lines
     if lines:
-        assert said[0].startswith("evaluated 10/40 test images, about ") and said[0].endswith(" s left")
+        assert said[0].startswith("evaluating test images: 10/40, about ") and said[0].endswith(" s left")
     assert measured.metrics == quiet.metrics  # reporting changes no number
 
 
 def test_the_duration_reads_in_minutes_and_seconds() -> None:
-    assert evaluate._duration(42.4) == "42 s"
-    assert evaluate._duration(3725) == "62 min 5 s"
+    assert progress_module.duration(42.4) == "42 s"
+    assert progress_module.duration(3725) == "62 min 5 s"
 
 
 def test_the_latent_plots_long_title_stays_inside_the_figure() -> None:

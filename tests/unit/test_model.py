@@ -14,12 +14,10 @@ import torch
 
 from mnist_vae.config import ModelConfig, TrainConfig
 from mnist_vae.errors import UserError
-from mnist_vae.models.objectives import iw_log_likelihood as importance_weighted_log_likelihood
-from mnist_vae.models.objectives import kl_divergence
-from mnist_vae.models.objectives import training_loss as loss_terms
+from mnist_vae.models.objectives import iw_log_likelihood, kl_divergence, training_loss
 from mnist_vae.models.vae import Architecture, build_model
 from mnist_vae.models.weights import ModelFileError, load_model, save_model
-from mnist_vae.training.trainer import Trainer, learning_rate, train_model
+from mnist_vae.training.trainer import Trainer, learning_rate, train_epochs
 
 TinyImages = Callable[..., tuple[np.ndarray, np.ndarray]]
 
@@ -135,7 +133,7 @@ def test_conv_preset_learns_tiny_bars(tiny_images: TinyImages) -> None:
     images, _ = tiny_images(256)
     cfg = TrainConfig(device="cpu", epochs=5, batch_size=16, lr=1e-2, seed=3, threads=1)
     model = build_model(TINY_CONV, seed=cfg.seed)
-    losses = [s.loss for s in train_model(model, images, cfg, progress=False)]
+    losses = [s.loss for s in list(train_epochs(model, images, cfg))]
     # The first epoch stays near the mean digit it starts at; the code must then carry the bars.
     assert losses[-1] < losses[0] - 20, losses
 
@@ -160,7 +158,7 @@ def test_seed_loss_is_the_tutorial_formula() -> None:
     model = build_model(ModelConfig(preset="seed"))
     x = torch.rand(4, 784)
     torch.manual_seed(1)
-    terms = loss_terms(model, x)
+    terms = training_loss(model, x)
     torch.manual_seed(1)
     out, mu, logvar, _ = model(x)
     sigma2 = logvar.exp() - 1e-8
@@ -177,7 +175,7 @@ def test_one_optimisation_step_lowers_the_loss(tiny_images: TinyImages) -> None:
 
     def loss() -> float:
         torch.manual_seed(5)  # the same noise before and after the step
-        return loss_terms(model, x).loss
+        return training_loss(model, x).loss
 
     before = loss()
     optimizer.zero_grad()
@@ -194,7 +192,7 @@ def test_training_is_deterministic_and_learns(tiny_images: TinyImages) -> None:
     runs = []
     for _ in range(2):
         model = build_model(ModelConfig(preset="mlp", hidden=(32,), latent=4), seed=cfg.seed)
-        runs.append([s.loss for s in train_model(model, images, cfg, progress=False)])
+        runs.append([s.loss for s in list(train_epochs(model, images, cfg))])
     assert runs[0] == runs[1]
     assert runs[0][-1] < runs[0][0]
 
@@ -212,9 +210,9 @@ def test_importance_weighting_tightens_the_bound(tiny_images: TinyImages) -> Non
     model = build_model(ModelConfig(preset="mlp", hidden=(32,), latent=4))
     x = torch.from_numpy(tiny_images(32)[0].reshape(32, 784)).float() / 255
     torch.manual_seed(0)
-    k1 = importance_weighted_log_likelihood(model, x, 1).mean()
+    k1 = iw_log_likelihood(model, x, 1).mean()
     torch.manual_seed(0)
-    k64 = importance_weighted_log_likelihood(model, x, 64).mean()
+    k64 = iw_log_likelihood(model, x, 64).mean()
     assert k64 > k1
 
 

@@ -13,7 +13,7 @@ from mnist_vae.config import Params, load_params
 from mnist_vae.evaluation.metrics import evaluate_model
 from mnist_vae.models.vae import build_model
 from mnist_vae.stages.profiles import PROFILES, dvc_arguments, overrides
-from mnist_vae.training.trainer import train_model
+from mnist_vae.training.trainer import train_epochs
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_short_iwae_profile_trains_and_reports_the_papers_estimator(
     images, labels = tiny_images(320, seed=3)
     model = build_model(params.model, seed=train_cfg.seed)
     assert [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)][:2] == [200, 200]
-    history = train_model(model, images, train_cfg, progress=False)
+    history = list(train_epochs(model, images, train_cfg))
     assert len(history) == 2 and history[1].loss < history[0].loss
     assert history[0].lr == pytest.approx(1e-3) and history[1].lr == pytest.approx(1e-3 * 10 ** (-1 / 7))
 

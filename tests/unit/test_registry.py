@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from mnist_vae.registry import aliases
-from mnist_vae.registry import registration as registry
+from mnist_vae.registry import aliases, gate, references
 
 
 @pytest.fixture
@@ -16,8 +16,8 @@ def client(mlflow_store: str, tmp_path) -> MlflowClient:
     registered before the registration tag existed."""
     client = MlflowClient(mlflow_store, mlflow_store)
     client.create_registered_model("m")
-    for state in (registry.COMPLETE, registry.PENDING, None):
-        tags = {registry.REGISTRATION_TAG: state} if state else {}
+    for state in (aliases.COMPLETE, aliases.PENDING, None):
+        tags = {aliases.REGISTRATION_TAG: state} if state else {}
         client.create_model_version("m", source=str(tmp_path), tags=tags)
     return client
 
@@ -35,12 +35,12 @@ def test_a_pending_version_cannot_be_promoted(client: MlflowClient) -> None:
 
 
 def test_the_champion_read_tells_a_missing_alias_from_a_failure(client: MlflowClient) -> None:
-    assert registry.champion_version(client, "m") is None
-    assert registry.champion_version(client, "no-such-model") is None
-    client.set_registered_model_alias("m", registry.CHAMPION, "1")
-    assert registry.champion_version(client, "m") == "1"
-    with pytest.raises(registry.MlflowException):  # an invalid name is not "no champion"
-        registry.champion_version(client, "")
+    assert aliases.champion(client, "m") is None
+    assert aliases.champion(client, "no-such-model") is None
+    client.set_registered_model_alias("m", aliases.CHAMPION, "1")
+    assert aliases.champion(client, "m") == "1"
+    with pytest.raises(MlflowException):  # an invalid name is not "no champion"
+        aliases.champion(client, "")
 
 
 def test_rollback_undoes_a_promotion_by_the_gate(
@@ -50,28 +50,28 @@ def test_rollback_undoes_a_promotion_by_the_gate(
     the gate moved it, and one rollback returns to version 1."""
     from mnist_vae.config import EvaluateConfig, ModelConfig, TrainConfig
     from mnist_vae.models.vae import build_model
-    from mnist_vae.training.trainer import train_model
+    from mnist_vae.training.trainer import train_epochs
 
     images, labels = tiny_images(128)
     untrained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
     trained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
-    train_model(trained, images, TrainConfig(device="cpu", epochs=3, batch_size=16, lr=3e-3), progress=False)
-    data = registry.GateData(images, labels, "the tiny images")
+    list(train_epochs(trained, images, TrainConfig(device="cpu", epochs=3, batch_size=16, lr=3e-3)))
+    data = gate.GateData(images, labels, "the tiny images")
     cfg = EvaluateConfig()
     # Version 1's files are not a model here: the gate measures the champion as this untrained one.
-    monkeypatch.setattr(registry, "load_vae", lambda reference: untrained)
+    monkeypatch.setattr(gate, "load_vae", lambda reference: untrained)
 
-    first = registry.promotion_gate(client, "m", "1", untrained, data, cfg, settle=0)
+    first = gate.promotion_gate(client, "m", "1", untrained, data, cfg, settle=0)
     assert first.promoted and aliases.champion(client, "m") == "1"
     move = aliases.last_move(client, "m")
-    assert move is not None and (move.version, move.by, move.previous) == ("1", registry.GATE, None)
+    assert move is not None and (move.version, move.by, move.previous) == ("1", gate.GATE, None)
     with pytest.raises(aliases.NothingToRollBackError):
         aliases.rollback(client, "m")  # the first champion replaced nothing
 
-    second = registry.promotion_gate(client, "m", "3", trained, data, cfg, settle=0)
+    second = gate.promotion_gate(client, "m", "3", trained, data, cfg, settle=0)
     assert second.promoted, second.reason
     move = aliases.last_move(client, "m")
-    assert move is not None and (move.version, move.by, move.previous) == ("3", registry.GATE, "1")
+    assert move is not None and (move.version, move.by, move.previous) == ("3", gate.GATE, "1")
     assert move.at  # when, as an ISO time
 
     assert aliases.rollback(client, "m") == "1"
@@ -102,7 +102,7 @@ def test_loading_a_logged_model_leaves_no_copy_behind(
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    loaded = registry.load_vae(f"runs:/{run.info.run_id}/model")
+    loaded = references.load_vae(f"runs:/{run.info.run_id}/model")
     x = torch.rand(2, 784)
     assert torch.equal(loaded.encode(x)[0], model.eval().encode(x)[0])
     assert list(scratch.iterdir()) == [], "a downloaded copy of the model was left behind"
@@ -117,28 +117,26 @@ def test_the_gate_compares_one_protocol_only(client: MlflowClient, tiny_images, 
     images, labels = tiny_images(64)
 
     untrained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
-    data = registry.GateData(images, labels, "the tiny images")
-    grey = registry.Protocol("md5-of-mnist", binarized=False, validation=10_000)
+    data = gate.GateData(images, labels, "the tiny images")
+    grey = gate.Protocol("md5-of-mnist", binarized=False, validation=10_000)
     for key, value in grey.tags().items():  # version 1, the champion to be: grey
         client.set_model_version_tag("m", "1", key, value)
-    monkeypatch.setattr(registry, "load_vae", lambda reference: untrained)
+    monkeypatch.setattr(gate, "load_vae", lambda reference: untrained)
     cfg = EvaluateConfig()
 
-    first = registry.promotion_gate(client, "m", "1", untrained, data, cfg, settle=0, protocol=grey)
+    first = gate.promotion_gate(client, "m", "1", untrained, data, cfg, settle=0, protocol=grey)
     assert first.promoted
-    binarised = registry.Protocol("md5-of-mnist", binarized=True, validation=0)
-    refused = registry.promotion_gate(client, "m", "3", untrained, data, cfg, settle=0, protocol=binarised)
+    binarised = gate.Protocol("md5-of-mnist", binarized=True, validation=0)
+    refused = gate.promotion_gate(client, "m", "3", untrained, data, cfg, settle=0, protocol=binarised)
     assert not refused.promoted and refused.error is None and aliases.champion(client, "m") == "1"
     assert "trained and measured as binarised, validation 0, data md5-of-m" in refused.reason
     assert "champion version 1 as grey, validation 10000, data md5-of-m" in refused.reason
-    smaller_split = registry.Protocol("md5-of-mnist", binarized=False, validation=5_000)
-    refused = registry.promotion_gate(
-        client, "m", "3", untrained, data, cfg, settle=0, protocol=smaller_split
-    )
+    smaller_split = gate.Protocol("md5-of-mnist", binarized=False, validation=5_000)
+    refused = gate.promotion_gate(client, "m", "3", untrained, data, cfg, settle=0, protocol=smaller_split)
     assert (
         not refused.promoted and "validation 5000" in refused.reason and "validation 10000" in refused.reason
     )
-    assert registry.Protocol.from_tags(dict(client.get_model_version("m", "1").tags)) == grey
+    assert gate.Protocol.from_tags(dict(client.get_model_version("m", "1").tags)) == grey
 
 
 def test_without_a_validation_split_only_the_first_version_becomes_champion(
@@ -149,14 +147,14 @@ def test_without_a_validation_split_only_the_first_version_becomes_champion(
 
     images, labels = tiny_images(64)
     untrained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)
-    data = registry.GateData(images, labels, "the last 10000 training images (train.validation is 0)")
-    paper = registry.Protocol("md5", binarized=True, validation=0)
+    data = gate.GateData(images, labels, "the last 10000 training images (train.validation is 0)")
+    paper = gate.Protocol("md5", binarized=True, validation=0)
     for version in ("1", "3"):
         for key, value in paper.tags().items():
             client.set_model_version_tag("m", version, key, value)
-    monkeypatch.setattr(registry, "load_vae", lambda reference: untrained)
+    monkeypatch.setattr(gate, "load_vae", lambda reference: untrained)
     cfg = EvaluateConfig()
-    assert registry.promotion_gate(client, "m", "1", untrained, data, cfg, settle=0, protocol=paper).promoted
-    second = registry.promotion_gate(client, "m", "3", untrained, data, cfg, settle=0, protocol=paper)
+    assert gate.promotion_gate(client, "m", "1", untrained, data, cfg, settle=0, protocol=paper).promoted
+    second = gate.promotion_gate(client, "m", "3", untrained, data, cfg, settle=0, protocol=paper)
     assert not second.promoted and aliases.champion(client, "m") == "1"
     assert "no images are unseen by both it and champion version 1" in second.reason

@@ -1,4 +1,4 @@
-"""Tests for :mod:`mnist_vae.serving.scoring` (bulk scoring to CSV/Parquet) on an untrained tiny model and tiny
+"""Tests for :mod:`mnist_vae.serving.scoring` (bulk scoring to CSV/Parquet) on an untrained tiny model and
 arrays: each input kind, each output kind, the bad-input messages, and agreement with the served
 model's ``score`` output."""
 

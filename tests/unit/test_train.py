@@ -21,7 +21,7 @@ from mnist_vae.training.trainer import (
     TrainingDataError,
     learning_rate,
     resolve_device,
-    train_model,
+    train_epochs,
 )
 
 Losses = Callable[[TrainConfig], list[float]]
@@ -45,7 +45,7 @@ def losses(images: np.ndarray, request: pytest.FixtureRequest) -> Losses:
 
     def train(cfg: TrainConfig) -> list[float]:
         model = build_model(TINY[request.param], seed=cfg.seed)
-        return [s.loss for s in train_model(model, images, cfg, progress=False)]
+        return [s.loss for s in list(train_epochs(model, images, cfg))]
 
     return train
 
@@ -184,7 +184,7 @@ def test_threads_auto_takes_a_share_of_the_cores(images: np.ndarray) -> None:
     cfg = TrainConfig(device="cpu", epochs=1, batch_size=32)
     assert cfg.threads == "auto"
     model = build_model(ModelConfig(preset="mlp", hidden=(8,), latent=2), seed=0)
-    (stats,) = train_model(model, images, cfg, progress=False)
+    (stats,) = list(train_epochs(model, images, cfg))
     assert 1 <= stats.threads <= available_cores()
 
 

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mnist_vae.cli import app
-from mnist_vae.tuning.search import SearchSpaceError, load_space
+from mnist_vae.tuning.space import SearchSpaceError, load_space
 
 
 @pytest.fixture

@@ -109,7 +109,7 @@ def test_a_validation_split_larger_than_the_data_fails_before_any_run(
 def test_nan_loss_names_epoch_and_step_and_fails_the_run(
     project: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = train_module.loss_terms
+    real = train_module.training_loss
     calls = {"n": 0}
 
     def poisoned(model, x, k=1):
@@ -119,7 +119,7 @@ def test_nan_loss_names_epoch_and_step_and_fails_the_run(
             terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(train_module, "loss_terms", poisoned)
+    monkeypatch.setattr(train_module, "training_loss", poisoned)
     with pytest.raises(TrainingDivergedError, match="in epoch 2 at step 20 \\(batch 4 of the epoch"):
         stage.run(_params(project), progress=False)
     assert [r.info.status for r in _runs(mlflow_store)] == ["FAILED"]
@@ -171,7 +171,7 @@ def test_a_failure_while_describing_the_run_ends_it_failed(
 
 def _stop_in_epoch_2(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loss turns NaN in epoch 2: the stage fails with the checkpoint of epoch 1 kept."""
-    real, calls = train_module.loss_terms, {"n": 0}
+    real, calls = train_module.training_loss, {"n": 0}
 
     def poisoned(model, x, k=1):
         calls["n"] += 1
@@ -180,10 +180,10 @@ def _stop_in_epoch_2(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(train_module, "loss_terms", poisoned)
+    monkeypatch.setattr(train_module, "training_loss", poisoned)
     with pytest.raises(TrainingDivergedError):
         stage.run(_params(project), progress=False)
-    monkeypatch.setattr(train_module, "loss_terms", real)
+    monkeypatch.setattr(train_module, "training_loss", real)
 
 
 @pytest.mark.parametrize("change", ["threads", "code"])

@@ -44,6 +44,10 @@ class _Frozen(BaseModel):
         section = [name for name, f in Params.model_fields.items() if f.annotation is type(self)]
         return _validate(type(self), {**self.model_dump(), **changes}, tuple(section))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The values as plain YAML-able data (tuples become lists)."""
+        return self.model_dump(mode="json")
+
 
 class DataConfig(_Frozen):
     """Where the ``download`` stage fetches MNIST from."""
@@ -183,10 +187,6 @@ class Params(_Frozen):
             self.train.objective,
         )
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved parameters as plain YAML-able data (tuples become lists)."""
-        return self.model_dump(mode="json")
 
     def flat(self) -> dict[str, Any]:
         """The resolved parameters as ``{"section.key": value}``, as MLflow logs them."""

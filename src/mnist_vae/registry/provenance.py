@@ -128,7 +128,7 @@ def run_name(params: Params) -> str:
     name = os.environ.get("DVC_EXP_NAME", "").strip()
     if name:
         return name
-    trained = {k: v for k, v in params.to_dict().items() if k in ("model", "train")}
+    trained = {"model": params.model.to_dict(), "train": params.train.to_dict()}
     digest = hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:7]
     return f"{params.model.preset}-{digest}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 

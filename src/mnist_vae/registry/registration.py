@@ -142,7 +142,7 @@ WEIGHTS_TAG, EVALUATION_TAG = "weights_md5", "evaluation"
 
 
 def _evaluation_key(params: Params, commit: str) -> str:
-    settings = json.dumps({"evaluate": params.to_dict()["evaluate"], "commit": commit}, sort_keys=True)
+    settings = json.dumps({"evaluate": params.evaluate.to_dict(), "commit": commit}, sort_keys=True)
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 

@@ -62,7 +62,7 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
         with tracking.server_errors(f"log into run {run_id}"), mlflow.start_run(run_id=run_id):
             # Evaluation settings are tags, not params: a re-evaluation with other settings
             # writes into the same run, and MLflow forbids changing a param's value.
-            mlflow.set_tags({f"evaluate.{k}": str(v) for k, v in params.to_dict()["evaluate"].items()})
+            mlflow.set_tags({f"evaluate.{k}": str(v) for k, v in params.evaluate.to_dict().items()})
             name = params.mlflow.registered_model
             with tracking.artifact_errors(), tracking.server_errors(f"register versions of model {name!r}"):
                 mlflow.log_dict(evaluation.to_json(), "metrics.json")

@@ -221,9 +221,8 @@ def _prepare(
         build_model(params.model, seed=params.train.seed), x_train, params.train, validation=x_val
     )
     data_md5 = tracking.file_md5(paths.data)
-    plain = params.to_dict()
     code = checkpoint.code_digest()
-    fingerprint = checkpoint.fingerprint(plain["model"], plain["train"], data_md5, code)
+    fingerprint = checkpoint.fingerprint(params.model.to_dict(), params.train.to_dict(), data_md5, code)
     resumed = checkpoint.load(paths.checkpoint, fingerprint)
     if resumed is not None:
         trainer.load_state_dict(resumed["trainer"])
@@ -248,8 +247,11 @@ def _history_csv(history: list[EpochStats]) -> str:
 def _read_params(params: Params) -> dict[str, object]:
     """The params this stage reads (dvc.yaml lists them): ``model.*``, ``train.*`` and
     ``mlflow.experiment``, flat, as the run's MLflow params."""
-    flat = params.flat()
-    return {k: v for k, v in flat.items() if k.startswith(("model.", "train.")) or k == "mlflow.experiment"}
+    sections = {"model": params.model.to_dict(), "train": params.train.to_dict()}
+    flat = {
+        f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()
+    }
+    return {**flat, "mlflow.experiment": params.mlflow.experiment}
 
 
 def _param_value(value: object) -> object:

@@ -118,7 +118,7 @@ def test_editing_a_room_reruns_only_the_stages_that_run_it(stage: str, room: str
 
 def test_dvc_yaml_lists_the_params_each_stage_reads_in_its_own_section() -> None:
     """The params of dvc.yaml name sections that exist (what each stage reads is
-    tests/unit/stages/test_params_read.py)."""
+    tests/e2e/test_params_read.py)."""
     from mnist_vae.config import Params
 
     fields = Params.model_fields

@@ -20,7 +20,7 @@ from mnist_vae.data.fetch import MIRRORS_ENV
 from mnist_vae.paths import Paths
 from mnist_vae.stages import download, evaluate, train
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 TINY = {

@@ -159,11 +159,12 @@ def iw_log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk_rows: int = 1 <
     """Estimates log p(x) per image with k importance samples (Burda et al. 2015, eq. 8).
 
     A lower bound that tightens as k grows; at k = 1 its mean is the ELBO. Draws are decoded
-    ``chunk_rows`` (sample, image) rows at a time, to bound memory; the draws, and so the estimate,
-    do not depend on the chunking as long as a chunk holds whole samples.
+    ``chunk_rows`` (sample, image) rows at a time, to bound memory. The draws are made chunk by chunk,
+    and torch's CPU generator does not always give one call the numbers of two calls of half its
+    size: another ``chunk_rows`` may give other draws, and so another estimate of the same value.
     """
     mu, logvar = model.encode(x)
-    log_w = torch.empty(k, x.shape[0], device=x.device)
+    log_w = torch.empty(k, x.shape[0], device=x.device, dtype=mu.dtype)
     chunk = max(1, chunk_rows // x.shape[0])  # samples decoded at once
     for start in range(0, k, chunk):
         eps = torch.randn(min(chunk, k - start), *mu.shape, device=x.device, dtype=mu.dtype)

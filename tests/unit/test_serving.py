@@ -147,6 +147,15 @@ def test_mlflow_loads_the_weights_folder(served: ServedVAE, tmp_path: Path) -> N
         np.testing.assert_array_equal(loaded.predict(_batch(3)), served.predict(_batch(3)))
 
 
+def test_versions_logged_before_the_move_still_load(served: ServedVAE, tmp_path: Path) -> None:
+    """Their MLmodel names ``loader_module: mnist_vae.serving``, the package now."""
+    import importlib
+
+    save_model(served.model, tmp_path / WEIGHTS_FILE)
+    loaded = importlib.import_module("mnist_vae.serving")._load_pyfunc(str(tmp_path))
+    np.testing.assert_array_equal(loaded.predict(_batch(2)), served.predict(_batch(2)))
+
+
 def test_signature_declares_the_input_and_params() -> None:
     sig = signature()
     assert sig.inputs.to_dict() == [

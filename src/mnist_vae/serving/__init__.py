@@ -11,3 +11,11 @@ May import the top-level modules, :mod:`mnist_vae.data` and :mod:`mnist_vae.mode
 logs this room's flavour, so this room never imports the registry; resolving a model reference to a
 folder is :func:`mnist_vae.registry.references.model_folder`.
 """
+
+
+def _load_pyfunc(data_path: str) -> object:
+    """MLflow's entry point for versions logged before the flavour moved to :mod:`.pyfunc`: their
+    MLmodel names ``loader_module: mnist_vae.serving``."""
+    from mnist_vae.serving.pyfunc import _load_pyfunc as load
+
+    return load(data_path)

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from mnist_vae import procs
-from mnist_vae.bench.serving import group_alive, serve, wrap_weights
 from mnist_vae.config import ModelConfig
 from mnist_vae.models.vae import build_model
 from mnist_vae.models.weights import save_model
+from mnist_vae.serving.pyfunc import save_pyfunc
+from mnist_vae.serving.server import serve
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def test_serve_bench_measures_every_cell_and_stops_its_servers(
     tmp_path: Path, venv_bin: Path, write_dataset: Callable[..., Path]
 ) -> None:
     save_model(build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0), tmp_path / "model.pt")
-    folder = wrap_weights(tmp_path / "model.pt", tmp_path / "served")
+    folder = save_pyfunc(tmp_path / "model.pt", tmp_path / "served")
     data = write_dataset(tmp_path / "mnist.npz", 8, n_test=64)
     out = tmp_path / "serve_bench.json"
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
@@ -75,7 +76,7 @@ def test_serve_bench_measures_every_cell_and_stops_its_servers(
     # Every server was stopped with its workers: no process group left, no uvicorn on its port.
     assert [s["workers"] for s in result["servers"]] == [1, 2]
     for server in result["servers"]:
-        assert not group_alive(server["pid"]), f"server {server} still running"
+        assert not procs.group_alive(server["pid"]), f"server {server} still running"
     listening = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     for server in result["servers"]:
         assert f"--port {server['port']}" not in listening, listening
@@ -85,7 +86,7 @@ def test_two_worker_server_takes_a_share_of_the_cores_and_no_delay(tmp_path: Pat
     """Each of 2 workers runs cores // 2 torch threads (its log line, read back from torch), and the
     connection a worker accepted has TCP_NODELAY, read from the server's own socket."""
     save_model(build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0), tmp_path / "model.pt")
-    folder = wrap_weights(tmp_path / "model.pt", tmp_path / "served")
+    folder = save_pyfunc(tmp_path / "model.pt", tmp_path / "served")
     log = tmp_path / "server.log"
     cores = len(os.sched_getaffinity(0))
     with serve(folder, workers=2, log=log) as server:

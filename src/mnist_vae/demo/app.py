@@ -188,7 +188,7 @@ def _sketchpad(label: str, elem_id: str) -> gr.Sketchpad:
     second stroke); the preparation treats white paper and a transparent canvas alike."""
     paper = np.full((_CANVAS[1], _CANVAS[0], 3), 255, dtype=np.uint8)
     return gr.Sketchpad(
-        value={"background": paper, "layers": [], "composite": None},
+        value=paper,  # the background, and the picture until the first stroke
         label=label,
         canvas_size=_CANVAS,
         brush=gr.Brush(default_size=_BRUSH_SIZE, colors=["#000000"], color_mode="fixed"),

@@ -92,11 +92,18 @@ def _from_version(client: MlflowClient, card: ModelCard, version: ModelVersion) 
     card = _with(
         card,
         registered=f"{version.name} version {version.version}",
-        aliases=tuple(sorted(version.aliases or [])),
+        aliases=_aliases(client, version),
         metrics=_test_metrics(tags),
         preset=tags.get("preset", card.preset),
     )
     return _with_run(client, card, version.run_id) if version.run_id else card
+
+
+def _aliases(client: MlflowClient, version: ModelVersion) -> tuple[str, ...]:
+    """The version's aliases, read off its registered model: a version fetched by alias does not
+    always carry its own aliases."""
+    aliases = client.get_registered_model(version.name).aliases or {}
+    return tuple(sorted(alias for alias, number in aliases.items() if str(number) == str(version.version)))
 
 
 def _from_run(client: MlflowClient, card: ModelCard, run_id: str) -> ModelCard:

@@ -212,8 +212,9 @@ def score_text(page: Page, score: float) -> str:
 
 
 def slider_values(page: Page, code: Sequence[np.ndarray]) -> list[float]:
-    """The sliders' positions for a code: its value in each slider's unit, kept on the slider."""
-    return [float(np.clip(code[d.layer][d.unit], -SLIDER_SPAN, SLIDER_SPAN)) for d in page.dims]
+    """The sliders' positions for a code: its value in each slider's unit, kept on the slider and
+    rounded to the slider's step of 0.01."""
+    return [round(float(np.clip(code[d.layer][d.unit], -SLIDER_SPAN, SLIDER_SPAN)), 2) for d in page.dims]
 
 
 def explore(

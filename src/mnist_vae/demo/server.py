@@ -1,7 +1,7 @@
 """Running the demo: the checks a person can fix before anything slow starts (a port in use, a login
 variable that is missing or malformed), and serving the page until Ctrl-C or SIGTERM.
 
-Gradio is imported only by :func:`serve`, so that a failed check answers at once.
+Gradio and torch are imported only by :func:`serve`, so that a failed check answers at once.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import signal
 import socket
 import threading
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from mnist_vae.demo.page import Page
 from mnist_vae.errors import UserError
 from mnist_vae.procs import signals_raise
+
+if TYPE_CHECKING:
+    from mnist_vae.demo.page import Page
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +80,27 @@ def login_from_env(variable: str | None, environ: Mapping[str, str] = os.environ
 def serve(page: Page, card: str, host: str, port: int, login: tuple[str, str] | None) -> None:
     """Serves the page on ``host``:``port`` until SIGINT (Ctrl-C) or SIGTERM, then stops the
     server and returns. ``card`` is the model card (Markdown); ``login`` asks for that user."""
+    import numpy as np
+
     from mnist_vae.demo import app
+    from mnist_vae.demo import page as work
 
     if page.test is None:
         log.warning("no test digits to rank scores among: %s", page.missing)
+    # torchvision's grid (samples, interpolations) imports in a second or more: now, not on the
+    # first request.
+    work.picture(np.zeros((2, 784), dtype=np.float32))
     blocks = app.build(page, card)
-    url = app.launch(blocks, host, port, login)
-    guarded = " (login required)" if login else ""
-    log.info("demo on %s%s; Ctrl-C stops it", url, guarded)
     stop = threading.Event()
     try:
-        # SIGTERM (a service manager, `kill`) ends it as Ctrl-C does: the server closes its port.
+        # SIGTERM (a service manager, `kill`) ends it as Ctrl-C does, from the launch on: the
+        # server closes its port and the command exits 0.
         with signals_raise(lambda signum: KeyboardInterrupt(), signal.SIGINT, signal.SIGTERM):
+            url = app.launch(blocks, host, port, login)
+            log.info("demo on %s%s; Ctrl-C stops it", url, " (login required)" if login else "")
             stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        blocks.close()
+        blocks.close(verbose=False)
     log.info("demo stopped")

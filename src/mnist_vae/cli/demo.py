@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mnist_vae.cli.common import DataOption, ModelOption, ParamsOption, busy, default_model, load_model
+from mnist_vae.cli.common import ModelOption, ParamsOption, busy, default_model, load_model
 from mnist_vae.config import load_params
 
 
@@ -17,7 +17,13 @@ def demo(
         typer.Option("--host", help="Address to listen on; the default keeps the page on this machine."),
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 7860,
-    data: DataOption = Path("data/mnist.npz"),
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="The MNIST .npz whose test digits a score is ranked among; without it the page says so.",
+        ),
+    ] = Path("data/mnist.npz"),
     auth_env: Annotated[
         str | None,
         typer.Option(
@@ -33,14 +39,16 @@ def demo(
     ] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Serve a page to draw or upload digits for a model: the prepared input, its reconstruction,
-    its negative ELBO and how unusual that is among the test digits; latent sliders, an
-    interpolation, samples from the prior and the model card. Stops on Ctrl-C or SIGTERM.
+    """Serve a page to draw or upload digits for a model and look inside it, until Ctrl-C or SIGTERM.
 
-    Offline and private: every asset is served by the page itself, Gradio's analytics are off, and
-    it listens on 127.0.0.1 unless --host says otherwise.
+    The page shows a digit prepared as `reconstruct` prepares it, its reconstruction, its negative
+    ELBO and how unusual that is among the test digits; sliders for the latent units the model uses
+    most, an interpolation between two digits, samples from the prior and the model card.
 
-    Example: MNIST_VAE_LOGIN=me:secret mnist-vae demo --model models:/mnist-vae/3 --auth-env MNIST_VAE_LOGIN
+    Offline and private: every asset is served by the page itself, Gradio's analytics are off, it
+    listens on 127.0.0.1 unless --host says otherwise, and --auth-env asks for a login.
+
+    Example: mnist-vae demo --model models:/mnist-vae/3 --port 8080
     """
     from mnist_vae.demo.server import check_port, login_from_env
 

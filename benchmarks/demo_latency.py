@@ -125,6 +125,11 @@ def measure(model: str | None, data: Path, calls: int, threads: int | None) -> d
         },
         "server_event": event,
         "server_upload": {"median_ms": round(upload["p50"], 1), "p95_ms": round(upload["p95"], 1)},
+        # Where an event's time goes: the median of each phase in Gradio's traces (all calls).
+        "server_event_phases_median_ms": {
+            phase: round(summary["phases"][phase]["p50"], 1)
+            for phase in ("queue_wait", "preprocess", "fn_call", "postprocess")
+        },
         "round_trip": _percentiles(round_trips[WARM_UP:]),
         "cpu": _cpu(),
         "cores": len(os.sched_getaffinity(0)),

@@ -284,8 +284,8 @@ def test_samples_from_the_prior_follow_the_seed(demo: Demo) -> None:
     assert not np.array_equal(np.asarray(Image.open(other)), np.asarray(Image.open(grid)))
 
 
-def _chromium(download_dir: Path):
-    """Headless Chromium that resolves no name but 127.0.0.1 and logs every request it sends."""
+def _chromium():
+    """Headless Chromium that reaches nothing but 127.0.0.1 and logs every request it sends."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -303,13 +303,14 @@ def _chromium(download_dir: Path):
         "--disable-dev-shm-usage",
         "--window-size=1400,1500",
         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        # and whatever names an address outright goes to a closed port (loopback bypasses proxies)
+        "--proxy-server=http://127.0.0.1:9",
         "--disable-background-networking",
         "--disable-component-update",
         "--no-first-run",
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    options.add_experimental_option("prefs", {"download.default_directory": str(download_dir)})
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
@@ -330,7 +331,7 @@ def test_the_page_in_a_browser_draws_uploads_and_stays_on_this_machine(
     from selenium.webdriver.common.by import By
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not fetch a driver
-    driver = _chromium(tmp_path)
+    driver = _chromium()
     try:
         driver.get(demo.url)
         _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "input[type=password]"), what="the login form")

@@ -69,7 +69,9 @@ def build(page: Page, card: str) -> gr.Blocks:
                     with gr.Row():
                         prepared = _shown_image("Prepared 28x28 input", "prepared")
                         reconstruction = _shown_image("Reconstruction", "reconstruction")
-                    score = gr.Markdown("Draw or upload a digit to see its score.", elem_id="score")
+                    score = gr.Markdown(
+                        "Draw or upload a digit to see its score.", label="Score", elem_id="score"
+                    )
             gr.Markdown(
                 "## Latent space\nEach slider is a latent unit the model uses most (largest mean KL over "
                 "the test digits); they start at the digit's posterior mean, and the picture is decoded "
@@ -123,8 +125,8 @@ def build(page: Page, card: str) -> gr.Blocks:
             gr.Markdown(_test_note(page))
 
         digit_outputs = [prepared, reconstruction, score, code, explored, *sliders]
-        # `input`, not `change`: Gradio 6.31's sketchpad sends `change` for a first stroke before its
-        # picture exists, and an empty canvas (no white background) sends no picture at all.
+        # `input`, not `change`: in Gradio 6.31 a first stroke's `change` carries no picture (seen in
+        # headless Chromium), while `input` carries it once the canvas has a background (_sketchpad).
         sketch.input(
             _on_page(functools.partial(_drawn, page)),
             sketch,

@@ -17,7 +17,7 @@ from mnist_vae.config import ModelConfig
 from mnist_vae.data.pictures import load_digit
 from mnist_vae.demo import card as cards
 from mnist_vae.demo import page as work
-from mnist_vae.demo.latents import OneLayer, UnknownFamilyError, latent_model
+from mnist_vae.demo.latents import LatentLayer, OneLayer, UnknownFamilyError, latent_model
 from mnist_vae.demo.server import DemoStartError, check_port, login_from_env
 from mnist_vae.evaluation.figures import reconstruct, sample
 from mnist_vae.models.vae import VAE, build_model
@@ -303,3 +303,52 @@ def test_a_port_in_use_or_an_address_not_of_this_machine_is_refused_at_once() ->
     check_port("127.0.0.1", port)  # free again
     with pytest.raises(DemoStartError, match="cannot listen on 192.0.2.1"):
         check_port("192.0.2.1", port)  # TEST-NET-1: never an address of this machine
+
+
+class _TwoLayers:
+    """A stand-in for a family with two latent layers: the tiny VAE's four units split into a layer
+    ``top`` of one unit and a layer ``bottom`` of three, as a ladder VAE would present them."""
+
+    def __init__(self, vae: VAE) -> None:
+        self.inner = OneLayer(vae)
+        self.layers = (LatentLayer("top", 1), LatentLayer("bottom", 3))
+
+    def describe(self) -> str:
+        return "two layers"
+
+    def _split(self, code: torch.Tensor) -> list[torch.Tensor]:
+        return [code[:, :1], code[:, 1:]]
+
+    def posterior_means(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self._split(self.inner.posterior_means(x)[0])
+
+    def kl_per_unit(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self._split(self.inner.kl_per_unit(x)[0])
+
+    def decode(self, code) -> torch.Tensor:
+        return self.inner.decode([torch.cat(list(code), dim=-1)])
+
+    def neg_elbo(self, pixels: np.ndarray, seed: int) -> np.ndarray:
+        return self.inner.neg_elbo(pixels, seed)
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        return self.inner.sample(n, seed)
+
+
+def test_a_family_with_several_layers_gets_sliders_on_each(vae: VAE, tiny_npz: Path, tiny_images) -> None:
+    """The page's functions take any number of layers: sliders per layer, each layer's code."""
+    page = work.open_page(_TwoLayers(vae), tiny_npz)
+    assert [d.layer for d in page.dims] == [0, 1, 1, 1]
+    images, _ = tiny_images(2, seed=7)
+    digit = work.analyse(page, images[0])
+    assert [c.shape for c in digit.code] == [(1,), (3,)]
+    values = work.slider_values(page, digit.code)
+    moved = [v + 1.0 for v in values]
+    z = torch.from_numpy(np.concatenate(digit.code)).reshape(1, 4)
+    for dim, value in zip(page.dims, moved, strict=True):
+        z[0, dim.unit + (1 if dim.layer == 1 else 0)] = value
+    with torch.no_grad():
+        expected = torch.sigmoid(vae.decode(z))[0].numpy()
+    np.testing.assert_allclose(work.explore(page, digit.code, moved), expected, atol=1e-6)
+    strip = work.interpolate(page, images[0], images[1], 3)
+    np.testing.assert_allclose(strip[[0, -1]], reconstruct(vae, images), atol=1e-6)

@@ -74,6 +74,10 @@ def test_without_the_data_file_the_page_says_why_instead_of_a_percentile(vae: VA
     text = work.score_text(page, 123.4)
     assert "123.4 nats" in text and "No test digits to compare with" in text and str(missing) in text
     assert len(page.dims) == 4  # ranked on the model's own samples instead
+    empty = tmp_path / "empty.npz"
+    none = np.zeros((0, 28, 28), dtype=np.uint8)
+    np.savez(empty, x_train=none, y_train=none[:, 0, 0], x_test=none, y_test=none[:, 0, 0])
+    assert work.open_page(latent_model(vae), empty).missing == f"{empty}: its test split holds no images"
     with pytest.raises(work.PageInputError, match="No test digits to pick from"):
         work.pick_test_digit(page, 0)
 

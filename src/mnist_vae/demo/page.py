@@ -96,6 +96,8 @@ def open_page(model: LatentModel, data: Path) -> Page:
     of a percentile, and ranks the units on the model's own samples."""
     try:
         mnist = load_mnist(data)
+        if not len(mnist.x_test):
+            raise DatasetFormatError(f"{data}: its test split holds no images")
     except (DatasetMissingError, DatasetFormatError) as exc:
         own = torch.from_numpy(model.sample(_BATCH, seed=SEED))
         return Page(model, None, str(exc), active_dimensions(model, own))

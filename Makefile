@@ -12,7 +12,10 @@ TIMES ?= /dev/null
 timed = start=$$(date +%s); $(2) || exit $$?; \
 	echo "tier $(1): $$(( $$(date +%s) - start )) s" | tee -a $(TIMES)
 
-.PHONY: install repro test test-fast test-e2e lint docs docs-build clean
+# Root installs Debian packages itself; anyone else through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser repro test test-fast test-e2e lint docs docs-build clean
 
 install: $(VENV)/.installed
 
@@ -31,9 +34,15 @@ test: test-fast test-e2e  ## the whole test suite: the unit tier, then the end-t
 test-fast: install  ## unit tests only (tests/unit: tiny models, no real process; under 30 s on 2 cores)
 	@$(call timed,unit,pytest tests/unit --durations=25)
 
+# Headless Chromium and its driver, from Debian, for the demo's browser test (tests/e2e/test_demo.py);
+# installed only when missing, so CI runs that test rather than skipping it.
+browser:  ## Debian's chromium and chromium-driver, when missing
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
 # Two workers: much of an end-to-end test is waiting for a server or a child process. A module's
 # tests stay on one worker (its module fixtures are made once), handed out heaviest first.
-test-e2e: install  ## the end-to-end tier (tests/e2e: real processes, servers and `dvc repro`)
+test-e2e: install browser  ## the end-to-end tier (tests/e2e: real processes, servers, `dvc repro`, a browser)
 	@$(call timed,e2e,pytest tests/e2e -n 2 --dist loadfile --no-loadscope-reorder --durations=25)
 
 lint: install  ## what CI and the pre-commit hooks check: ruff's lint rules and format, mypy on src/

@@ -143,6 +143,7 @@ ROOMS: dict[str, set[str]] = {
     "tuning": {"data", "models", "training", "evaluation", "serving", "registry"},
     "bench": {"data", "models", "training", "evaluation", "serving", "registry"},
     "stages": {"data", "models", "training", "evaluation", "serving", "registry"},
+    "demo": {"data", "models", "evaluation", "serving", "registry"},
     "cli": {
         "data",
         "models",
@@ -154,6 +155,7 @@ ROOMS: dict[str, set[str]] = {
         "bench",
         "stages",
         "stack",
+        "demo",
     },
 }
 

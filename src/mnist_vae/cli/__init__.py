@@ -5,7 +5,8 @@ calls: :mod:`.pipeline` (``download``, ``train``, ``run``, ``profile``: :mod:`mn
 same functions that ``dvc repro`` and ``MLproject`` run), :mod:`.evaluation` (``evaluate``,
 ``compare``), :mod:`.images` (``reconstruct``, ``sample``), :mod:`.scoring` (``score``),
 :mod:`.registry` (``models``, ``promote``, ``rollback``), :mod:`.tuning` (``tune``), :mod:`.bench`
-(``bench``, ``serve-bench``) and :mod:`.stack` (``stack``); :mod:`.common` holds what they share.
+(``bench``, ``serve-bench``), :mod:`.stack` (``stack``) and :mod:`.demo` (``demo``, the Gradio
+page: :mod:`mnist_vae.demo`); :mod:`.common` holds what they share.
 Failures a user can fix end with one line ``error: ...`` on stderr and exit code 1, never a
 traceback.
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import typer
 
-from mnist_vae.cli import bench, evaluation, images, pipeline, registry, scoring, stack, tuning
+from mnist_vae.cli import bench, demo, evaluation, images, pipeline, registry, scoring, stack, tuning
 from mnist_vae.cli.common import help_text, reports_errors, setup_logging
 
 COMMANDS: dict[str, Callable[..., None]] = {
@@ -37,6 +38,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "stack": stack.stack,
     "serve-bench": bench.serve_bench,
     "score": scoring.score,
+    "demo": demo.demo,
 }
 
 app = typer.Typer(

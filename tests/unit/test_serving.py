@@ -131,6 +131,7 @@ def test_sample_draws_n_images_whatever_the_input(served: ServedVAE) -> None:
         ({"output": "sample", "n": 1025}, "parameter 'n': expected an integer in 1..1024"),
         ({"output": "sample", "n": True}, "parameter 'n': expected an integer in 1..1024, got True"),
         ({"seed": -1}, "parameter 'seed': expected an integer in 0..2147483647, got -1"),
+        ({"output": "score", "latents": "yes"}, "parameter 'latents': expected true or false, got 'yes'"),
     ],
 )
 def test_bad_params_are_invalid_parameter_values(served: ServedVAE, params: dict, expected: str) -> None:
@@ -152,4 +153,10 @@ def test_signature_declares_the_input_and_params() -> None:
     assert sig.inputs.to_dict() == [
         {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 784)}}
     ]
-    assert {p.name: p.default for p in sig.params} == {"output": "reconstruction", "n": 16, "seed": 0}
+    assert {p.name: p.default for p in sig.params} == {
+        "output": "reconstruction",
+        "n": 16,
+        "seed": 0,
+        "latents": False,
+        "complexity": False,
+    }

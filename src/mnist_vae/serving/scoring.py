@@ -1,8 +1,9 @@
 """Bulk scoring without JSON: the per-image negative ELBO of many images, written to CSV or Parquet.
 
-The same numbers as the served model's ``score`` output (:func:`mnist_vae.models.objectives.neg_elbo`, one
-posterior draw per image from a generator seeded with ``seed``), computed in large batches in this
-process instead of through HTTP and JSON. Inputs: an ``.npz`` (``x_test`` of ``data/mnist.npz`` by
+The same numbers as the served model's ``score`` output (:mod:`mnist_vae.serving.scores`: one
+posterior draw per image, fixed by ``seed`` and the image's own pixels), computed in large batches in
+this process instead of through HTTP and JSON; ``--engine spark`` computes them on Spark
+(:mod:`mnist_vae.serving.spark`). Inputs: an ``.npz`` (``x_test`` of ``data/mnist.npz`` by
 default), an ``.npy``, or a folder of PNG/JPEG pictures, each prepared by
 :func:`mnist_vae.data.pictures.load_digit`.
 """
@@ -21,9 +22,9 @@ import torch
 from mnist_vae.atomic import atomic_write
 from mnist_vae.errors import UserError
 from mnist_vae.models.networks import N_PIXELS
-from mnist_vae.models.objectives import neg_elbo
 from mnist_vae.models.vae import VAE
 from mnist_vae.serving.inputs import PixelMessages, checked_pixels
+from mnist_vae.serving.scores import score_batch
 
 DEFAULT_KEY = "x_test"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -151,33 +152,29 @@ def check_output(out: Path) -> None:
             ) from None
 
 
-@torch.inference_mode()
 def score_pixels(
-    model: VAE, pixels: np.ndarray, seed: int = 0, latents: bool = False, batch_size: int = 4096
+    model: VAE,
+    pixels: np.ndarray,
+    seed: int = 0,
+    latents: bool = False,
+    batch_size: int = 4096,
+    complexity: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Negative ELBO per image (nats) and, with ``latents``, the posterior means ``mu_i``.
+    """Negative ELBO per image (nats), with ``latents`` the posterior means ``mu_i``, with
+    ``complexity`` the PNG length and the corrected score (:func:`mnist_vae.serving.scores.score_batch`).
 
-    The noise of all images is drawn at once from ``torch.Generator().manual_seed(seed)``, as the
-    served model draws it for one request: the scores equal its ``score`` output for the same
-    images and seed, whatever ``batch_size``.
+    Each image's posterior draw depends on ``seed`` and the image alone, so the scores equal the
+    served model's ``score`` output and the Spark engine's for the same images and seed, whatever
+    ``batch_size`` or the batches around them.
     """
     assert pixels.ndim == 2 and pixels.shape[1] == N_PIXELS, f"expected (N, 784), got {pixels.shape}"
     model = model.eval()
-    n, d = len(pixels), model.latent_dim
-    eps = torch.randn((n, d), generator=torch.Generator().manual_seed(seed))
-    scores = np.empty(n, dtype=np.float32)
-    means = np.empty((n, d), dtype=np.float32) if latents else None
-    for start in range(0, n, batch_size):
-        x = torch.from_numpy(pixels[start : start + batch_size])
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(pixels), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size]))
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        rows = slice(start, start + len(x))
-        scores[rows] = neg_elbo(model, x, eps[rows]).numpy()
-        if means is not None:
-            means[rows] = model.encode(x)[0].numpy()
-    out = {"neg_elbo": scores}
-    if means is not None:
-        out.update({f"mu_{i}": means[:, i] for i in range(d)})
-    return out
+        parts.append(score_batch(model, x, seed, latents, complexity))
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def write_table(columns: dict[str, np.ndarray | list], out: Path) -> Path:
@@ -196,6 +193,7 @@ def score_file(
     seed: int = 0,
     latents: bool = False,
     batch_size: int = 4096,
+    complexity: bool = False,
 ) -> ScoreResult:
     """Scores every image of ``source`` and writes ``image``, ``neg_elbo`` (and ``mu_i``) to ``out``.
 
@@ -207,6 +205,7 @@ def score_file(
     start = time.perf_counter()
     check_output(out)
     images = read_images(source, key)
-    columns = {"image": images.names, **score_pixels(model, images.pixels, seed, latents, batch_size)}
+    scores = score_pixels(model, images.pixels, seed, latents, batch_size, complexity)
+    columns = {"image": images.names, **scores}
     path = write_table(columns, out)
     return ScoreResult(path, len(images.pixels), time.perf_counter() - start)

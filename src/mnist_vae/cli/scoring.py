@@ -6,18 +6,19 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mnist_vae.cli.common import ModelOption, ParamsOption, busy, default_model, load_model
+from mnist_vae.cli.common import ModelOption, ParamsOption, busy, dataset_path, default_model, load_model
 from mnist_vae.config import load_params
 
 
 def score(
     source: Annotated[
-        Path,
+        Path | None,
         typer.Argument(
             help="An .npz (its test images by default, see --key), an .npy of uint8 (N,28,28)/(N,784) "
-            "or float [0,1] images, or a folder of PNG/JPEG digits."
+            "or float [0,1] images, or a folder of PNG/JPEG digits. Default: data/<data.dataset>.npz.",
+            show_default=False,
         ),
-    ] = Path("data/mnist.npz"),
+    ] = None,
     model: ModelOption = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="The table to write: .csv or .parquet (by the suffix).")
@@ -52,7 +53,11 @@ def score(
     from mnist_vae.serving.scoring import check_output, score_file
 
     check_output(out)  # a bad suffix fails before the model loads
-    vae = load_model(model or default_model(load_params(params), None))
+    if source is None or model is None:  # params.yaml names the default dataset and model
+        resolved = load_params(params)
+        source = dataset_path(resolved, source)
+        model = default_model(resolved, model)
+    vae = load_model(model)
     with busy(f"scoring {source}"):
         result = score_file(vae, source, out, key=key, seed=seed, latents=latents, batch_size=batch_size)
     Console().print(

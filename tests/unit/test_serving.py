@@ -148,6 +148,24 @@ def test_mlflow_loads_the_weights_folder(served: ServedVAE, tmp_path: Path) -> N
         np.testing.assert_array_equal(loaded.predict(_batch(3)), served.predict(_batch(3)))
 
 
+def test_outside_a_server_the_model_takes_the_threads_the_environment_asks_for(
+    served: ServedVAE, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the Spark engine relies on: spark_udf loads the model with MNIST_VAE_SERVE_THREADS=1."""
+    save_model(served.model, tmp_path / WEIGHTS_FILE)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("MNIST_VAE_SERVE_THREADS", "1")
+        _load_pyfunc(str(tmp_path))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.delenv("MNIST_VAE_SERVE_THREADS")
+        _load_pyfunc(str(tmp_path))
+        assert torch.get_num_threads() == 2  # unset: left as it was
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_signature_declares_the_input_and_params() -> None:
     sig = signature()
     assert sig.inputs.to_dict() == [

@@ -124,7 +124,7 @@ def score(
     console = Console()
     if engine == "spark":
         with (
-            busy(f"scoring {source} on Spark ({master or 'local[2]'})"),
+            busy(f"scoring {source} on Spark {master or ''}"),
             spark.session(master, batch_size) as s,
         ):
             result = spark.score_spark(

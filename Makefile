@@ -22,7 +22,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,team]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,team,spark]'
+	@test -x "$$JAVA_HOME/bin/java" || command -v java >/dev/null || echo 'note: Spark (mnist-vae score --engine spark) needs Java 17 or 21: apt-get install openjdk-17-jre-headless (Debian), or set JAVA_HOME'
 	$(BIN)/python -m mnist_vae.evaluation.plots  # the offline page template of `dvc plots show`
 	touch $@
 

@@ -1,6 +1,6 @@
 """Training speed against the tutorial's loop; the same as `mnist-vae bench`.
 
-    python benchmarks/train_speed.py [--out reports/bench.json] [--device cpu] [--no-mlflow]
+python benchmarks/train_speed.py [--out reports/bench.json] [--device cpu] [--no-mlflow]
 """
 
 from mnist_vae.cli import app

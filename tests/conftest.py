@@ -27,8 +27,9 @@ import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# The offline MNIST copy present on every machine of this project, CI included.
+# The offline MNIST and Fashion-MNIST copies present on every machine of this project, CI included.
 SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
+SHARED_FASHION_MNIST = ROOT.parent / "shared" / "datasets" / "fashion-mnist"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -91,6 +92,14 @@ def shared_mnist() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_fashion_mnist() -> Path:
+    """The offline copy of the real Fashion-MNIST files; the test is skipped without it."""
+    if not SHARED_FASHION_MNIST.is_dir():
+        pytest.skip(f"no offline Fashion-MNIST copy at {SHARED_FASHION_MNIST}")
+    return SHARED_FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
 def tiny_images() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     """``tiny_images(n, seed=0)``: n learnable uint8 images (bars placed by the label) and labels."""
     return _tiny_images
@@ -144,6 +153,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_mlflow_
         "MLFLOW_EXPERIMENT_NAME",
         "MLFLOW_EXPERIMENT_ID",
         "MNIST_MIRRORS",
+        "FASHION_MNIST_MIRRORS",
         "DVC_EXP_NAME",
         "DVC_ROOT",
     ):
@@ -207,8 +217,8 @@ def make_mirror() -> Callable[..., Path]:
 
 @pytest.fixture
 def tiny_idx(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
-    """Four tiny MNIST-shaped IDX files (labels: train 0, 9, 4; test 7, 1), with
-    ``mnist_vae.data.fetch.SHA256`` pointed at them so that the real checks run on them."""
+    """Four tiny MNIST-shaped IDX files (labels: train 0, 9, 4; test 7, 1), with the digests of every
+    dataset in ``mnist_vae.data.fetch.SHA256`` pointed at them so that the real checks run on them."""
     from mnist_vae.data import fetch
 
     rng = np.random.default_rng(0)
@@ -218,15 +228,14 @@ def tiny_idx(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
         "t10k-images-idx3-ubyte": _idx_bytes(rng.integers(0, 256, (TINY_SPLITS["test"], 28, 28))),
         "t10k-labels-idx1-ubyte": _idx_bytes(np.array([7, 1])),
     }
-    monkeypatch.setattr(
-        fetch, "SHA256", {name: hashlib.sha256(raw).hexdigest() for name, raw in files.items()}
-    )
+    digests = {name: hashlib.sha256(raw).hexdigest() for name, raw in files.items()}
+    monkeypatch.setattr(fetch, "SHA256", {dataset: digests for dataset in fetch.SHA256})
     return files
 
 
 @pytest.fixture
 def tiny_splits(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Lets ``download_mnist`` accept the tiny files' sizes instead of 60000/10000; returns them."""
+    """Lets ``download_dataset`` accept the tiny files' sizes instead of 60000/10000; returns them."""
     from mnist_vae.data import fetch
 
     monkeypatch.setattr(
@@ -249,7 +258,14 @@ def _project_env(root: Path) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
     }
-    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MNIST_MIRRORS", "DVC_EXP_NAME", "DVC_ROOT"):
+    for name in (
+        "MLFLOW_REGISTRY_URI",
+        "MLFLOW_RUN_ID",
+        "MNIST_MIRRORS",
+        "FASHION_MNIST_MIRRORS",
+        "DVC_EXP_NAME",
+        "DVC_ROOT",
+    ):
         env.pop(name, None)
     return env
 

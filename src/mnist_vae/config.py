@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +23,7 @@ from pydantic_core import ErrorDetails
 
 from mnist_vae.errors import UserError
 
+Dataset = Literal["mnist", "fashion-mnist"]
 Preset = Literal["conv", "mlp", "seed"]
 Activation = Literal["relu", "silu", "gelu", "elu", "tanh"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -49,17 +50,34 @@ class _Frozen(BaseModel):
         return self.model_dump(mode="json")
 
 
-class DataConfig(_Frozen):
-    """Where the ``download`` stage fetches MNIST from."""
+# Official hosts of each dataset's four IDX files; params.yaml adds the offline copies.
+DEFAULT_MIRRORS: dict[Dataset, tuple[str, ...]] = {
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+}
 
-    # Lax (strict=False) only to take a YAML list for the tuple; the items stay strict.
-    mirrors: tuple[str, ...] = Field(
-        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+
+class DataConfig(_Frozen):
+    """Which dataset the pipeline runs on, and where the ``download`` stage fetches it from."""
+
+    dataset: Dataset = "mnist"
+    # Lax (strict=False) only to take YAML lists for the tuples; the items stay strict.
+    mirrors: dict[Dataset, Annotated[tuple[str, ...], Field(strict=False)]] = Field(
+        default_factory=lambda: dict(DEFAULT_MIRRORS),
         strict=False,
-        min_length=1,
-        description="at least one mirror",
+        description="a mapping of dataset names to lists of mirrors",
     )
     timeout: float = Field(30.0, gt=0, description="a positive number of seconds")
+
+    @model_validator(mode="after")
+    def _mirrors_of_the_dataset(self) -> Self:
+        _check(
+            len(self.mirrors.get(self.dataset, ())) > 0,
+            f"data.mirrors.{self.dataset}",
+            f"at least one mirror of {self.dataset} (data.dataset)",
+            list(self.mirrors.get(self.dataset, ())),
+        )
+        return self
 
 
 class ModelConfig(_Frozen):
@@ -162,11 +180,27 @@ class EvaluateConfig(_Frozen):
     binarize: bool = False
 
 
+AUTO_MODEL_NAME = "auto"
+
+
 class MlflowConfig(_Frozen):
-    """Where runs and models are recorded. The tracking URI itself comes from the environment."""
+    """Where runs and models are recorded. The tracking URI itself comes from the environment.
+
+    ``registered_model: auto`` names the model after the dataset (see :func:`registered_model`).
+    """
 
     experiment: str = Field("mnist-vae", pattern=r"\S", description="a non-empty name")
-    registered_model: str = Field("mnist-vae", pattern=r"\S", description="a non-empty name")
+    registered_model: str = Field(
+        AUTO_MODEL_NAME, pattern=r"\S", description="a non-empty name, or auto (<data.dataset>-vae)"
+    )
+
+
+def registered_model(params: Params) -> str:
+    """The registered model that versions go to: ``mlflow.registered_model``, or with ``auto`` the
+    dataset's own, ``<data.dataset>-vae`` (``mnist-vae``, ``fashion-mnist-vae``), so that models of
+    two datasets never share a champion."""
+    name = params.mlflow.registered_model
+    return f"{params.data.dataset}-vae" if name == AUTO_MODEL_NAME else name
 
 
 class Params(_Frozen):
@@ -313,8 +347,11 @@ def _config_error(error: ErrorDetails, section: tuple[str, ...]) -> ConfigError:
     if typing.get_origin(field.annotation) in (typing.Union, types.UnionType):
         expected = field.description
     elif error["type"] == "literal_error":
-        expected = f"one of {', '.join(typing.get_args(field.annotation))}"
-    elif error["type"] == "tuple_type":
+        literal = field.annotation
+        if typing.get_origin(literal) is dict:  # a key of a mapping such as data.mirrors
+            literal = typing.get_args(literal)[0]
+        expected = f"one of {', '.join(typing.get_args(literal))}"
+    elif error["type"] == "tuple_type" and typing.get_origin(field.annotation) is tuple:
         expected = f"a list of {typing.get_args(field.annotation)[0].__name__}"
     else:
         expected = _TYPE_WORDS.get(error["type"]) or field.description or error["msg"]

@@ -11,17 +11,28 @@ from pathlib import Path
 _DVC_EXP_DIR = (".dvc", "tmp", "exps")
 
 
+def dataset_file(dataset: str) -> Path:
+    """The prepared dataset ``data/<data.dataset>.npz``: dvc.yaml's ``data/${data.dataset}.npz``."""
+    return Path("data") / f"{dataset}.npz"
+
+
 @dataclass(frozen=True)
 class Paths:
-    """The stages' files, relative to the project root (as in dvc.yaml)."""
+    """The stages' files, relative to the project root (as in dvc.yaml). ``data`` follows
+    ``data.dataset``: :meth:`of` gives the paths of a dataset; the default is MNIST's."""
 
-    data: Path = Path("data/mnist.npz")
+    data: Path = dataset_file("mnist")
     model: Path = Path("models/model.pt")
     run: Path = Path("models/run.json")
     history: Path = Path("reports/train_history.csv")
     metrics: Path = Path("metrics.json")
     figures: Path = Path("reports/figures")
     checkpoint: Path = Path("checkpoints/train.pt")
+
+    @classmethod
+    def of(cls, dataset: str) -> Paths:
+        """The paths of a pipeline on ``dataset`` (a ``data.dataset`` value)."""
+        return cls(data=dataset_file(dataset))
 
 
 def project_root(cwd: Path | None = None) -> Path:

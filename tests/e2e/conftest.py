@@ -30,7 +30,15 @@ def team_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 # The modules that take longest, first: with `--dist loadfile --no-loadscope-reorder` pytest-xdist
 # hands out whole modules in collection order, and a long one started last would leave the other
 # worker idle at the end. (`make test-e2e` prints the slowest tests; this order follows them.)
-HEAVY_FIRST = ("test_team", "test_gate", "test_experiments", "test_pipeline", "test_stack", "test_cli")
+HEAVY_FIRST = (
+    "test_team",
+    "test_gate",
+    "test_experiments",
+    "test_spark",
+    "test_pipeline",
+    "test_stack",
+    "test_cli",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

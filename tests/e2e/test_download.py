@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mnist_vae.data.dataset import load_mnist
+from mnist_vae.data.dataset import load_dataset
 from mnist_vae.tracking import file_md5
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ def test_real_mnist_from_the_offline_mirror(real_mnist: Path, repo_root: Path) -
     """``real_mnist`` is ``pipeline/download.py`` run for real once per test session; every
     reproduced project of the session starts from its output."""
     assert sorted(p.name for p in real_mnist.parent.iterdir()) == ["mnist.npz"]
-    mnist = load_mnist(real_mnist)
+    mnist = load_dataset(real_mnist)
     assert mnist.x_train.shape == (60_000, 28, 28)
     assert mnist.x_test.shape == (10_000, 28, 28)
     assert mnist.y_train.shape == (60_000,)

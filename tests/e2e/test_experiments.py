@@ -127,6 +127,53 @@ def test_a_grid_through_the_queue_with_two_jobs(dvc_project) -> None:
     assert {runs[n].data.params["train.lr"] for n in names} == {"0.0015", "0.002"}
 
 
+def test_fashion_mnist_experiment_registers_its_own_model(dvc_project, shared_fashion_mnist: Path) -> None:
+    """`dvc exp run -S data.dataset=fashion-mnist` downloads Fashion-MNIST into its own file (checked
+    against its pinned digests), trains, evaluates and registers it as fashion-mnist-vae, with its
+    names on the run; the MNIST model's versions and champion stay as they were. A Fashion-MNIST
+    model sent to MNIST's registered name by hand is refused by the gate."""
+    from mnist_vae.data.dataset import load_dataset
+
+    root, env = dvc_project
+    env = {**env, "FASHION_MNIST_MIRRORS": str(shared_fashion_mnist)}
+    client = _client(root)
+    mnist_champion = client.get_model_version_by_alias("mnist-vae", "champion").version
+    mnist_versions = {v.version for v in client.search_model_versions("name='mnist-vae'")}
+
+    out = _run(["dvc", "exp", "run", "-n", "fashion", "-S", "data.dataset=fashion-mnist"], root, env).stdout
+    assert "Running stage 'download'" in out and "Running stage 'train'" in out, out
+    fashion = load_dataset(root / "data" / "fashion-mnist.npz")
+    assert fashion.y_train[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]  # README of the offline copy
+    assert fashion.y_test[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert lock["download"]["outs"][0]["path"] == "data/fashion-mnist.npz"
+    assert lock["train"]["params"]["params.yaml"]["data.dataset"] == "fashion-mnist"
+    champion = client.get_model_version_by_alias("fashion-mnist-vae", "champion")
+    assert str(champion.version) == "1" and champion.tags["protocol.dataset"] == "fashion-mnist"
+    assert champion.tags["dataset"] == "fashion-mnist"
+    run = client.get_run(champion.run_id)
+    assert run.info.run_name == "fashion" and run.data.tags["data.dataset"] == "fashion-mnist"
+    assert run.data.params["data.dataset"] == "fashion-mnist"
+    names = {entry.dataset.name for entry in run.inputs.dataset_inputs}
+    assert names == {"fashion-mnist-train", "fashion-mnist-validation", "fashion-mnist-test"}, names
+    assert str(client.get_model_version_by_alias("mnist-vae", "champion").version) == str(mnist_champion)
+    assert {v.version for v in client.search_model_versions("name='mnist-vae'")} == mnist_versions
+
+    out = _run(
+        ["dvc", "exp", "run", "-n", "fashion-as-mnist", "-S", "data.dataset=fashion-mnist"]
+        + ["-S", "mlflow.registered_model=mnist-vae"],
+        root,
+        env,
+    ).stdout
+    assert "Running stage 'train'" not in out  # the same training: only evaluate reruns
+    assert "stays candidate" in out and "as fashion-mnist, grey" in out, out
+    assert str(client.get_model_version_by_alias("mnist-vae", "champion").version) == str(mnist_champion)
+    added = {v.version for v in client.search_model_versions("name='mnist-vae'")} - mnist_versions
+    assert len(added) == 1
+    refused = client.get_model_version("mnist-vae", added.pop())
+    assert refused.tags["protocol.dataset"] == "fashion-mnist"
+
+
 # --- the promotion gate chooses on the validation split ----------------------------------------
 
 
@@ -138,7 +185,7 @@ def test_gate_follows_validation_when_test_disagrees(
     import mlflow
 
     from mnist_vae.config import load_params
-    from mnist_vae.data.dataset import load_mnist
+    from mnist_vae.data.dataset import load_dataset
     from mnist_vae.evaluation.metrics import evaluate_model
     from mnist_vae.models.vae import build_model
     from mnist_vae.models.weights import save_model
@@ -179,7 +226,7 @@ def test_gate_follows_validation_when_test_disagrees(
         metrics=tmp_path / "metrics.json",
         figures=tmp_path / "figures",
     )
-    data = load_mnist(paths.data)
+    data = load_dataset(paths.data)
     test_scores = {}
     for name, images in (("white", np.repeat(white, 4, axis=0)), ("bars", bars)):
         trainer = Trainer(build_model(params.model, seed=0), images, params.train)

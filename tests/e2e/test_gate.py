@@ -311,12 +311,12 @@ def test_a_registration_failing_part_way_leaves_nothing_behind(
 def _validation_neg_elbo(root: Path) -> float:
     """What the gate measures: the project's weights on its validation split, one sample each."""
     from mnist_vae.config import load_params
-    from mnist_vae.data.dataset import load_mnist
+    from mnist_vae.data.dataset import load_dataset
     from mnist_vae.evaluation.metrics import evaluate_model
     from mnist_vae.models.weights import load_model
 
     params = load_params(root / "params.yaml")
-    _, _, images, labels = load_mnist(root / "data" / "mnist.npz").split(params.train.validation)
+    _, _, images, labels = load_dataset(root / "data" / "mnist.npz").split(params.train.validation)
     quick = params.evaluate.replace(iw_samples=1, limit=0)
     return evaluate_model(load_model(root / "models" / "model.pt"), images, labels, quick).metrics["neg_elbo"]
 

@@ -76,7 +76,7 @@ def project(
     write_params: Callable[..., Path],
 ) -> Path:
     make_mirror(tmp_path / "mirror", tiny_idx)
-    monkeypatch.setenv(MIRRORS_ENV, str(tmp_path / "mirror"))
+    monkeypatch.setenv(MIRRORS_ENV["mnist"], str(tmp_path / "mirror"))
     write_params(tmp_path / "params.yaml", TINY)
     monkeypatch.chdir(tmp_path)
     return tmp_path

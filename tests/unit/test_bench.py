@@ -27,17 +27,17 @@ from mnist_vae.bench.training import (
     write_json,
 )
 from mnist_vae.config import ModelConfig, TrainConfig
-from mnist_vae.data.dataset import MnistData
+from mnist_vae.data.dataset import ImageData
 
 
 @pytest.fixture(scope="module")
-def data(tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]]) -> MnistData:
+def data(tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]]) -> ImageData:
     x_train, y_train = tiny_images(640, seed=1)
     x_test, y_test = tiny_images(100, seed=2)
-    return MnistData(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return ImageData(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
 
-def test_row_d_stops_at_the_first_epoch_that_reaches_the_target(data: MnistData) -> None:
+def test_row_d_stops_at_the_first_epoch_that_reaches_the_target(data: ImageData) -> None:
     unreachable = BenchSettings(device="cpu", max_epochs_d=3, target_neg_elbo=-1.0)
     never = time_to_target(data, unreachable, "mlp", test_images=100)
     assert never.name == "d-mlp"
@@ -55,7 +55,7 @@ def test_row_d_stops_at_the_first_epoch_that_reaches_the_target(data: MnistData)
     assert reached.seconds_to_target * reached.samples_per_sec == pytest.approx(2 * 640)
 
 
-def test_rows_measured_side_by_side_keep_torchs_threads(data: MnistData) -> None:
+def test_rows_measured_side_by_side_keep_torchs_threads(data: ImageData) -> None:
     """Rows (b), (b2) and (c) hold their trainers open at once in one process; each window still
     runs on all of torch's threads, as row (a) does, not on a share as if they were trainings."""
     import torch

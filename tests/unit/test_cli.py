@@ -160,7 +160,7 @@ def test_unreachable_tracking_server_is_one_line(project: Path, args: list[str])
 
 
 def test_download_failure_ends_in_one_error_line(project: Path) -> None:
-    result = invoke("download", "--data", "fresh.npz", "--set", "data.mirrors=[nowhere]")
+    result = invoke("download", "--data", "fresh.npz", "--set", "data.mirrors={mnist: [nowhere]}")
     # The library logs a warning per failed mirror before the error sums them up.
     assert_one_line_error(result, "nowhere", allow_log_lines=True)
     assert not (project / "fresh.npz").exists()
@@ -171,10 +171,10 @@ def test_a_bug_is_not_turned_into_one_line(project: Path, monkeypatch: pytest.Mo
     traceback (typer prints it), down to the line that failed."""
     from mnist_vae.stages import download
 
-    def buggy_download(out: Path, mirrors: list[str], timeout: float) -> Path:
+    def buggy_download(out: Path, mirrors: list[str], timeout: float, dataset: str) -> Path:
         return Path(out) / str(1 / 0)
 
-    monkeypatch.setattr(download, "download_mnist", buggy_download)
+    monkeypatch.setattr(download, "download_dataset", buggy_download)
     result = invoke("download", "--data", "fresh.npz")
     assert isinstance(result.exception, ZeroDivisionError), result.output
     assert "error:" not in result.output

@@ -32,7 +32,14 @@ def test_project_params_file_is_valid(repo_root: Path) -> None:
         ({"model": {"preset": "mlp", "hidden": 256}}, "model.hidden: expected a list of int"),
         ({"model": {"preset": "mlp", "hidden": [256, -1]}}, "model.hidden: expected positive layer widths"),
         ({"evaluate": {"iw_samples": 0}}, "evaluate.iw_samples: expected an integer >= 1"),
-        ({"data": {"mirrors": []}}, "data.mirrors: expected at least one mirror"),
+        ({"data": {"mirrors": {"mnist": []}}}, "data.mirrors.mnist: expected at least one mirror of mnist"),
+        ({"data": {"mirrors": ["https://a.example/"]}}, "data.mirrors: expected a mapping of dataset names"),
+        ({"data": {"mirrors": {"kmnist": ["a"]}}}, "data.mirrors: expected one of mnist, fashion-mnist"),
+        ({"data": {"dataset": "kmnist"}}, "data.dataset: expected one of mnist, fashion-mnist, got 'kmnist'"),
+        (
+            {"data": {"dataset": "fashion-mnist", "mirrors": {"mnist": ["a"]}}},
+            "data.mirrors.fashion-mnist: expected at least one mirror of fashion-mnist (data.dataset)",
+        ),
         ({"mlflow": {"experiment": " "}}, "mlflow.experiment: expected a non-empty name"),
         ({"mlflow": {"experiment": 3}}, "mlflow.experiment: expected a string, got 3"),
         ({"train": {"binarize": "yes"}}, "train.binarize: expected true or false, got 'yes'"),
@@ -138,7 +145,7 @@ def test_bad_override_and_missing_file_are_clear(tmp_path: Path) -> None:
 def test_defaults_round_trip_through_plain_data() -> None:
     params = Params()
     plain = params.to_dict()
-    assert plain["model"]["hidden"] == [512, 256] and isinstance(plain["data"]["mirrors"], list)
+    assert plain["model"]["hidden"] == [512, 256] and isinstance(plain["data"]["mirrors"]["mnist"], list)
     assert yaml.safe_load(yaml.safe_dump(plain)) == plain
     assert params_from_dict(plain) == params
     assert params.flat()["model.hidden"] == [512, 256] and params.flat()["train.lr"] == 1e-3
@@ -149,6 +156,7 @@ def test_mlproject_defaults_agree_with_params_yaml(repo_root: Path) -> None:
     mlproject = yaml.safe_load((repo_root / "MLproject").read_text())
     params = load_params(repo_root / "params.yaml").flat()
     keys = {
+        "dataset": "data.dataset",
         "preset": "model.preset",
         "epochs": "train.epochs",
         "batch_size": "train.batch_size",

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from mnist_vae.config import ConfigError
-from mnist_vae.data.dataset import DatasetFormatError, DatasetMissingError, MnistData, load_mnist
+from mnist_vae.data.dataset import DatasetFormatError, DatasetMissingError, ImageData, load_dataset
 from mnist_vae.errors import UserError
 
-# --- load_mnist --------------------------------------------------------------------------------
+# --- load_dataset --------------------------------------------------------------------------------
 
 
 def test_missing_dataset_says_how_to_make_it(tmp_path: Path) -> None:
     with pytest.raises(DatasetMissingError, match="dvc repro download") as info:
-        load_mnist(tmp_path / "mnist.npz")
+        load_dataset(tmp_path / "mnist.npz")
     assert isinstance(info.value, UserError)  # printed as one line by the stages and the CLI
     assert isinstance(info.value, FileNotFoundError)
     assert str(tmp_path / "mnist.npz") in str(info.value)
@@ -54,7 +54,7 @@ def test_malformed_dataset_names_file_and_expectation(
     arrays = {**_valid_arrays(), **change}
     path = _save(tmp_path / "mnist.npz", **{k: v for k, v in arrays.items() if v is not None})
     with pytest.raises(DatasetFormatError, match=message) as info:
-        load_mnist(path)
+        load_dataset(path)
     assert isinstance(info.value, UserError)
     assert str(path) in str(info.value)
 
@@ -63,23 +63,23 @@ def test_not_an_npz_is_a_format_error(tmp_path: Path) -> None:
     path = tmp_path / "mnist.npz"
     path.write_bytes(b"not a zip archive")
     with pytest.raises(DatasetFormatError, match="expected an .npz archive"):
-        load_mnist(path)
+        load_dataset(path)
 
 
 def test_valid_small_dataset_loads(tmp_path: Path) -> None:
-    loaded = load_mnist(_save(tmp_path / "mnist.npz", **_valid_arrays()))
-    assert isinstance(loaded, MnistData)
+    loaded = load_dataset(_save(tmp_path / "mnist.npz", **_valid_arrays()))
+    assert isinstance(loaded, ImageData)
     assert loaded.x_train.shape == (2, 28, 28)
 
 
 # --- the validation split ----------------------------------------------------------------------
 
 
-def _numbered(n_train: int) -> MnistData:
+def _numbered(n_train: int) -> ImageData:
     """Training images whose first pixel is their index, so a split shows which ones it took."""
     x = np.zeros((n_train, 28, 28), np.uint8)
     x[:, 0, 0] = np.arange(n_train)
-    return MnistData(x, np.arange(n_train, dtype=np.uint8) % 10, x[:1], np.zeros(1, np.uint8))
+    return ImageData(x, np.arange(n_train, dtype=np.uint8) % 10, x[:1], np.zeros(1, np.uint8))
 
 
 def test_split_holds_out_the_last_images() -> None:

@@ -25,13 +25,13 @@ from rich.progress import Progress
 
 from mnist_vae.config import ConfigError
 from mnist_vae.data import fetch
-from mnist_vae.data.dataset import load_mnist
+from mnist_vae.data.dataset import load_dataset
 from mnist_vae.data.fetch import (
     FILES,
     MIRRORS_ENV,
     DownloadError,
     IdxError,
-    download_mnist,
+    download_dataset,
     fetch_file,
     parse_idx,
     resolve_mirrors,
@@ -119,7 +119,7 @@ def test_truncated_real_idx_file_is_named_with_its_expected_length(shared_mnist:
 
 
 def test_env_replaces_configured_mirrors(tmp_path: Path) -> None:
-    env = {MIRRORS_ENV: " https://a.example/mnist/ , ,local/dir,file:///srv/mnist "}
+    env = {MIRRORS_ENV["mnist"]: " https://a.example/mnist/ , ,local/dir,file:///srv/mnist "}
     assert resolve_mirrors(["https://configured.example/"], env, base=tmp_path) == [
         "https://a.example/mnist/",
         str(tmp_path / "local" / "dir"),
@@ -130,13 +130,13 @@ def test_env_replaces_configured_mirrors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("value", ["", " , "])
 def test_blank_env_keeps_configured_mirrors(value: str) -> None:
     configured = ["https://configured.example/", "http://other.example/x/"]
-    assert resolve_mirrors(configured, {MIRRORS_ENV: value}) == configured
+    assert resolve_mirrors(configured, {MIRRORS_ENV["mnist"]: value}) == configured
     assert resolve_mirrors(configured, {}) == configured
 
 
 def test_unsupported_scheme_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=rf"\${MIRRORS_ENV}: unsupported mirror 'ftp://x/'"):
-        resolve_mirrors([], {MIRRORS_ENV: "ftp://x/"})
+    with pytest.raises(ConfigError, match=r"\$MNIST_MIRRORS: unsupported mirror 'ftp://x/'"):
+        resolve_mirrors([], {MIRRORS_ENV["mnist"]: "ftp://x/"})
 
 
 # --- fetch_file: mirror fall-through -----------------------------------------------------------
@@ -211,7 +211,7 @@ def test_all_mirrors_failing_lists_each_reason(
         f"  {REFUSED}: unreachable: connection refused",
     ]
     assert "corrupt or truncated gzip" in lines[3] and lines[3].startswith(f"  {truncated}: ")
-    assert fetch.SHA256[name] in lines[1]
+    assert fetch.SHA256["mnist"][name] in lines[1]
 
 
 def test_unreachable_host_is_skipped_for_later_files(
@@ -259,11 +259,11 @@ def test_http_mirror_with_progress_and_404_fall_through(
 
 
 def test_unknown_file_name_is_rejected() -> None:
-    with pytest.raises(ValueError, match="'nope': not an MNIST file"):
+    with pytest.raises(ValueError, match="'nope': not a mnist file"):
         fetch_file("nope", ["/tmp"])
 
 
-# --- download_mnist ----------------------------------------------------------------------------
+# --- download_dataset ----------------------------------------------------------------------------
 
 
 def test_download_writes_one_npz_that_loads_back(
@@ -274,10 +274,10 @@ def test_download_writes_one_npz_that_loads_back(
 ) -> None:
     mirror = make_mirror(tmp_path / "mirror", tiny_idx)
     out = tmp_path / "new" / "dir" / "mnist.npz"
-    assert download_mnist(out, [str(mirror)], progress=False) == out
+    assert download_dataset(out, [str(mirror)], progress=False) == out
     assert sorted(p.name for p in out.parent.iterdir()) == ["mnist.npz"]
 
-    loaded = load_mnist(out)
+    loaded = load_dataset(out)
     np.testing.assert_array_equal(loaded.x_train, parse_idx(tiny_idx["train-images-idx3-ubyte"], "x"))
     np.testing.assert_array_equal(loaded.y_train, [0, 9, 4])
     np.testing.assert_array_equal(loaded.y_test, [7, 1])
@@ -293,7 +293,7 @@ def test_failed_fetch_leaves_previous_output_alone(
     out.write_bytes(b"previous")
     partial_mirror = make_mirror(tmp_path / "partial", {FILES[0]: tiny_idx[FILES[0]]})
     with pytest.raises(DownloadError, match=FILES[1]):
-        download_mnist(out, [str(partial_mirror)], progress=False)
+        download_dataset(out, [str(partial_mirror)], progress=False)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist.npz", "partial"]
 
@@ -308,7 +308,7 @@ def test_wrong_sizes_are_rejected_before_writing(
     out.write_bytes(b"previous")
     mirror = make_mirror(tmp_path / "mirror", tiny_idx)
     with pytest.raises(IdxError, match=r"train-images-idx3-ubyte: expected shape \(60000, 28, 28\)"):
-        download_mnist(out, [str(mirror)], progress=False)
+        download_dataset(out, [str(mirror)], progress=False)
     assert out.read_bytes() == b"previous"
 
 
@@ -329,7 +329,7 @@ def test_failed_write_removes_temp_file(
 
     monkeypatch.setattr(np, "savez_compressed", half_written)
     with pytest.raises(OSError, match="disk full"):
-        download_mnist(out, [str(mirror)], progress=False)
+        download_dataset(out, [str(mirror)], progress=False)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror", "mnist.npz"]
 
@@ -350,3 +350,16 @@ def test_a_file_that_unpacks_larger_than_the_one_it_claims_to_be_is_refused_earl
     finally:
         tracemalloc.stop()
     assert peak < 5 << 20, f"{peak / 2**20:.0f} MiB held while refusing it"
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+def test_pinned_digests_are_those_the_offline_copy_lists(dataset: str, repo_root: Path) -> None:
+    """The digests of the uncompressed official files, as the offline copy's SHA256SUMS lists them."""
+    sums = repo_root.parent / "shared" / "datasets" / dataset / "SHA256SUMS"
+    if not sums.is_file():
+        pytest.skip(f"no offline copy of {dataset} at {sums.parent}")
+    listed = {
+        name: digest for digest, name in (line.split() for line in sums.read_text().splitlines() if line)
+    }
+    assert fetch.SHA256[dataset] == listed
+    assert fetch.MIRRORS_ENV[dataset] in ("MNIST_MIRRORS", "FASHION_MNIST_MIRRORS")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_vae.paths import DEFAULT_PATHS, project_root
+from mnist_vae.paths import DEFAULT_PATHS, Paths, project_root
 from mnist_vae.tracking import tracking_uri
 
 
@@ -19,8 +19,12 @@ def test_default_paths_are_those_of_dvc_yaml(repo_root: Path) -> None:
         for s in stages.values()
         for o in s.get("outs", []) + s.get("metrics", []) + s.get("plots", [])
     }
+    # dvc.yaml's dataset file follows data.dataset; the paths of each dataset name the file it resolves to.
+    assert "data/${data.dataset}.npz" in outs
+    for dataset in ("mnist", "fashion-mnist"):
+        assert str(Paths.of(dataset).data) == f"data/{dataset}.npz"
+    assert DEFAULT_PATHS.data == Paths.of("mnist").data
     for path in (
-        DEFAULT_PATHS.data,
         DEFAULT_PATHS.model,
         DEFAULT_PATHS.history,
         DEFAULT_PATHS.metrics,

@@ -129,8 +129,14 @@ def test_the_gate_compares_one_protocol_only(client: MlflowClient, tiny_images, 
     binarised = gate.Protocol("md5-of-mnist", binarized=True, validation=0)
     refused = gate.promotion_gate(client, "m", "3", untrained, data, cfg, settle=0, protocol=binarised)
     assert not refused.promoted and refused.error is None and aliases.champion(client, "m") == "1"
-    assert "trained and measured as binarised, validation 0, data md5-of-m" in refused.reason
-    assert "champion version 1 as grey, validation 10000, data md5-of-m" in refused.reason
+    assert "trained and measured as mnist, binarised, validation 0, data md5-of-m" in refused.reason
+    assert "champion version 1 as mnist, grey, validation 10000, data md5-of-m" in refused.reason
+    # Another dataset is refused even with the same file digest and split.
+    fashion = gate.Protocol("md5-of-mnist", binarized=False, validation=10_000, dataset="fashion-mnist")
+    refused = gate.promotion_gate(client, "m", "3", untrained, data, cfg, settle=0, protocol=fashion)
+    assert not refused.promoted and aliases.champion(client, "m") == "1"
+    assert "as fashion-mnist, grey, validation 10000" in refused.reason
+    assert "champion version 1 as mnist, grey, validation 10000" in refused.reason
     smaller_split = gate.Protocol("md5-of-mnist", binarized=False, validation=5_000)
     refused = gate.promotion_gate(client, "m", "3", untrained, data, cfg, settle=0, protocol=smaller_split)
     assert (

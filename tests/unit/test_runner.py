@@ -62,12 +62,12 @@ def test_a_bug_inside_a_stage_keeps_its_traceback(
     """A genuine bug deep inside a stage's run reaches the interpreter as it was raised, so Python
     prints its whole traceback, down to the line that failed."""
 
-    def buggy_download(out: Path, mirrors: list[str], timeout: float) -> Path:
+    def buggy_download(out: Path, mirrors: list[str], timeout: float, dataset: str) -> Path:
         return Path(out) / str(1 / 0)
 
-    (tmp_path / "params.yaml").write_text("data:\n  mirrors: [nowhere]\n")
+    (tmp_path / "params.yaml").write_text("data:\n  mirrors: {mnist: [nowhere]}\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(download, "download_mnist", buggy_download)
+    monkeypatch.setattr(download, "download_dataset", buggy_download)
     with pytest.raises(ZeroDivisionError) as info:
         download.main([])
     frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]

@@ -121,11 +121,16 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str | None, str]]:
     (tmp / "corrupt.npy").write_bytes(b"not numpy")
     (tmp / "empty_dir").mkdir()
     return {
-        "missing": (tmp / "nope.npz", None, "nope.npz: no such file or folder; expected an .npz"),
+        "missing": (
+            tmp / "nope.npz",
+            None,
+            "nope.npz: no such file or folder; expected a Parquet dataset, an .npz",
+        ),
         "suffix": (
             tmp / "notes.txt",
             None,
-            "unknown kind '.txt'; expected an .npz, an .npy or a folder of PNG/JPEG images",
+            "unknown kind '.txt'; expected a Parquet dataset, an .npz, an .npy or a folder of PNG/JPEG "
+            "images",
         ),
         "shape": (
             tmp / "shape.npy",
@@ -209,6 +214,60 @@ def test_cli_scores_a_folder_and_reports_bad_input_in_one_line(
     result = runner.invoke(app, ["score", "nope.npy", "--model", "model.pt"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert (
-        result.output.strip() == "error: nope.npy: no such file or folder; expected an .npz, an "
-        ".npy or a folder of PNG/JPEG images"
+        result.output.strip() == "error: nope.npy: no such file or folder; expected a Parquet dataset, "
+        "an .npz, an .npy or a folder of PNG/JPEG images"
     )
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.reshape(28, 28)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_parquet_layouts_score_as_the_array(vae: VAE, images: np.ndarray, tmp_path: Path) -> None:
+    """784 integers over two files (a Spark-like folder), 784 doubles, PNG bytes in a binary column
+    or a Hugging Face struct: each scores as the uint8 array, rows numbered in file order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    flat = images.reshape(5, 784)
+    expected = score_pixels(vae, flat)["neg_elbo"]
+    folder = tmp_path / "ints"
+    folder.mkdir()
+    pq.write_table(pa.table({"px": pa.array(flat[:2].astype(np.int32).tolist())}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"px": pa.array(flat[2:].astype(np.int32).tolist())}), folder / "part-1.parquet")
+    (folder / "_SUCCESS").write_text("")
+    pq.write_table(
+        pa.table({"grey": pa.array((flat / 255.0).tolist()), "n": range(5)}), tmp_path / "d.parquet"
+    )
+    blobs = [_png_bytes(image) for image in flat]
+    pq.write_table(pa.table({"png": pa.array(blobs, pa.binary())}), tmp_path / "png.parquet")
+    struct = pa.StructArray.from_arrays(
+        [pa.array(blobs, pa.binary()), pa.array(["a"] * 5)], ["bytes", "path"]
+    )
+    pq.write_table(pa.table({"image": struct, "label": range(5)}), tmp_path / "hf.parquet")
+    for source in (folder, tmp_path / "d.parquet", tmp_path / "png.parquet", tmp_path / "hf.parquet"):
+        table = pd.read_csv(score_file(vae, source, tmp_path / "s.csv").path)
+        assert table["image"].tolist() == [0, 1, 2, 3, 4], source
+        np.testing.assert_allclose(table["neg_elbo"], expected, rtol=1e-5, err_msg=str(source))
+
+
+def test_parquet_with_several_image_columns_asks_for_one(
+    vae: VAE, images: np.ndarray, tmp_path: Path
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pa.array(images.reshape(5, 784).astype(np.int32).tolist())
+    pq.write_table(pa.table({"a": rows, "b": rows}), tmp_path / "two.parquet")
+    with pytest.raises(
+        ScoreInputError, match=r"several columns could hold images \(a, b\); choose one with --column"
+    ):
+        read_images(tmp_path / "two.parquet")
+    assert len(read_images(tmp_path / "two.parquet", column="b").pixels) == 5
+    (tmp_path / "pictures").mkdir()
+    with pytest.raises(ScoreInputError, match="only a Parquet dataset has columns"):
+        read_images(tmp_path / "pictures", column="b")  # a folder without Parquet files

@@ -131,6 +131,7 @@ def test_sample_draws_n_images_whatever_the_input(served: ServedVAE) -> None:
         ({"output": "sample", "n": 1025}, "parameter 'n': expected an integer in 1..1024"),
         ({"output": "sample", "n": True}, "parameter 'n': expected an integer in 1..1024, got True"),
         ({"seed": -1}, "parameter 'seed': expected an integer in 0..2147483647, got -1"),
+        ({"output": "score", "latents": "yes"}, "parameter 'latents': expected true or false, got 'yes'"),
     ],
 )
 def test_bad_params_are_invalid_parameter_values(served: ServedVAE, params: dict, expected: str) -> None:
@@ -156,9 +157,33 @@ def test_versions_logged_before_the_move_still_load(served: ServedVAE, tmp_path:
     np.testing.assert_array_equal(loaded.predict(_batch(2)), served.predict(_batch(2)))
 
 
+def test_outside_a_server_the_model_takes_the_threads_the_environment_asks_for(
+    served: ServedVAE, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the Spark engine relies on: spark_udf loads the model with MNIST_VAE_SERVE_THREADS=1."""
+    save_model(served.model, tmp_path / WEIGHTS_FILE)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("MNIST_VAE_SERVE_THREADS", "1")
+        _load_pyfunc(str(tmp_path))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.delenv("MNIST_VAE_SERVE_THREADS")
+        _load_pyfunc(str(tmp_path))
+        assert torch.get_num_threads() == 2  # unset: left as it was
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_signature_declares_the_input_and_params() -> None:
     sig = signature()
     assert sig.inputs.to_dict() == [
         {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 784)}}
     ]
-    assert {p.name: p.default for p in sig.params} == {"output": "reconstruction", "n": 16, "seed": 0}
+    assert {p.name: p.default for p in sig.params} == {
+        "output": "reconstruction",
+        "n": 16,
+        "seed": 0,
+        "latents": False,
+        "complexity": False,
+    }

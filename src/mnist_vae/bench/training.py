@@ -32,7 +32,7 @@ import torch
 from mnist_vae.bench.report import EXPERIMENT, BenchmarkResult, log_run, machine, print_tables, table
 from mnist_vae.bench.report import write_json as write_json  # re-exported: the CLI writes through it
 from mnist_vae.config import Device, EvaluateConfig, ModelConfig, TrainConfig
-from mnist_vae.data.dataset import MnistData
+from mnist_vae.data.dataset import ImageData
 from mnist_vae.evaluation.metrics import evaluate_model
 from mnist_vae.models.networks import N_PIXELS
 from mnist_vae.models.objectives import training_loss
@@ -108,7 +108,7 @@ class _TimedRow:
     final_loss: Callable[[], float]
 
 
-def tutorial_loop(data: MnistData, settings: BenchSettings) -> _TimedRow:
+def tutorial_loop(data: ImageData, settings: BenchSettings) -> _TimedRow:
     """(a): the tutorial's own input pipeline, PIL images through ToTensor and a DataLoader."""
     from PIL import Image
     from torchvision import transforms
@@ -157,7 +157,7 @@ def tutorial_loop(data: MnistData, settings: BenchSettings) -> _TimedRow:
 
 
 def trainer_row(
-    data: MnistData, name: str, description: str, train_cfg: TrainConfig, settings: BenchSettings
+    data: ImageData, name: str, description: str, train_cfg: TrainConfig, settings: BenchSettings
 ) -> _TimedRow:
     """(b)/(c): this project's trainer, one epoch of ``chunk`` images per window.
 
@@ -206,7 +206,7 @@ ROW_D: dict[str, tuple[ModelConfig, RowDTraining]] = {
 
 
 def time_to_target(
-    data: MnistData, settings: BenchSettings, preset: str = "conv", test_images: int = 2000
+    data: ImageData, settings: BenchSettings, preset: str = "conv", test_images: int = 2000
 ) -> BenchRow:
     """(d): a preset trained epoch by epoch until its negative ELBO on the first ``test_images``
     test images reaches the target; the training seconds up to that epoch (evaluation not counted).
@@ -254,7 +254,7 @@ ROW_THREADS = 0
 
 
 def run_benchmark(
-    data: MnistData, settings: BenchSettings = BenchSettings(), fast: TrainConfig | None = None
+    data: ImageData, settings: BenchSettings = BenchSettings(), fast: TrainConfig | None = None
 ) -> BenchResult:
     """Runs rows (a)-(e) and returns them with the machine's description."""
     base = TrainConfig(
@@ -294,7 +294,7 @@ def _speed_of_one_training(images: np.ndarray, threads: int | Literal["auto"], d
     return epochs[-1].samples_per_sec
 
 
-def concurrent_rows(data: MnistData, settings: BenchSettings) -> list[BenchRow]:
+def concurrent_rows(data: ImageData, settings: BenchSettings) -> list[BenchRow]:
     """(e1) one default-preset training alone, (e2) two at once with ``train.threads: auto`` and
     (e0) two at once with torch's default threads (what two trainings did before ``auto``);
     aggregate images/s. Each training is a process of its own, as under ``dvc queue start -j 2``."""

@@ -43,7 +43,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
 
 app = typer.Typer(
     name="mnist-vae",
-    help="Train, evaluate and use a variational autoencoder on MNIST, tracked with MLflow.\n\n"
+    help="Train, evaluate and use a variational autoencoder on MNIST or Fashion-MNIST, tracked with "
+    "MLflow.\n\n"
     "Example: mnist-vae run --set train.epochs=5",
     no_args_is_help=True,
     add_completion=False,

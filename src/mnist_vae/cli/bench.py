@@ -8,7 +8,8 @@ from typing import Annotated, Protocol, TypeVar
 import typer
 from rich.console import Console
 
-from mnist_vae.cli.common import DataOption, busy, fail
+from mnist_vae.cli.common import DataOption, ParamsOption, busy, dataset_path, default_model, fail
+from mnist_vae.config import load_params
 
 _EXPERIMENT = "mnist-vae-bench"
 
@@ -41,7 +42,8 @@ def _report(benchmark: _Benchmark[_Result], result: _Result, out: Path, log: boo
 
 
 def bench(
-    data: DataOption = Path("data/mnist.npz"),
+    data: DataOption = None,
+    params: ParamsOption = Path("params.yaml"),
     out: Annotated[Path, typer.Option("--out", "-o", help="The JSON to write.")] = Path("reports/bench.json"),
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
     chunk: Annotated[
@@ -71,7 +73,7 @@ def bench(
     Example: mnist-vae bench --device cpu --out reports/bench.json
     """
     from mnist_vae.bench import training as benchmark
-    from mnist_vae.data.dataset import load_mnist
+    from mnist_vae.data.dataset import load_dataset
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device: expected auto, cpu or cuda, got {device!r}")
@@ -80,24 +82,27 @@ def bench(
     settings = benchmark.BenchSettings(
         chunk=chunk, target_neg_elbo=target, max_epochs_d=max_epochs, device=device
     )
-    mnist = load_mnist(data)
+    images = load_dataset(dataset_path(load_params(params), data))
     for name in ("mnist_vae.training.trainer", "mnist_vae.progress"):  # the table says it all
         logging.getLogger(name).setLevel(logging.WARNING)
     with busy("benchmarking rows (a)-(e), about ten minutes on a 2-core CPU"):
-        result = benchmark.run_benchmark(mnist, settings)
+        result = benchmark.run_benchmark(images, settings)
     _report(benchmark, result, out, log=not no_mlflow)
 
 
 def serve_bench(
     model: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--model",
             help="What to serve: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
-            "an MLflow model folder, or a weights file (wrapped with this checkout's code).",
+            "an MLflow model folder, or a weights file (wrapped with this checkout's code). Default: "
+            "the champion of mlflow.registered_model in params.yaml.",
+            show_default=False,
         ),
-    ] = "models:/mnist-vae@champion",
-    data: DataOption = Path("data/mnist.npz"),
+    ] = None,
+    data: DataOption = None,
+    params: ParamsOption = Path("params.yaml"),
     out: Annotated[Path, typer.Option("--out", "-o", help="The JSON to write.")] = Path(
         "reports/serve_bench.json"
     ),
@@ -120,10 +125,11 @@ def serve_bench(
     Example: mnist-vae serve-bench --model models:/mnist-vae@champion --clients 8 --seconds 5
     """
     from mnist_vae.bench import serving as benchmark
-    from mnist_vae.data.dataset import load_mnist
+    from mnist_vae.data.dataset import load_dataset
 
     settings = benchmark.ServeBenchSettings(clients=clients, seconds=seconds, warmup=min(1.0, seconds))
-    images = load_mnist(data).x_test[:256]
+    resolved = load_params(params)
+    images = load_dataset(dataset_path(resolved, data)).x_test[:256]
     with busy("benchmarking mlflow models serve with 1 and 2 workers"):
-        result = benchmark.run_serve_bench(model, images, settings)
+        result = benchmark.run_serve_bench(default_model(resolved, model), images, settings)
     _report(benchmark, result, out, log=not no_mlflow)

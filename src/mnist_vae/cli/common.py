@@ -25,14 +25,22 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="Params file, sectioned by stage.")]
-DataOption = Annotated[Path, typer.Option("--data", help="The MNIST .npz that `mnist-vae download` writes.")]
+DataOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="The dataset .npz that `mnist-vae download` writes. Default: data/<data.dataset>.npz, "
+        "the file of the dataset that params.yaml names.",
+        show_default=False,
+    ),
+]
 ModelOption = Annotated[
     str | None,
     typer.Option(
         "--model",
         help="Model reference: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
         "weights file such as models/model.pt. Default: the alias champion of the registered model "
-        "that mlflow.registered_model in params.yaml names.",
+        "that mlflow.registered_model in params.yaml names (auto: <data.dataset>-vae).",
         show_default=False,
     ),
 ]
@@ -111,7 +119,15 @@ def load_model(reference: str) -> "VAE":
 
 
 def default_model(params: Params, reference: str | None) -> str:
-    """``reference``, else the champion of mlflow.registered_model."""
+    """``reference``, else the champion of mlflow.registered_model (the dataset's own with auto)."""
+    from mnist_vae.config import registered_model
     from mnist_vae.registry.aliases import CHAMPION
 
-    return reference or f"models:/{params.mlflow.registered_model}@{CHAMPION}"
+    return reference or f"models:/{registered_model(params)}@{CHAMPION}"
+
+
+def dataset_path(params: Params, data: Path | None) -> Path:
+    """``--data``, else the file of the dataset that params.yaml names (data/<data.dataset>.npz)."""
+    from mnist_vae.paths import dataset_file
+
+    return data if data is not None else dataset_file(params.data.dataset)

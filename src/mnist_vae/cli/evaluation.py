@@ -1,5 +1,5 @@
-"""Commands that measure models on the MNIST test set (``evaluate``, ``compare``) and the tables that
-show their metrics."""
+"""Commands that measure models on the test set of ``data.dataset`` (``evaluate``, ``compare``) and the
+tables that show their metrics."""
 
 import json
 import math
@@ -10,12 +10,13 @@ import typer
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 
-from mnist_vae.cli.common import DataOption, ParamsOption, busy, fail, load_model
+from mnist_vae.cli.common import DataOption, ParamsOption, busy, dataset_path, fail, load_model
 from mnist_vae.config import EvaluateConfig, load_params
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from mnist_vae.data.dataset import DatasetInfo
     from mnist_vae.evaluation.metrics import Evaluation
 
 # (unit, whether lower is better) of the metrics that evaluate_model reports.
@@ -40,7 +41,11 @@ LimitOption = Annotated[
 ]
 DigitsOption = Annotated[
     str | None,
-    typer.Option("--digits", help="Only these digits, comma-separated, e.g. 3,8.", show_default=False),
+    typer.Option(
+        "--digits",
+        help="Only these labels 0-9 (digits of MNIST), comma-separated, e.g. 3,8.",
+        show_default=False,
+    ),
 ]
 IwOption = Annotated[
     int | None,
@@ -62,20 +67,20 @@ def _parse_digits(text: str | None) -> list[int] | None:
 
 
 def _test_set(
-    params: Path, data: Path, limit: int | None, digits: str | None, iw_samples: int | None
-) -> "tuple[EvaluateConfig, np.ndarray, np.ndarray]":
-    """``evaluate`` of the params file with the command-line values (validated like the file), and
-    the test images and labels it selects."""
-    from mnist_vae.data.dataset import load_mnist
+    params: Path, data: Path | None, limit: int | None, digits: str | None, iw_samples: int | None
+) -> "tuple[EvaluateConfig, np.ndarray, np.ndarray, DatasetInfo]":
+    """``evaluate`` of the params file with the command-line values (validated like the file), the
+    test images and labels it selects, and what the dataset is called."""
+    from mnist_vae.data.dataset import DATASETS, load_dataset
     from mnist_vae.evaluation.metrics import select
 
     resolved = load_params(params)
     chosen = _parse_digits(digits)
     changes = {"limit": limit, "iw_samples": iw_samples}
     cfg = resolved.evaluate.replace(**{k: v for k, v in changes.items() if v is not None})
-    mnist = load_mnist(data)
-    images, labels = select(mnist.x_test, mnist.y_test, cfg.limit, chosen)
-    return cfg, images, labels
+    test = load_dataset(dataset_path(resolved, data))
+    images, labels = select(test.x_test, test.y_test, cfg.limit, chosen)
+    return cfg, images, labels, DATASETS[resolved.data.dataset]
 
 
 def _counts(labels: "np.ndarray") -> dict[int, int]:
@@ -162,7 +167,7 @@ def evaluate(
         ),
     ],
     params: ParamsOption = Path("params.yaml"),
-    data: DataOption = Path("data/mnist.npz"),
+    data: DataOption = None,
     limit: LimitOption = None,
     digits: DigitsOption = None,
     iw_samples: IwOption = None,
@@ -176,7 +181,7 @@ def evaluate(
         ),
     ] = None,
 ) -> None:
-    """Measure a model on the MNIST test set: negative ELBO, IW log-likelihood, MSE, per digit.
+    """Measure a model on the test set of data.dataset: negative ELBO, IW log-likelihood, MSE, per label.
 
     Example: mnist-vae evaluate models:/mnist-vae@champion --digits 3,8 --out reports/champion
     """
@@ -184,7 +189,7 @@ def evaluate(
     from mnist_vae.evaluation.figures import write_figures
     from mnist_vae.evaluation.metrics import evaluate_model
 
-    cfg, images, labels = _test_set(params, data, limit, digits, iw_samples)
+    cfg, images, labels, dataset = _test_set(params, data, limit, digits, iw_samples)
     vae = load_model(model)
     evaluation = evaluate_model(vae, images, labels, cfg, progress=None)
     console = Console()
@@ -195,7 +200,9 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "metrics.json", json.dumps(evaluation.to_json(), indent=2) + "\n")
         with busy("drawing figures"):
-            figures = write_figures(vae, images, out, n=cfg.n_images, seed=cfg.seed, labels=labels)
+            figures = write_figures(
+                vae, images, out, n=cfg.n_images, seed=cfg.seed, labels=labels, dataset=dataset
+            )
         console.print(f"wrote {out / 'metrics.json'}, " + ", ".join(str(f) for f in figures))
 
 
@@ -203,7 +210,7 @@ def compare(
     model_a: Annotated[str, typer.Argument(help="The baseline model reference.", show_default=False)],
     model_b: Annotated[str, typer.Argument(help="The model compared with it.", show_default=False)],
     params: ParamsOption = Path("params.yaml"),
-    data: DataOption = Path("data/mnist.npz"),
+    data: DataOption = None,
     limit: LimitOption = None,
     digits: DigitsOption = None,
     iw_samples: IwOption = None,
@@ -216,7 +223,7 @@ def compare(
     """
     from mnist_vae.evaluation.metrics import evaluate_model
 
-    cfg, images, labels = _test_set(params, data, limit, digits, iw_samples)
+    cfg, images, labels, _ = _test_set(params, data, limit, digits, iw_samples)
     results = []
     for reference in (model_a, model_b):
         vae = load_model(reference)

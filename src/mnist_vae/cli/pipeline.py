@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mnist_vae.cli.common import DataOption, ParamsOption, busy, fail
+from mnist_vae.cli.common import DataOption, ParamsOption, busy, dataset_path, fail
 from mnist_vae.cli.evaluation import metrics_table
 from mnist_vae.config import Params, load_params
 from mnist_vae.paths import Paths
@@ -45,18 +45,20 @@ def _params(path: Path, overrides: list[str] | None, profile: str | None = None)
 
 def download(
     params: ParamsOption = Path("params.yaml"),
-    data: DataOption = Path("data/mnist.npz"),
+    data: DataOption = None,
     overrides: SetOption = None,
 ) -> None:
-    """Fetch MNIST from the mirrors in data.mirrors, verify its SHA-256 and write one .npz.
+    """Fetch data.dataset (MNIST or Fashion-MNIST) from its mirrors in data.mirrors, verify its
+    SHA-256 and write one .npz.
 
-    $MNIST_MIRRORS (comma-separated) replaces the configured mirrors.
+    $MNIST_MIRRORS ($FASHION_MNIST_MIRRORS; comma-separated) replaces the configured mirrors.
 
-    Example: mnist-vae download --data data/mnist.npz
+    Example: mnist-vae download --set data.dataset=fashion-mnist
     """
     from mnist_vae.stages import download as stage
 
-    out = stage.run(_params(params, overrides), Paths(data=data))
+    resolved = _params(params, overrides)
+    out = stage.run(resolved, Paths(data=dataset_path(resolved, data)))
     Console().print(f"wrote {out}")
 
 
@@ -66,7 +68,7 @@ def _training_command(whole: bool, doc: str) -> Callable[..., None]:
 
     def command(
         params: ParamsOption = Path("params.yaml"),
-        data: DataOption = Path("data/mnist.npz"),
+        data: DataOption = None,
         overrides: SetOption = None,
         profile: ProfileOption = None,
     ) -> None:
@@ -75,6 +77,7 @@ def _training_command(whole: bool, doc: str) -> Callable[..., None]:
 
         resolved = _params(params, overrides, profile)
         tracking.configure()  # an unreachable server fails now, not after the download
+        data = dataset_path(resolved, data)
         paths = Paths(data=data)
         console = Console()
         if whole and data.is_file():

@@ -1,5 +1,5 @@
-"""Commands on the versions of mlflow.registered_model: list them (``models``), move the champion
-alias by hand (``promote``, ``rollback``)."""
+"""Commands on the versions of mlflow.registered_model (with ``auto``, the model of data.dataset): list
+them (``models``), move the champion alias by hand (``promote``, ``rollback``)."""
 
 import contextlib
 from collections.abc import Iterator
@@ -13,7 +13,7 @@ from rich.table import Table
 
 from mnist_vae.bench.report import print_tables
 from mnist_vae.cli.common import ParamsOption
-from mnist_vae.config import load_params
+from mnist_vae.config import load_params, registered_model
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -27,7 +27,7 @@ def _registered_model(params: Path, action: str) -> "Iterator[tuple[MlflowClient
 
     from mnist_vae import tracking
 
-    name = load_params(params).mlflow.registered_model
+    name = registered_model(load_params(params))
     tracking.configure()
     with tracking.server_errors(f"{action} {name!r}"):
         yield MlflowClient(), name

@@ -5,8 +5,9 @@ from typing import Annotated
 
 import typer
 
-from mnist_vae.cli.common import DataOption, ParamsOption
+from mnist_vae.cli.common import DataOption, ParamsOption, dataset_path
 from mnist_vae.cli.pipeline import SetOption
+from mnist_vae.config import load_params
 
 
 def tune(
@@ -42,7 +43,7 @@ def tune(
         str, typer.Option("--study", help="Study name; an existing study is continued.")
     ] = "mnist-vae",
     params: ParamsOption = Path("params.yaml"),
-    data: DataOption = Path("data/mnist.npz"),
+    data: DataOption = None,
     overrides: SetOption = None,
 ) -> None:
     """Search hyperparameters with Optuna (TPE, pruning on the validation negative ELBO).
@@ -58,7 +59,7 @@ def tune(
     settings = TuneSettings(
         space_file=space,
         params_file=params,
-        data=data,
+        data=dataset_path(load_params(params, overrides or ()), data),
         trials=trials,
         jobs=jobs,
         storage=storage,

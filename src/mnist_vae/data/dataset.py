@@ -1,7 +1,10 @@
-"""Reading the prepared MNIST archive that the ``download`` stage writes (see :mod:`mnist_vae.data.fetch`).
+"""Reading the prepared dataset that the ``download`` stage writes (see :mod:`mnist_vae.data.fetch`),
+and what each dataset is called.
 
-Every stage after ``download`` reads ``data/mnist.npz`` through :func:`load_mnist`, and this module
-imports nothing of the downloader, so those stages do not depend on it.
+Every stage after ``download`` reads ``data/<data.dataset>.npz`` through :func:`load_dataset`, and
+this module imports nothing of the downloader, so those stages do not depend on it. MNIST and
+Fashion-MNIST have the same shapes (28x28 grey levels, labels 0..9); :data:`DATASETS` holds what
+differs for people: the name as written and what the labels mean.
 """
 
 from __future__ import annotations
@@ -22,17 +25,49 @@ NPZ_KEYS: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")
 MAKE_DATASET_HINT = "create it with `dvc repro download` (or `mnist-vae download`)"
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset is called (its ``data.dataset`` value, its title) and what its labels mean."""
+
+    name: str
+    title: str
+    classes: tuple[str, ...]
+    label: str  # what one label names: "digit", "article"
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo("mnist", "MNIST", tuple("0123456789"), "digit"),
+    "fashion-mnist": DatasetInfo(
+        "fashion-mnist",
+        "Fashion-MNIST",
+        (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        "article",
+    ),
+}
+
+
 class DatasetMissingError(UserError, FileNotFoundError):
     """The prepared ``.npz`` does not exist yet."""
 
 
 class DatasetFormatError(UserError, ValueError):
-    """The prepared ``.npz`` exists but does not hold MNIST as the ``download`` stage writes it."""
+    """The prepared ``.npz`` exists but does not hold a dataset as the ``download`` stage writes it."""
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays would be elementwise, hence ambiguous
-class MnistData:
-    """MNIST as uint8 arrays: images ``(N, 28, 28)`` in 0..255, labels ``(N,)`` in 0..9."""
+class ImageData:
+    """A dataset as uint8 arrays: images ``(N, 28, 28)`` in 0..255, labels ``(N,)`` in 0..9."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -52,11 +87,11 @@ class MnistData:
         return self.x_train[:cut], self.y_train[:cut], self.x_train[cut:], self.y_train[cut:]
 
 
-def load_mnist(path: Path) -> MnistData:
-    """Reads the archive written by :func:`mnist_vae.data.fetch.download_mnist`.
+def load_dataset(path: Path) -> ImageData:
+    """Reads the archive written by :func:`mnist_vae.data.fetch.download_dataset`.
 
     Args:
-        path: The ``.npz`` file, usually ``data/mnist.npz``.
+        path: The ``.npz`` file, usually ``data/mnist.npz`` or ``data/fashion-mnist.npz``.
 
     Raises:
         DatasetMissingError: ``path`` does not exist.
@@ -64,13 +99,13 @@ def load_mnist(path: Path) -> MnistData:
     """
     path = Path(path)
     if not path.is_file():
-        raise DatasetMissingError(f"{path}: MNIST dataset file is missing; {MAKE_DATASET_HINT}")
+        raise DatasetMissingError(f"{path}: dataset file is missing; {MAKE_DATASET_HINT}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in NPZ_KEYS if key in npz.files}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise DatasetFormatError(
-            f"{path}: expected an .npz archive of MNIST arrays, could not read it ({exc}); "
+            f"{path}: expected an .npz archive of image arrays, could not read it ({exc}); "
             f"{MAKE_DATASET_HINT}"
         ) from None
     missing = [key for key in NPZ_KEYS if key not in arrays]
@@ -100,4 +135,4 @@ def load_mnist(path: Path) -> MnistData:
             )
         if len(y) and int(y.max()) >= N_CLASSES:
             raise DatasetFormatError(f"{path}: expected y_{split} in 0..{N_CLASSES - 1}, got {int(y.max())}")
-    return MnistData(**arrays)
+    return ImageData(**arrays)

@@ -1,8 +1,9 @@
-"""Fetching MNIST: the ``download`` stage.
+"""Fetching a dataset, MNIST or Fashion-MNIST: the ``download`` stage.
 
-Pulls the four IDX files of the MNIST database from a list of mirrors, checks each against its pinned
-SHA-256, parses it with torchvision's MNIST reader and writes the whole dataset as one compressed
-``.npz``, which every other stage reads through :func:`mnist_vae.data.dataset.load_mnist`.
+Pulls the four IDX files of the dataset (``data.dataset``; both use MNIST's file names and format)
+from a list of mirrors, checks each against its pinned SHA-256, parses it and writes the whole
+dataset as one compressed ``.npz``, which every other stage reads through
+:func:`mnist_vae.data.dataset.load_dataset`.
 
 A mirror is one of:
 
@@ -38,7 +39,7 @@ from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
 from mnist_vae.atomic import atomic_write
 from mnist_vae.config import ConfigError
-from mnist_vae.data.dataset import IMAGE_SIDE, N_CLASSES, NPZ_KEYS, MnistData
+from mnist_vae.data.dataset import IMAGE_SIDE, N_CLASSES, NPZ_KEYS, ImageData
 from mnist_vae.data.idx import IdxError, parse_idx
 from mnist_vae.errors import UserError, first_line
 from mnist_vae.progress import bars
@@ -52,16 +53,26 @@ FILES: tuple[str, ...] = (
     "t10k-labels-idx1-ubyte",
 )
 
-# Digests of the uncompressed official files. Read at call time (never copied), so tests can swap in
-# digests of tiny stand-in files.
-SHA256: dict[str, str] = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+# Digests of each dataset's uncompressed official files. Read at call time (never copied), so tests
+# can swap in digests of tiny stand-in files.
+SHA256: dict[str, dict[str, str]] = {
+    "mnist": {
+        "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
+    # Xiao, Rasul & Vollgraf (2017); the uncompressed content of zalandoresearch/fashion-mnist's files.
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    },
 }
 
-MIRRORS_ENV = "MNIST_MIRRORS"
+# The environment variable (comma-separated mirrors) that replaces data.mirrors of each dataset.
+MIRRORS_ENV: dict[str, str] = {"mnist": "MNIST_MIRRORS", "fashion-mnist": "FASHION_MNIST_MIRRORS"}
 
 # Split name -> (images file, labels file, number of examples) of the official distribution.
 SPLITS: dict[str, tuple[str, str, int]] = {
@@ -88,18 +99,23 @@ class _MirrorFailure(Exception):
 
 
 def resolve_mirrors(
-    configured: Sequence[str], environ: Mapping[str, str] | None = None, base: Path | None = None
+    configured: Sequence[str],
+    environ: Mapping[str, str] | None = None,
+    base: Path | None = None,
+    dataset: str = "mnist",
 ) -> list[str]:
-    """Decides which mirrors to try, in order.
+    """Decides which mirrors of ``dataset`` to try, in order.
 
-    ``$MNIST_MIRRORS`` (comma-separated) replaces the configured list when it holds any entry, so an
-    offline machine can point at a local copy without editing ``params.yaml``.
+    ``$MNIST_MIRRORS`` (``$FASHION_MNIST_MIRRORS`` for Fashion-MNIST; comma-separated) replaces the
+    configured list when it holds any entry, so an offline machine can point at a local copy without
+    editing ``params.yaml``.
 
     Args:
-        configured: Mirrors from ``params.yaml`` (``data.mirrors``).
+        configured: Mirrors from ``params.yaml`` (``data.mirrors.<dataset>``).
         environ: The environment to read; ``os.environ`` when omitted.
         base: Directory that relative local paths are resolved against; the working directory
             when omitted.
+        dataset: ``data.dataset``, which names the environment variable.
 
     Returns:
         URLs unchanged, local directories as absolute paths.
@@ -108,9 +124,10 @@ def resolve_mirrors(
         ConfigError: A mirror uses a scheme other than http, https or file.
     """
     environ = os.environ if environ is None else environ
-    from_env = [m.strip() for m in environ.get(MIRRORS_ENV, "").split(",")]
+    variable = MIRRORS_ENV[dataset]
+    from_env = [m.strip() for m in environ.get(variable, "").split(",")]
     from_env = [m for m in from_env if m]
-    source = f"${MIRRORS_ENV}" if from_env else "data.mirrors"
+    source = f"${variable}" if from_env else f"data.mirrors.{dataset}"
     chosen = from_env or [m.strip() for m in configured if m.strip()]
     base = Path.cwd() if base is None else base
 
@@ -137,8 +154,9 @@ def fetch_file(
     progress: Progress | None = None,
     *,
     unreachable: set[str] | None = None,
+    dataset: str = "mnist",
 ) -> bytes:
-    """Fetches one MNIST file, trying mirrors in order until one passes the checksum.
+    """Fetches one file of ``dataset``, trying mirrors in order until one passes the checksum.
 
     Args:
         name: One of :data:`FILES`.
@@ -148,16 +166,17 @@ def fetch_file(
         unreachable: Hosts that refused or timed out so far. Hosts failing here are added and hosts
             already in it are skipped; share one set across the files of a download so that an
             offline machine waits out the timeout once, not once per file.
+        dataset: ``data.dataset``: whose digests the file must match.
 
     Returns:
-        The uncompressed file, whose SHA-256 equals ``SHA256[name]``.
+        The uncompressed file, whose SHA-256 equals ``SHA256[dataset][name]``.
 
     Raises:
-        ValueError: ``name`` is not an MNIST file.
+        ValueError: ``name`` is not a file of the dataset.
         DownloadError: No mirror delivered it; the message gives each mirror's reason on a line.
     """
-    if name not in SHA256:
-        raise ValueError(f"{name!r}: not an MNIST file; expected one of {', '.join(SHA256)}")
+    if name not in SHA256[dataset]:
+        raise ValueError(f"{name!r}: not a {dataset} file; expected one of {', '.join(SHA256[dataset])}")
     unreachable = set() if unreachable is None else unreachable
 
     failures: list[str] = []
@@ -171,7 +190,7 @@ def fetch_file(
                 data, where = _fetch_http(mirror, name, timeout, progress)
             else:
                 data, where = _fetch_local(mirror, name)
-            _verify(data, name)
+            _verify(data, name, dataset)
         except _MirrorFailure as failure:
             if failure.unreachable and host is not None:
                 unreachable.add(host)
@@ -182,17 +201,23 @@ def fetch_file(
         return data
 
     if not failures:
-        raise DownloadError(f"{name}: no mirrors configured (data.mirrors or ${MIRRORS_ENV})")
+        raise DownloadError(
+            f"{name}: no mirrors configured (data.mirrors.{dataset} or ${MIRRORS_ENV[dataset]})"
+        )
     raise DownloadError(
-        f"{name}: no mirror delivered a file with the expected SHA-256; tried, in order:\n"
+        f"{name} of {dataset}: no mirror delivered a file with the expected SHA-256; tried, in order:\n"
         + "\n".join(failures)
     )
 
 
-def download_mnist(
-    out: Path, mirrors: Sequence[str], timeout: float = 30.0, progress: bool | None = None
+def download_dataset(
+    out: Path,
+    mirrors: Sequence[str],
+    timeout: float = 30.0,
+    progress: bool | None = None,
+    dataset: str = "mnist",
 ) -> Path:
-    """Fetches, verifies and parses the four MNIST files and writes them as one ``.npz``.
+    """Fetches, verifies and parses the four files of ``dataset`` and writes them as one ``.npz``.
 
     The archive holds uint8 arrays ``x_train`` (60000, 28, 28), ``y_train`` (60000,),
     ``x_test`` (10000, 28, 28) and ``y_test`` (10000,). It is written atomically
@@ -204,6 +229,7 @@ def download_mnist(
         timeout: Seconds per HTTP connection attempt and between received bytes.
         progress: Show progress bars on stderr; when None, only if stderr is a terminal. Without
             bars, one log line per file says where it came from.
+        dataset: ``data.dataset``: whose files and digests.
 
     Returns:
         ``out``.
@@ -223,13 +249,15 @@ def download_mnist(
     arrays: dict[str, np.ndarray] = {}
     with _progress_display(progress) as display:
         for name in FILES:
-            raw = fetch_file(name, mirrors, timeout, display, unreachable=unreachable)
+            raw = fetch_file(name, mirrors, timeout, display, unreachable=unreachable, dataset=dataset)
             arrays[name] = parse_idx(raw, name)
             del raw  # the parsed copy is all we need; keep peak memory at one copy per file
 
     data = _check_splits(arrays)
     atomic_write(out, lambda fh: np.savez_compressed(fh, **{k: getattr(data, k) for k in NPZ_KEYS}))
-    log.info("wrote %s (%d training, %d test images)", out, len(data.y_train), len(data.y_test))
+    log.info(
+        "wrote %s: %s, %d training and %d test images", out, dataset, len(data.y_train), len(data.y_test)
+    )
     return out
 
 
@@ -308,7 +336,7 @@ def _fetch_local(mirror: str, name: str) -> tuple[bytes, str]:
 
 def _gunzip(data: bytes, where: str, limit: int) -> bytes:
     """Unpacks a gzip file, never to more than ``limit`` bytes: a corrupt or foreign file (a
-    different file, a gzip bomb) is refused as soon as it outgrows the MNIST file it claims to be,
+    different file, a gzip bomb) is refused as soon as it outgrows the IDX file it claims to be,
     not after it was unpacked into memory whole. Its digest is checked after (:func:`_verify`)."""
     if not data.startswith(_GZIP_MAGIC):
         raise _MirrorFailure(f"{where}: expected gzip data, got bytes starting {data[:4].hex()}")
@@ -331,11 +359,11 @@ def _expected_size(name: str) -> int:
             return 16 + count * IMAGE_SIDE * IMAGE_SIDE
         if name == labels:
             return 8 + count
-    raise ValueError(f"{name!r}: not an MNIST file")
+    raise ValueError(f"{name!r}: not an IDX file of the dataset")
 
 
-def _verify(data: bytes, name: str) -> None:
-    expected = SHA256[name]
+def _verify(data: bytes, name: str, dataset: str) -> None:
+    expected = SHA256[dataset][name]
     got = hashlib.sha256(data).hexdigest()
     if got != expected:
         raise _MirrorFailure(f"checksum mismatch: expected SHA-256 {expected}, got {got} ({len(data)} bytes)")
@@ -377,7 +405,7 @@ def _progress_display(enabled: bool) -> Iterator[Progress | None]:
         display.stop()
 
 
-def _check_splits(arrays: Mapping[str, np.ndarray]) -> MnistData:
+def _check_splits(arrays: Mapping[str, np.ndarray]) -> ImageData:
     """Checks that the parsed files have the official shapes and label range."""
     out: dict[str, np.ndarray] = {}
     for split, (images_name, labels_name, n) in SPLITS.items():
@@ -391,4 +419,4 @@ def _check_splits(arrays: Mapping[str, np.ndarray]) -> MnistData:
         if int(labels.max()) >= N_CLASSES:
             raise IdxError(f"{labels_name}: expected labels in 0..{N_CLASSES - 1}, got {int(labels.max())}")
         out[f"x_{split}"], out[f"y_{split}"] = images, labels
-    return MnistData(**out)
+    return ImageData(**out)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mnist_vae.atomic import atomic_open
+from mnist_vae.data.dataset import DATASETS, DatasetInfo
 from mnist_vae.models.networks import N_PIXELS
 from mnist_vae.models.objectives import kl_per_unit
 from mnist_vae.models.vae import VAE
@@ -46,11 +47,14 @@ def write_png(path: Path, *grids: torch.Tensor) -> Path:
     return Path(path)
 
 
-def write_scatter(path: Path, points: np.ndarray, labels: np.ndarray, title: str) -> Path:
-    """Writes 2-D ``points`` coloured by their digit ``labels`` as a PNG, atomically."""
+def write_scatter(
+    path: Path, points: np.ndarray, labels: np.ndarray, title: str, dataset: DatasetInfo = DATASETS["mnist"]
+) -> Path:
+    """Writes 2-D ``points`` coloured by their ``labels`` (named as ``dataset`` names them) as a
+    PNG, atomically."""
     import matplotlib.pyplot as plt
 
-    figure = scatter_figure(points, labels, title)
+    figure = scatter_figure(points, labels, title, dataset)
     try:
         with atomic_open(path) as fh:
             figure.savefig(fh, format="png")
@@ -59,7 +63,9 @@ def write_scatter(path: Path, points: np.ndarray, labels: np.ndarray, title: str
     return Path(path)
 
 
-def scatter_figure(points: np.ndarray, labels: np.ndarray, title: str) -> Figure:
+def scatter_figure(
+    points: np.ndarray, labels: np.ndarray, title: str, dataset: DatasetInfo = DATASETS["mnist"]
+) -> Figure:
     """The figure of :func:`write_scatter`; a long title is wrapped to the figure's width."""
     import matplotlib
 
@@ -67,18 +73,18 @@ def scatter_figure(points: np.ndarray, labels: np.ndarray, title: str) -> Figure
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 6), dpi=100)
-    for digit in range(10):
-        chosen = labels == digit
+    for label, name in enumerate(dataset.classes):
+        chosen = labels == label
         axes.scatter(
             points[chosen, 0],
             points[chosen, 1],
             s=3,
             alpha=0.6,
-            color=plt.get_cmap("tab10")(digit),
-            label=str(digit),
+            color=plt.get_cmap("tab10")(label),
+            label=name,
             rasterized=True,
         )
-    axes.legend(title="digit", markerscale=4, loc="upper right", fontsize=8, ncols=2)
+    axes.legend(title=dataset.label, markerscale=4, loc="upper right", fontsize=8, ncols=2)
     axes.set_title(textwrap.fill(title, width=70), fontsize=10)
     axes.set_xlabel("first principal component")
     axes.set_ylabel("second principal component")
@@ -154,13 +160,14 @@ def write_figures(
     device: torch.device | str = "cpu",
     labels: np.ndarray | None = None,
     latent_points: int = 5000,
+    dataset: DatasetInfo = DATASETS["mnist"],
 ) -> list[Path]:
     """Draws the evaluation figures into ``out_dir`` and returns their paths.
 
-    ``reconstructions.png``: test digits (top panel) above their reconstructions (bottom panel);
+    ``reconstructions.png``: test images (top panel) above their reconstructions (bottom panel);
     ``samples.png``: 64 draws from the prior; ``traversal.png``: latent units swept one at a time;
     ``latent.png`` (with ``labels``): the first ``latent_points`` images' posterior means on their
-    two principal components, coloured by digit.
+    two principal components, coloured by label and titled with ``dataset``'s name.
     """
     out_dir = Path(out_dir)
     originals = images[: 2 * n]
@@ -183,8 +190,9 @@ def write_figures(
                 out_dir / "latent.png",
                 points,
                 labels[:latent_points],
-                f"posterior means of {len(points):,} test digits, {model.latent_dim}-D latent space "
-                f"projected on 2 principal components ({explained:.0%} of the variance)",
+                f"posterior means of {len(points):,} {dataset.title} test images, {model.latent_dim}-D "
+                f"latent space projected on 2 principal components ({explained:.0%} of the variance)",
+                dataset,
             )
         )
     return paths

@@ -1,5 +1,6 @@
 """The promotion gate: moves ``champion`` to a new version only when it beats the champion on images
-neither trained on, under the same protocol (data, grey or binarised images, validation split)."""
+neither trained on, under the same protocol (dataset, data, grey or binarised images, validation
+split)."""
 
 from __future__ import annotations
 
@@ -45,23 +46,31 @@ class GateDecision:
 
 @dataclass(frozen=True)
 class Protocol:
-    """How a model was trained and measured: the data (its MD5), grey or binarised images, and
-    the validation split held out of training (the last ``validation`` training images). Two
-    versions are compared by the gate only under one protocol."""
+    """How a model was trained and measured: the dataset (``data.dataset``) and its file (its
+    MD5), grey or binarised images, and the validation split held out of training (the last
+    ``validation`` training images). Two versions are compared by the gate only under one
+    protocol: a Fashion-MNIST model never competes with an MNIST champion, whatever its name."""
 
     data_md5: str
     binarized: bool
     validation: int
+    dataset: str = "mnist"
 
     @classmethod
     def of(cls, params: Params, data_md5: str) -> Protocol:
-        return cls(data_md5, params.train.binarize, params.train.validation)
+        return cls(data_md5, params.train.binarize, params.train.validation, params.data.dataset)
 
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> Protocol | None:
-        """The protocol a version's tags record; None for a version registered before they did."""
+        """The protocol a version's tags record; None for a version registered before they did.
+        Versions registered before the dataset was recorded were all trained on MNIST."""
         try:
-            return cls(tags[_P_DATA], tags[_P_BINARIZED] == "true", int(tags[_P_VALIDATION]))
+            return cls(
+                tags[_P_DATA],
+                tags[_P_BINARIZED] == "true",
+                int(tags[_P_VALIDATION]),
+                tags.get(_P_DATASET, "mnist"),
+            )
         except (KeyError, ValueError):
             return None
 
@@ -72,11 +81,13 @@ class Protocol:
             tags.get("dvc.data.md5", ""),
             params.get("train.binarize", "False").lower() == "true",
             int(params.get("train.validation", "0")),
+            params.get("data.dataset", "mnist"),
         )
 
     def tags(self) -> dict[str, str]:
         return {
             "protocol": str(self),
+            _P_DATASET: self.dataset,
             _P_DATA: self.data_md5,
             _P_BINARIZED: str(self.binarized).lower(),
             _P_VALIDATION: str(self.validation),
@@ -84,10 +95,11 @@ class Protocol:
 
     def __str__(self) -> str:
         images = "binarised" if self.binarized else "grey"
-        return f"{images}, validation {self.validation}, data {self.data_md5[:8]}"
+        return f"{self.dataset}, {images}, validation {self.validation}, data {self.data_md5[:8]}"
 
 
 _P_DATA, _P_BINARIZED, _P_VALIDATION = "protocol.data_md5", "protocol.binarized", "protocol.validation"
+_P_DATASET = "protocol.dataset"
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,8 +123,9 @@ def promotion_gate(
 ) -> GateDecision:
     """Moves ``champion`` to ``version`` if it beats the current champion on ``data``.
 
-    Only like with like: a champion trained and measured under another ``protocol`` (other data,
-    binarised against grey images, another validation split) is never compared with, and the
+    Only like with like: a champion trained and measured under another ``protocol`` (another
+    dataset or data file, binarised against grey images, another validation split) is never
+    compared with, and the
     version stays candidate with a reason naming both protocols. Without a validation split
     (``protocol.validation`` 0) there are no images that neither model trained on: the first
     version becomes champion, later ones stay candidate (`mnist-vae promote` decides by hand).
@@ -213,7 +226,8 @@ def _other_protocol(
         return (
             f"version {version} stays candidate: it was trained and measured as {mine}, champion "
             f"version {champion} as {theirs}; the gate compares models of one protocol only "
-            "(register another protocol under its own name: mlflow.registered_model)"
+            "(register another protocol under its own name: mlflow.registered_model, whose default "
+            "auto names the model after data.dataset)"
         )
     if mine.validation == 0:
         return (

@@ -47,8 +47,10 @@ def log_and_register(
     gate_data: GateData,
     paths: Paths,
     root: Path,
+    name: str,
 ) -> str:
-    """Logs the model as an MLflow pyfunc in the active run and registers a new version.
+    """Logs the model as an MLflow pyfunc in the active run and registers a new version of ``name``
+    (:func:`mnist_vae.config.registered_model`).
 
     The version is created in one call with its test metrics, git commit, data hash and run link
     as tags, after the logged model holds its metrics; it then gets the alias ``candidate``, and
@@ -70,7 +72,7 @@ def log_and_register(
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_and_register needs an active MLflow run")
-    name = params.mlflow.registered_model
+    dataset = params.data.dataset
     client = MlflowClient()
     weights_md5 = tracking.file_md5(paths.model)
     commit = provenance.git_commit(root)
@@ -91,7 +93,7 @@ def log_and_register(
     # The test metrics go to the run and to the logged model, measured on the logged test split,
     # before any version exists: a version's page shows them from its first moment.
     test_md5 = tracking.file_md5(paths.data)
-    test_set = provenance.log_dataset(*test_data, "mnist-test", paths.data, test_md5, context="testing")
+    test_set = provenance.log_dataset(*test_data, f"{dataset}-test", paths.data, test_md5, context="testing")
     mlflow.log_metrics(evaluation.mlflow_metrics(), model_id=info.model_id, dataset=test_set)
     tags = {f"test_{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()}
     tags.update({WEIGHTS_TAG: weights_md5, EVALUATION_TAG: evaluation_key})
@@ -103,12 +105,13 @@ def log_and_register(
             "run_link": f"runs:/{run.info.run_id}/model",
             "test_images": str(evaluation.n_images),
             "preset": params.model.preset,
+            "dataset": dataset,
         }
     )
     protocol = Protocol.of(params, test_md5)
     tags.update(protocol.tags())
     description = (
-        f"{params.model.preset} preset, test negative ELBO "
+        f"{params.model.preset} preset on {dataset}, test negative ELBO "
         f"{evaluation.metrics['neg_elbo']:.2f} nats/image on {evaluation.n_images} test images; "
         f"run {run.info.run_id}, commit {tags['git_commit']}"
     )

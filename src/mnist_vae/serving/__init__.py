@@ -3,6 +3,8 @@
 - :mod:`.pyfunc`: the MLflow pyfunc flavour (what ``mlflow models serve`` loads and answers with),
   logged or saved with its signature and requirements;
 - :mod:`.inputs`: what a request or a file of images must hold, checked once for both;
+- :mod:`.scores`: the per-image scores (negative ELBO with a draw fixed by the image, posterior
+  means, the complexity-corrected score), one function for serving and bulk scoring;
 - :mod:`.worker`: a serving process's torch threads and socket settings;
 - :mod:`.server`: ``mlflow models serve`` started and stopped as a process group;
 - :mod:`.scoring`: ``mnist-vae score``, per-image negative ELBO of many images without a server.

@@ -8,7 +8,10 @@ flattened to 784 float32 grey levels in [0, 1] (divide 0-255 pixels by 255). The
 
 - ``reconstruction`` (default): 784 grey levels per image, decoded from the posterior mean;
 - ``latent``: the posterior mean and log-variance per image (``mu_i``, ``logvar_i`` columns);
-- ``score``: per-image negative ELBO in nats (higher is more unusual: an anomaly score);
+- ``score``: per-image negative ELBO in nats (higher is more unusual: an anomaly score), one
+  posterior draw per image fixed by ``seed`` and the image alone (:mod:`mnist_vae.serving.scores`);
+  with ``latents`` also the posterior means ``mu_i``, with ``complexity`` also ``png_bits`` and
+  ``corrected_bits`` (the score corrected for the image's complexity);
 - ``sample``: ``n`` images decoded from the prior (the input batch only has to be valid).
 """
 
@@ -24,11 +27,11 @@ import pandas as pd
 import torch
 
 from mnist_vae.models.networks import N_PIXELS
-from mnist_vae.models.objectives import neg_elbo
 from mnist_vae.models.vae import VAE
 from mnist_vae.models.weights import load_model
 from mnist_vae.serving import worker
 from mnist_vae.serving.inputs import as_batch, invalid
+from mnist_vae.serving.scores import score_batch
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
@@ -60,10 +63,8 @@ class ServedVAE:
                 z = torch.randn(n, self.model.latent_dim, generator=torch.Generator().manual_seed(seed))
                 return self.model.pixel_means(self.model.decode(z)).numpy()
             if output == "score":
-                eps = torch.randn(
-                    (len(x), self.model.latent_dim), generator=torch.Generator().manual_seed(seed)
-                )
-                return pd.DataFrame({"neg_elbo": neg_elbo(self.model, x, eps).numpy()})
+                latents, complexity = _bool_param(params, "latents"), _bool_param(params, "complexity")
+                return pd.DataFrame(score_batch(self.model, x, seed, latents, complexity))
             mu, logvar = self.model.encode(x)
             if output == "reconstruction":
                 return self.model.pixel_means(self.model.decode(mu)).numpy()
@@ -77,11 +78,19 @@ def _int_param(params: dict[str, Any], key: str, default: int, low: int, high: i
     return int(value)
 
 
+def _bool_param(params: dict[str, Any], key: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool | np.bool_):
+        raise invalid(f"parameter {key!r}: expected true or false, got {value!r}")
+    return bool(value)
+
+
 def _load_pyfunc(data_path: str) -> ServedVAE:
     """MLflow's entry point for ``loader_module`` models; maps CUDA-trained weights to the CPU.
 
     Inside ``mlflow models serve`` it also sets this worker's torch threads and turns Nagle's
-    algorithm off on the connections it accepts (see :func:`mnist_vae.serving.worker.tune`).
+    algorithm off on the connections it accepts (see :func:`mnist_vae.serving.worker.tune`);
+    elsewhere (a Spark task) it sets the threads that ``$MNIST_VAE_SERVE_THREADS`` asks for.
     """
     path = Path(data_path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
@@ -89,6 +98,8 @@ def _load_pyfunc(data_path: str) -> ServedVAE:
     workers = worker.server_workers()
     if workers is not None:
         worker.tune(workers)
+    else:  # a Spark task or a script: the threads asked for, if any (the Spark engine asks for 1)
+        worker.threads_from_env()
     return served
 
 
@@ -103,7 +114,8 @@ def pip_requirements() -> list[str]:
 
 
 def signature() -> ModelSignature:
-    """Input: float32 (B, 784) in [0, 1]. Params: ``output``, ``n`` (sample count) and ``seed``.
+    """Input: float32 (B, 784) in [0, 1]. Params: ``output``, ``n`` (sample count), ``seed``, and
+    ``latents`` and ``complexity`` (extra columns of ``score``).
 
     The declared output is the default one, ``reconstruction``: float32 (B, 784) in [0, 1].
     """
@@ -118,6 +130,8 @@ def signature() -> ModelSignature:
                 ParamSpec("output", "string", "reconstruction"),
                 ParamSpec("n", "long", 16),
                 ParamSpec("seed", "long", 0),
+                ParamSpec("latents", "boolean", False),
+                ParamSpec("complexity", "boolean", False),
             ]
         ),
     )

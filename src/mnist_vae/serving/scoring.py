@@ -1,8 +1,9 @@
 """Bulk scoring without JSON: the per-image negative ELBO of many images, written to CSV or Parquet.
 
-The same numbers as the served model's ``score`` output (:func:`mnist_vae.models.objectives.neg_elbo`, one
-posterior draw per image from a generator seeded with ``seed``), computed in large batches in this
-process instead of through HTTP and JSON. Inputs: an ``.npz`` (``x_test`` of ``data/mnist.npz`` by
+The same numbers as the served model's ``score`` output (:mod:`mnist_vae.serving.scores`: one
+posterior draw per image, fixed by ``seed`` and the image's own pixels), computed in large batches in
+this process instead of through HTTP and JSON; ``--engine spark`` computes them on Spark
+(:mod:`mnist_vae.serving.spark`). Inputs: an ``.npz`` (``x_test`` of ``data/mnist.npz`` by
 default), an ``.npy``, or a folder of PNG/JPEG pictures, each prepared by
 :func:`mnist_vae.data.pictures.load_digit`.
 """
@@ -21,9 +22,10 @@ import torch
 from mnist_vae.atomic import atomic_write
 from mnist_vae.errors import UserError
 from mnist_vae.models.networks import N_PIXELS
-from mnist_vae.models.objectives import neg_elbo
 from mnist_vae.models.vae import VAE
+from mnist_vae.serving import tables
 from mnist_vae.serving.inputs import PixelMessages, checked_pixels
+from mnist_vae.serving.scores import score_batch
 
 DEFAULT_KEY = "x_test"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -61,8 +63,13 @@ class ScoreResult:
         return self.images / self.seconds
 
 
-def read_images(source: Path, key: str | None = None) -> Images:
-    """Reads the images of an ``.npz`` (array ``key``, default ``x_test``), an ``.npy`` or a folder.
+SOURCES = "a Parquet dataset, an .npz, an .npy or a folder of PNG/JPEG images"
+
+
+def read_images(source: Path, key: str | None = None, column: str | None = None) -> Images:
+    """Reads the images of a Parquet dataset (a ``.parquet`` file or a folder of them; the image
+    column ``column``, see :mod:`mnist_vae.serving.tables`), an ``.npz`` (array ``key``, default
+    ``x_test``), an ``.npy`` or a folder of pictures.
 
     Raises:
         ScoreInputError: ``source`` is missing, of another kind, or holds no valid images.
@@ -70,12 +77,15 @@ def read_images(source: Path, key: str | None = None) -> Images:
     """
     source = Path(source)
     if not source.exists():
-        raise ScoreInputError(
-            f"{source}: no such file or folder; expected an .npz, an .npy or a folder of PNG/JPEG images"
-        )
+        raise ScoreInputError(f"{source}: no such file or folder; expected {SOURCES}")
+    parquet = tables.is_dataset(source)
+    if key is not None and (parquet or source.is_dir()):
+        raise ScoreInputError(f"--key {key!r}: only an .npz has keys, {source} is not one")
+    if column is not None and not parquet:
+        raise ScoreInputError(f"--column {column!r}: only a Parquet dataset has columns, {source} is not one")
+    if parquet:
+        return _read_parquet(source, column)
     if source.is_dir():
-        if key is not None:
-            raise ScoreInputError(f"--key {key!r}: only an .npz has keys, {source} is a folder")
         return _read_folder(source)
     suffix = source.suffix.lower()
     if suffix == ".npz":
@@ -86,8 +96,7 @@ def read_images(source: Path, key: str | None = None) -> Images:
         array = _read_npy(source)
     else:
         raise ScoreInputError(
-            f"{source}: unknown kind {source.suffix or '(no suffix)'!r}; expected "
-            "an .npz, an .npy or a folder of PNG/JPEG images"
+            f"{source}: unknown kind {source.suffix or '(no suffix)'!r}; expected {SOURCES}"
         )
     what = f"{source}[{key or DEFAULT_KEY}]" if suffix == ".npz" else str(source)
     return Images(_checked(array, what), np.arange(len(array)))
@@ -118,6 +127,54 @@ def _read_npy(source: Path) -> np.ndarray:
 def _checked(array: np.ndarray, what: str) -> np.ndarray:
     """The array as (N, 784), uint8 or float32 in [0, 1]; raises ScoreInputError otherwise."""
     return checked_pixels(array, _FILE_MESSAGES, lambda message: ScoreInputError(f"{what}: {message}"))
+
+
+def _read_parquet(source: Path, column: str | None) -> Images:
+    """The image column of a Parquet dataset as (N, 784) uint8 or float32, rows numbered in order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    paths = tables.files(source)
+    try:
+        schema = pq.read_schema(paths[0])
+        layouts = {f.name: (str(f.type), tables.arrow_layout(f.type)) for f in schema}
+        name = tables.choose_column(layouts, column, str(source))
+        values = pa.concat_arrays(
+            [chunk for path in paths for chunk in pq.read_table(path, columns=[name]).column(name).chunks]
+        )
+    except LookupError as exc:
+        raise ScoreInputError(str(exc)) from None
+    except (pa.ArrowException, OSError) as exc:
+        raise ScoreInputError(f"{source}: expected a Parquet dataset, could not read it ({exc})") from None
+    where, layout = f"{source}[{name}]", layouts[name][1]
+    if len(values) == 0:
+        raise ScoreInputError(f"{where}: expected at least one image, got none")
+    if layout == "picture":
+        blobs = values.field("bytes") if pa.types.is_struct(values.type) else values
+        pixels = np.empty((len(blobs), N_PIXELS), dtype=np.uint8)
+        for row, blob in enumerate(blobs.to_pylist()):
+            try:
+                pixels[row] = tables.decode_picture(blob)
+            except tables.PictureError as exc:
+                raise ScoreInputError(tables.bad_picture(where, row, str(exc))) from None
+        return Images(pixels, np.arange(len(pixels)))
+    lengths = pc.fill_null(pc.list_value_length(values), -1).to_numpy()
+    wrong = np.flatnonzero(lengths != N_PIXELS)
+    if len(wrong):
+        length = int(lengths[wrong[0]])
+        raise ScoreInputError(tables.wrong_length(where, int(wrong[0]), None if length < 0 else length))
+    flat = pc.list_flatten(values)
+    if flat.null_count:
+        rows = np.repeat(np.arange(len(values)), N_PIXELS)[np.asarray(flat.is_null())]
+        raise ScoreInputError(tables.null_values(where, int(rows[0])))
+    grey = flat.to_numpy(zero_copy_only=False).reshape(len(values), N_PIXELS)
+    assert layout is not None
+    low, high = float(grey.min()), float(grey.max())
+    if not tables.in_range(layout, low, high):
+        raise ScoreInputError(tables.out_of_range(where, layout, low, high))
+    pixels = grey.astype(np.uint8) if layout == "int" else grey.astype(np.float32)
+    return Images(pixels, np.arange(len(pixels)))
 
 
 def _read_folder(folder: Path) -> Images:
@@ -151,33 +208,29 @@ def check_output(out: Path) -> None:
             ) from None
 
 
-@torch.inference_mode()
 def score_pixels(
-    model: VAE, pixels: np.ndarray, seed: int = 0, latents: bool = False, batch_size: int = 4096
+    model: VAE,
+    pixels: np.ndarray,
+    seed: int = 0,
+    latents: bool = False,
+    batch_size: int = 4096,
+    complexity: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Negative ELBO per image (nats) and, with ``latents``, the posterior means ``mu_i``.
+    """Negative ELBO per image (nats), with ``latents`` the posterior means ``mu_i``, with
+    ``complexity`` the PNG length and the corrected score (:func:`mnist_vae.serving.scores.score_batch`).
 
-    The noise of all images is drawn at once from ``torch.Generator().manual_seed(seed)``, as the
-    served model draws it for one request: the scores equal its ``score`` output for the same
-    images and seed, whatever ``batch_size``.
+    Each image's posterior draw depends on ``seed`` and the image alone, so the scores equal the
+    served model's ``score`` output and the Spark engine's for the same images and seed, whatever
+    ``batch_size`` or the batches around them.
     """
     assert pixels.ndim == 2 and pixels.shape[1] == N_PIXELS, f"expected (N, 784), got {pixels.shape}"
     model = model.eval()
-    n, d = len(pixels), model.latent_dim
-    eps = torch.randn((n, d), generator=torch.Generator().manual_seed(seed))
-    scores = np.empty(n, dtype=np.float32)
-    means = np.empty((n, d), dtype=np.float32) if latents else None
-    for start in range(0, n, batch_size):
-        x = torch.from_numpy(pixels[start : start + batch_size])
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(pixels), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size]))
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        rows = slice(start, start + len(x))
-        scores[rows] = neg_elbo(model, x, eps[rows]).numpy()
-        if means is not None:
-            means[rows] = model.encode(x)[0].numpy()
-    out = {"neg_elbo": scores}
-    if means is not None:
-        out.update({f"mu_{i}": means[:, i] for i in range(d)})
-    return out
+        parts.append(score_batch(model, x, seed, latents, complexity))
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def write_table(columns: dict[str, np.ndarray | list], out: Path) -> Path:
@@ -196,17 +249,21 @@ def score_file(
     seed: int = 0,
     latents: bool = False,
     batch_size: int = 4096,
+    complexity: bool = False,
+    column: str | None = None,
 ) -> ScoreResult:
     """Scores every image of ``source`` and writes ``image``, ``neg_elbo`` (and ``mu_i``) to ``out``.
 
-    ``image`` is the row's index in the array, or the picture's file name in a folder.
+    ``image`` is the row's index in the array or Parquet dataset, or the picture's file name in a
+    folder.
 
     Raises:
         ScoreInputError: Bad input or output (see :func:`read_images` and :func:`check_output`).
     """
     start = time.perf_counter()
     check_output(out)
-    images = read_images(source, key)
-    columns = {"image": images.names, **score_pixels(model, images.pixels, seed, latents, batch_size)}
+    images = read_images(source, key, column)
+    scores = score_pixels(model, images.pixels, seed, latents, batch_size, complexity)
+    columns = {"image": images.names, **scores}
     path = write_table(columns, out)
     return ScoreResult(path, len(images.pixels), time.perf_counter() - start)

@@ -52,11 +52,9 @@ def tune(workers: int) -> None:
     (github.com/Kludex/uvicorn/issues/3149). Linux copies TCP_NODELAY from a listening socket to
     the connections it accepts, so it is set on the server socket this worker inherited.
     """
-    threads = os.environ.get(THREADS_ENV, "").strip()
-    if threads and not (threads.isdigit() and int(threads) > 0):
-        raise ServingConfigError(f"${THREADS_ENV}: expected a positive integer, got {threads!r}")
+    threads = _threads_asked()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(int(threads) if threads else max(1, cores // workers))
+    torch.set_num_threads(threads or max(1, cores // workers))
     sockets = _nodelay_on_server_sockets()
     # One line per worker in the server's log: what it runs with, read back from torch and the socket.
     print(
@@ -65,6 +63,20 @@ def tune(workers: int) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def threads_from_env() -> None:
+    """Sets torch's threads to ``$MNIST_VAE_SERVE_THREADS`` when it is set; else leaves them."""
+    threads = _threads_asked()
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _threads_asked() -> int | None:
+    threads = os.environ.get(THREADS_ENV, "").strip()
+    if threads and not (threads.isdigit() and int(threads) > 0):
+        raise ServingConfigError(f"${THREADS_ENV}: expected a positive integer, got {threads!r}")
+    return int(threads) if threads else None
 
 
 def _nodelay_on_server_sockets() -> int:

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 from mnist_vae import tracking
 from mnist_vae.atomic import atomic_write
-from mnist_vae.config import Params
-from mnist_vae.data.dataset import MnistData, load_mnist
+from mnist_vae.config import Params, registered_model
+from mnist_vae.data.dataset import DATASETS, ImageData, load_dataset
 from mnist_vae.errors import UserError
 from mnist_vae.evaluation.figures import write_figures
 from mnist_vae.evaluation.metrics import Evaluation, evaluate_model, select
 from mnist_vae.models.weights import load_model
-from mnist_vae.paths import DEFAULT_PATHS, Paths, project_root
+from mnist_vae.paths import Paths, project_root
 from mnist_vae.registry.gate import GateData
 from mnist_vae.registry.registration import log_and_register
 from mnist_vae.stages import runner
@@ -39,7 +39,7 @@ class RunRecordError(UserError):
     stage writes."""
 
 
-def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
+def run(params: Params, paths: Paths | None = None) -> Evaluation:
     """Evaluates, logs and registers; returns the test measurements.
 
     ``metrics.json`` and the figures are replaced only once everything is logged and registered: a
@@ -47,36 +47,45 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS) -> Evaluation:
     """
     import mlflow
 
+    dataset = DATASETS[params.data.dataset]
+    paths = paths or Paths.of(dataset.name)
+    name = registered_model(params)
     root = project_root()
     tracking.configure(root)
     run_id = training_run(paths)
-    data = load_mnist(paths.data)
+    data = load_dataset(paths.data)
     model = load_model(paths.model)
     images, labels = select(data.x_test, data.y_test, params.evaluate.limit)
     evaluation = evaluate_model(model, images, labels, params.evaluate, progress=None)
     paths.figures.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.figures.parent, prefix=".figures-") as scratch:
         figures = write_figures(
-            model, images, Path(scratch), n=params.evaluate.n_images, seed=params.evaluate.seed, labels=labels
+            model,
+            images,
+            Path(scratch),
+            n=params.evaluate.n_images,
+            seed=params.evaluate.seed,
+            labels=labels,
+            dataset=dataset,
         )
         with tracking.server_errors(f"log into run {run_id}"), mlflow.start_run(run_id=run_id):
             # Evaluation settings are tags, not params: a re-evaluation with other settings
             # writes into the same run, and MLflow forbids changing a param's value.
             mlflow.set_tags({f"evaluate.{k}": str(v) for k, v in params.evaluate.to_dict().items()})
-            name = params.mlflow.registered_model
             with tracking.artifact_errors(), tracking.server_errors(f"register versions of model {name!r}"):
                 mlflow.log_dict(evaluation.to_json(), "metrics.json")
                 for figure in figures:
                     mlflow.log_artifact(str(figure), artifact_path="figures")
                 version = log_and_register(
-                    model, params, evaluation, (images, labels), _gate_data(data, params), paths, root
+                    model, params, evaluation, (images, labels), _gate_data(data, params), paths, root, name
                 )
         atomic_write(paths.metrics, json.dumps(evaluation.to_json(), indent=2) + "\n")
         _replace_folder(Path(scratch), paths.figures)
     log.info(
-        "evaluate: test neg. ELBO %.2f nats, registered %s version %s",
+        "evaluate: %s test neg. ELBO %.2f nats, registered %s version %s",
+        dataset.title,
         evaluation.metrics["neg_elbo"],
-        params.mlflow.registered_model,
+        name,
         version,
     )
     return evaluation
@@ -92,7 +101,7 @@ def _replace_folder(new: Path, target: Path) -> None:
         os.replace(item, target / item.name)
 
 
-def _gate_data(data: MnistData, params: Params) -> GateData:
+def _gate_data(data: ImageData, params: Params) -> GateData:
     """The validation split the model was not trained on; without one (a paper's profile trains on
     all 60000 images), the last 10000 training images, and the gate says so."""
     n = params.train.validation

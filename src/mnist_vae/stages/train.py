@@ -1,4 +1,4 @@
-"""Stage ``train``: trains the VAE on ``data/mnist.npz``, logging to MLflow.
+"""Stage ``train``: trains the VAE on ``data/<data.dataset>.npz``, logging to MLflow.
 
 Writes ``models/model.pt`` and ``reports/train_history.csv`` (DVC's outputs: both the same for the
 same weights, so a fresh clone that trains the same weights leaves ``dvc.lock`` unchanged) and
@@ -26,10 +26,10 @@ from dataclasses import asdict
 from mnist_vae import procs, tracking
 from mnist_vae.atomic import atomic_write
 from mnist_vae.config import Params
-from mnist_vae.data.dataset import MnistData, load_mnist
+from mnist_vae.data.dataset import ImageData, load_dataset
 from mnist_vae.models.vae import build_model
 from mnist_vae.models.weights import save_model
-from mnist_vae.paths import DEFAULT_PATHS, Paths, project_root
+from mnist_vae.paths import Paths, project_root
 from mnist_vae.registry import provenance
 from mnist_vae.stages import runner
 from mnist_vae.training import checkpoint, distributed
@@ -38,7 +38,7 @@ from mnist_vae.training.trainer import EpochStats, Trainer
 log = logging.getLogger(__name__)
 
 
-def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = None) -> str:
+def run(params: Params, paths: Paths | None = None, progress: bool | None = None) -> str:
     """Trains the VAE; returns the MLflow run id.
 
     Checks the tracking server and the dataset before spending any time on training. Inside
@@ -46,8 +46,10 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
     """
     import mlflow
 
+    dataset = params.data.dataset
+    paths = paths or Paths.of(dataset)
     rank, world = distributed.init(params.train.device)
-    data = load_mnist(paths.data)
+    data = load_dataset(paths.data)
     if rank != 0:
         # Other processes train their shard and nothing else: rank 0 alone logs and writes.
         logging.getLogger("mnist_vae").setLevel(logging.WARNING)
@@ -90,6 +92,7 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
                 {
                     "mlflow.source.git.commit": provenance.git_commit(root),
                     "dvc.data.md5": data_md5,
+                    "data.dataset": dataset,
                     "model.preset": params.model.preset,
                     "train.device_used": str(trainer.device),
                     "model.parameters": str(sum(p.numel() for p in trainer.model.parameters())),
@@ -97,10 +100,12 @@ def run(params: Params, paths: Paths = DEFAULT_PATHS, progress: bool | None = No
                 }
             )
             x_train, y_train, x_val, y_val = data.split(params.train.validation)
-            provenance.log_dataset(x_train, y_train, "mnist-train", paths.data, data_md5, context="training")
+            provenance.log_dataset(
+                x_train, y_train, f"{dataset}-train", paths.data, data_md5, context="training"
+            )
             if len(x_val):
                 provenance.log_dataset(
-                    x_val, y_val, "mnist-validation", paths.data, data_md5, context="validation"
+                    x_val, y_val, f"{dataset}-validation", paths.data, data_md5, context="validation"
                 )
     run_id = run.info.run_id
     metrics = _EpochMetrics()
@@ -212,7 +217,7 @@ def _end_run(status: str) -> None:
 
 
 def _prepare(
-    params: Params, paths: Paths, data: MnistData
+    params: Params, paths: Paths, data: ImageData
 ) -> tuple[Trainer, str, dict[str, str], dict | None]:
     """The trainer, restored from the checkpoint when one matches; with the data's MD5, the
     checkpoint fingerprint and the checkpoint (None when starting afresh)."""
@@ -245,13 +250,13 @@ def _history_csv(history: list[EpochStats]) -> str:
 
 
 def _read_params(params: Params) -> dict[str, object]:
-    """The params this stage reads (dvc.yaml lists them): ``model.*``, ``train.*`` and
-    ``mlflow.experiment``, flat, as the run's MLflow params."""
+    """The params this stage reads (dvc.yaml lists them): ``data.dataset``, ``model.*``, ``train.*``
+    and ``mlflow.experiment``, flat, as the run's MLflow params."""
     sections = {"model": params.model.to_dict(), "train": params.train.to_dict()}
     flat = {
         f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()
     }
-    return {**flat, "mlflow.experiment": params.mlflow.experiment}
+    return {"data.dataset": params.data.dataset, **flat, "mlflow.experiment": params.mlflow.experiment}
 
 
 def _param_value(value: object) -> object:

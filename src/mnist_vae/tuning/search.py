@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
     from optuna.trial import Trial
 
-    from mnist_vae.data.dataset import MnistData
+    from mnist_vae.data.dataset import ImageData
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _worker(settings: TuneSettings, parent_id: str) -> None:
     import optuna
 
     from mnist_vae import tracking
-    from mnist_vae.data.dataset import load_mnist
+    from mnist_vae.data.dataset import load_dataset
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracking.configure()
@@ -251,7 +251,7 @@ def _worker(settings: TuneSettings, parent_id: str) -> None:
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
     space = load_space(settings.space_file, settings.params_file, settings.overrides)
-    data = load_mnist(settings.data)
+    data = load_dataset(settings.data)
     while True:
         with _trial_lock(url, storage, settings.study):
             # Trials queued with `study.enqueue_trial` wait to be asked for: not yet run, not counted.
@@ -319,7 +319,7 @@ def _run_trial(
     values: dict[str, Any],
     space: SearchSpace,
     settings: TuneSettings,
-    data: MnistData,
+    data: ImageData,
     parent_id: str,
 ) -> float:
     """Trains one trial in an MLflow child run; returns its last validation negative ELBO.
@@ -359,7 +359,7 @@ def _run_trial(
 
 
 def _train_trial(
-    trial: Trial, overrides: list[str], settings: TuneSettings, data: MnistData, run_id: str
+    trial: Trial, overrides: list[str], settings: TuneSettings, data: ImageData, run_id: str
 ) -> float:
     """Trains one trial inside its active MLflow child run; returns its last validation negative
     ELBO (raises ``optuna.TrialPruned`` when the pruner stops it)."""

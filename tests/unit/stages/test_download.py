@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_vae.data.dataset import load_mnist
+from mnist_vae.data.dataset import load_dataset
 from mnist_vae.data.fetch import MIRRORS_ENV
 from mnist_vae.stages.download import main
 
@@ -20,11 +20,11 @@ def test_stage_writes_data_npz_with_env_mirror(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     make_mirror(tmp_path / "mirror", tiny_idx)
-    (tmp_path / "params.yaml").write_text("data:\n  mirrors: ['https://unused.example/']\n")
+    (tmp_path / "params.yaml").write_text("data:\n  mirrors: {mnist: ['https://unused.example/']}\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(MIRRORS_ENV, "mirror")  # relative: resolved against the working directory
+    monkeypatch.setenv(MIRRORS_ENV["mnist"], "mirror")  # relative: resolved against the working directory
     main([])
-    assert load_mnist(tmp_path / "data" / "mnist.npz").y_test.tolist() == [7, 1]
+    assert load_dataset(tmp_path / "data" / "mnist.npz").y_test.tolist() == [7, 1]
 
 
 def test_stage_reports_failure_in_one_line(
@@ -32,7 +32,7 @@ def test_stage_reports_failure_in_one_line(
 ) -> None:
     (tmp_path / "p.yaml").write_text("data:\n  timeout: 1\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(MIRRORS_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.setenv(MIRRORS_ENV["mnist"], str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit) as info:
         main(["--params", "p.yaml"])
     assert info.value.code == 1

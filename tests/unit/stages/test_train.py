@@ -84,7 +84,7 @@ def test_missing_dataset_names_the_command_that_makes_it(
         stage.main([])
     assert info.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: train: data/mnist.npz: MNIST dataset file is missing")
+    assert err.startswith("error: train: data/mnist.npz: dataset file is missing")
     assert "dvc repro download" in err
 
 

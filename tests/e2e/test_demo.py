@@ -205,7 +205,7 @@ def test_an_upload_is_prepared_as_reconstruct_prepares_it(demo: Demo, tmp_path: 
     picture = stroke_picture(tmp_path / "photo.jpg")
     prepared, _, score, *_ = demo.client().predict(handle_file(str(picture)), api_name="/upload")
     np.testing.assert_array_equal(_pixels(prepared, work.SCALE), load_digit(picture))
-    assert "nats" in score and "MNIST test digits" in score
+    assert "nats" in score and "MNIST test images" in score
 
 
 def test_bad_inputs_get_one_clear_line_and_no_traceback(demo: Demo, tmp_path: Path) -> None:
@@ -364,7 +364,7 @@ def test_the_page_in_a_browser_draws_uploads_and_stays_on_this_machine(
             stroke.move_to_element_with_offset(canvas, x, y)
         stroke.release().perform()
         _wait(lambda: picture("reconstruction") not in (None, uploaded), what="the drawing's reconstruction")
-        assert "MNIST test digits" in driver.find_element(By.ID, "score").text
+        assert "MNIST test images" in driver.find_element(By.ID, "score").text
         driver.save_screenshot(str(tmp_path / "demo.png"))
         driver.find_element(By.XPATH, "//button[@role='tab'][.='Model']").click()
         card = _wait(lambda: driver.find_element(By.ID, "card").text, what="the model card")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mnist_vae.data.dataset import DatasetFormatError, DatasetMissingError, load_mnist
+from mnist_vae.data.dataset import DATASETS, DatasetFormatError, DatasetMissingError, load_dataset
 from mnist_vae.data.pictures import ImageError, load_digit
 from mnist_vae.demo.latents import LatentModel
 from mnist_vae.errors import UserError
@@ -95,7 +95,7 @@ def open_page(model: LatentModel, data: Path) -> Page:
     the latent units by their mean KL over it. Without a readable file the page says why instead
     of a percentile, and ranks the units on the model's own samples."""
     try:
-        mnist = load_mnist(data)
+        mnist = load_dataset(data)
         if not len(mnist.x_test):
             raise DatasetFormatError(f"{data}: its test split holds no images")
     except (DatasetMissingError, DatasetFormatError) as exc:
@@ -206,10 +206,12 @@ def score_text(page: Page, score: float) -> str:
     share = percentile(page.test.scores, score)
     # Rounded down, so that a digit above all but a few never reads "100%".
     shown = math.floor(share * 10) / 10
+    known = DATASETS.get(page.test.path.stem)
+    images = f"{known.title} test images" if known is not None else "test images"
     if share >= 100.0:
-        rank = f"More unusual than all {n:,} MNIST test digits."
+        rank = f"More unusual than all {n:,} {images}."
     else:
-        rank = f"More unusual than {shown:.1f}% of the {n:,} MNIST test digits."
+        rank = f"More unusual than {shown:.1f}% of the {n:,} {images}."
     return f"{head}\n\n{rank}"
 
 

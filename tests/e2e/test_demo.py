@@ -438,7 +438,7 @@ def test_ctrl_c_stops_a_demo_without_test_digits(demo: Demo, tmp_path: Path) -> 
         finally:
             procs.kill_group(process.pid, process)
     text = log.read_text()
-    assert "no test digits to rank scores among: none.npz: MNIST dataset file is missing" in text
+    assert "no test digits to rank scores among: none.npz: dataset file is missing" in text
     assert text.rstrip().endswith("demo stopped") and "Traceback" not in text, text
 
 

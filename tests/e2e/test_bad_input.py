@@ -83,7 +83,7 @@ CASES = {
     ),
     "truncated download": (
         ("stage", "download"),
-        "error: download: train-images-idx3-ubyte: no mirror delivered a file with "
+        "error: download: train-images-idx3-ubyte of mnist: no mirror delivered a file with "
         "the expected SHA-256; tried, in order:",
     ),
     "truncated dataset file": (("cli", "train", "--data", "broken.npz"), "broken.npz"),

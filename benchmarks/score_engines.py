@@ -79,7 +79,7 @@ def main() -> None:
                 return pd.Series(np.zeros(len(batch), dtype=np.float32))
 
             def empty_udf() -> None:
-                frame, _ = engine.image_frame(spark, str(root / "images.npz"), key="x")
+                frame, _, _ = engine.image_frame(spark, str(root / "images.npz"), key="x")
                 frame.select(nothing("pixels").alias("z")).agg(F.sum("z")).collect()
 
             for _ in range(args.rounds):

@@ -296,6 +296,6 @@ def test_a_binarised_profile_run_leaves_the_grey_champion_and_what_it_serves(
     result = ok("run", *SMALL_BINARIZED, "--set", f"mlflow.registered_model={NAME}")
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == champion
     assert "stays candidate: it was trained and measured as mnist, binarised, validation 0" in result.output
-    assert f"champion version {champion} as grey, validation 100" in result.output
+    assert f"champion version {champion} as mnist, grey, validation 100" in result.output
     listed = ok("models").output
     assert "binarised, validation 0" in listed and "grey, validation 100" in listed

@@ -132,6 +132,7 @@ def test_sample_draws_n_images_whatever_the_input(served: ServedVAE) -> None:
         ({"output": "sample", "n": True}, "parameter 'n': expected an integer in 1..1024, got True"),
         ({"seed": -1}, "parameter 'seed': expected an integer in 0..2147483647, got -1"),
         ({"output": "score", "latents": "yes"}, "parameter 'latents': expected true or false, got 'yes'"),
+        ({"pixel_range": "0-100"}, "parameter 'pixel_range': expected one of 0-1, 0-255, got '0-100'"),
     ],
 )
 def test_bad_params_are_invalid_parameter_values(served: ServedVAE, params: dict, expected: str) -> None:
@@ -175,6 +176,18 @@ def test_outside_a_server_the_model_takes_the_threads_the_environment_asks_for(
         torch.set_num_threads(before)
 
 
+def test_8_bit_grey_levels_give_the_numbers_of_their_0_1_twins(served: ServedVAE) -> None:
+    """pixel_range 0-255: the model divides by 255 as everything else here does, to the last bit."""
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 784)).astype(np.uint8)
+    grey = torch.from_numpy(pixels).float().div_(255.0).numpy()
+    for output in ("score", "latent", "reconstruction"):
+        a = served.predict(grey, {"output": output})
+        b = served.predict(pixels.astype(np.float32), {"output": output, "pixel_range": "0-255"})
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(MlflowException, match=r"expected grey levels in \[0, 255\] \(pixel_range 0-255\)"):
+        served.predict(np.full((1, 784), 256.0), {"pixel_range": "0-255"})
+
+
 def test_signature_declares_the_input_and_params() -> None:
     sig = signature()
     assert sig.inputs.to_dict() == [
@@ -186,4 +199,5 @@ def test_signature_declares_the_input_and_params() -> None:
         "seed": 0,
         "latents": False,
         "complexity": False,
+        "pixel_range": "0-1",
     }

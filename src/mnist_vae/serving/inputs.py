@@ -41,12 +41,12 @@ class PixelMessages:
 
 
 def checked_pixels(
-    array: np.ndarray, messages: PixelMessages, error: Callable[[str], Exception]
+    array: np.ndarray, messages: PixelMessages, error: Callable[[str], Exception], top: float = 1.0
 ) -> np.ndarray:
-    """A batch of images as (N, 784): uint8 as it is, any float type as float32 in [0, 1].
+    """A batch of images as (N, 784): uint8 as it is, any float type as float32 in [0, ``top``].
 
     (N, 28, 28) is flattened. Raises ``error(message)`` for another shape, an empty batch, another
-    dtype, or grey levels that are not finite or outside [0, 1].
+    dtype, or grey levels that are not finite or outside [0, ``top``].
     """
     if array.ndim == 3 and array.shape[1:] == (28, 28):
         array = array.reshape(len(array), N_PIXELS)
@@ -63,7 +63,7 @@ def checked_pixels(
     low, high = float(array.min()), float(array.max())
     if not (np.isfinite(low) and np.isfinite(high)):
         raise error(messages.not_finite)
-    if low < 0.0 or high > 1.0:
+    if low < 0.0 or high > top:
         raise error(messages.out_of_range.format(low=f"{low:g}", high=f"{high:g}"))
     return array
 
@@ -77,8 +77,22 @@ _REQUEST_MESSAGES = PixelMessages(
 )
 
 
-def as_batch(model_input: Any) -> np.ndarray:
-    """Validates a request body's data into a (B, 784) float32 array of grey levels in [0, 1]."""
+# What the parameter ``pixel_range`` of a request may say: grey levels in [0, 1] (the default), or
+# in [0, 255] (as 8-bit pictures store them; the model divides them by 255 itself).
+PIXEL_RANGES = ("0-1", "0-255")
+_BYTE_MESSAGES = PixelMessages(
+    shape=_REQUEST_MESSAGES.shape,
+    empty=_REQUEST_MESSAGES.empty,
+    dtype=_REQUEST_MESSAGES.dtype,
+    not_finite="expected finite pixel values, got NaN or infinity",
+    out_of_range="expected grey levels in [0, 255] (pixel_range 0-255), got values in [{low}, {high}]",
+)
+
+
+def as_batch(model_input: Any, pixel_range: str = "0-1") -> np.ndarray:
+    """Validates a request body's data into a (B, 784) float32 array of grey levels in [0, 1]; with
+    ``pixel_range`` ``0-255`` the values are checked in [0, 255] and divided by 255 here, in float32:
+    the same numbers as 8-bit pixels divided anywhere else in this package."""
     if isinstance(model_input, dict):
         if len(model_input) != 1:
             raise invalid(
@@ -101,4 +115,6 @@ def as_batch(model_input: Any) -> np.ndarray:
         raise invalid("expected numeric pixel values: a batch of 784 floats in [0, 1] per image") from None
     if batch.ndim == 1:
         batch = batch.reshape(1, -1)
+    if pixel_range == "0-255":
+        return checked_pixels(batch, _BYTE_MESSAGES, invalid, top=255.0) / np.float32(255)
     return checked_pixels(batch, _REQUEST_MESSAGES, invalid)

@@ -3,8 +3,8 @@
 The model is saved with ``loader_module="mnist_vae.serving.pyfunc"``: MLflow calls :func:`_load_pyfunc`
 on the folder holding ``model.pt``, and the weights load with ``weights_only=True``; only tensors
 and plain containers are unpickled, never arbitrary objects. Input is a batch of 28x28 images
-flattened to 784 float32 grey levels in [0, 1] (divide 0-255 pixels by 255). The inference parameter
-``output`` picks the answer:
+flattened to 784 float32 grey levels in [0, 1] (divide 0-255 pixels by 255, or send them with the
+parameter ``pixel_range`` set to ``0-255``). The inference parameter ``output`` picks the answer:
 
 - ``reconstruction`` (default): 784 grey levels per image, decoded from the posterior mean;
 - ``latent``: the posterior mean and log-variance per image (``mu_i``, ``logvar_i`` columns);
@@ -30,7 +30,7 @@ from mnist_vae.models.networks import N_PIXELS
 from mnist_vae.models.vae import VAE
 from mnist_vae.models.weights import load_model
 from mnist_vae.serving import worker
-from mnist_vae.serving.inputs import as_batch, invalid
+from mnist_vae.serving.inputs import PIXEL_RANGES, as_batch, invalid
 from mnist_vae.serving.scores import score_batch
 
 if TYPE_CHECKING:
@@ -56,7 +56,12 @@ class ServedVAE:
         if output not in OUTPUTS:
             raise invalid(f"unknown output {output!r}: expected one of {', '.join(OUTPUTS)}")
         seed = _int_param(params, "seed", 0, 0, 2**31 - 1)
-        x = torch.from_numpy(as_batch(model_input))
+        pixel_range = params.get("pixel_range", "0-1")
+        if pixel_range not in PIXEL_RANGES:
+            raise invalid(
+                f"parameter 'pixel_range': expected one of {', '.join(PIXEL_RANGES)}, got {pixel_range!r}"
+            )
+        x = torch.from_numpy(as_batch(model_input, pixel_range))
         with torch.inference_mode():
             if output == "sample":
                 n = _int_param(params, "n", 16, 1, MAX_SAMPLES)
@@ -114,8 +119,9 @@ def pip_requirements() -> list[str]:
 
 
 def signature() -> ModelSignature:
-    """Input: float32 (B, 784) in [0, 1]. Params: ``output``, ``n`` (sample count), ``seed``, and
-    ``latents`` and ``complexity`` (extra columns of ``score``).
+    """Input: float32 (B, 784) in [0, 1]. Params: ``output``, ``n`` (sample count), ``seed``,
+    ``latents`` and ``complexity`` (extra columns of ``score``), and ``pixel_range`` (``0-255``: the
+    input holds 8-bit grey levels, which the model divides by 255).
 
     The declared output is the default one, ``reconstruction``: float32 (B, 784) in [0, 1].
     """
@@ -132,6 +138,7 @@ def signature() -> ModelSignature:
                 ParamSpec("seed", "long", 0),
                 ParamSpec("latents", "boolean", False),
                 ParamSpec("complexity", "boolean", False),
+                ParamSpec("pixel_range", "string", "0-1"),
             ]
         ),
     )

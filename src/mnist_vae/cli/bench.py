@@ -128,8 +128,13 @@ def serve_bench(
     from mnist_vae.data.dataset import load_dataset
 
     settings = benchmark.ServeBenchSettings(clients=clients, seconds=seconds, warmup=min(1.0, seconds))
-    resolved = load_params(params)
-    images = load_dataset(dataset_path(resolved, data)).x_test[:256]
+    # params.yaml is read only for what --model and --data leave open.
+    if model is not None and data is not None:
+        reference, source = model, data
+    else:
+        resolved = load_params(params)
+        reference, source = default_model(resolved, model), dataset_path(resolved, data)
+    images = load_dataset(source).x_test[:256]
     with busy("benchmarking mlflow models serve with 1 and 2 workers"):
-        result = benchmark.run_serve_bench(default_model(resolved, model), images, settings)
+        result = benchmark.run_serve_bench(reference, images, settings)
     _report(benchmark, result, out, log=not no_mlflow)

@@ -24,7 +24,7 @@ from pydantic_core import ErrorDetails
 from mnist_vae.errors import UserError
 
 Dataset = Literal["mnist", "fashion-mnist"]
-Preset = Literal["conv", "mlp", "seed"]
+Preset = Literal["conv", "mlp", "seed", "hvae"]
 Activation = Literal["relu", "silu", "gelu", "elu", "tanh"]
 Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["constant", "cosine", "burda"]
@@ -89,6 +89,9 @@ class ModelConfig(_Frozen):
     ``dense`` units sits between the convolutions and the latent code on both sides.
     ``preset: mlp`` is an MLP VAE with ``hidden`` widths (the decoder mirrors them). Both have a
     log-variance head and a Bernoulli likelihood on logits, and use ``latent`` and ``activation``.
+    ``preset: hvae`` is a two-layer hierarchical VAE (:mod:`mnist_vae.models.hvae`): the conv
+    networks on the image side, ``latent`` units in its lower layer z1 and ``latent2`` in its top
+    layer z2, ``hidden2`` units in the layers between.
     ``preset: seed`` is the tutorial's model (linear layers 784-256-64-20 and 10-64-256-784, a raw
     sigma head, MSE likelihood); none of the other keys apply to it.
     """
@@ -103,6 +106,8 @@ class ModelConfig(_Frozen):
     blocks: int = Field(0, ge=0, le=8, description="an integer in 0..8 (residual blocks per stage)")
     dense: int = Field(512, ge=0, description="0 (no dense layer) or a positive width")
     latent: int = Field(32, gt=0, description="a positive integer")
+    latent2: int = Field(16, gt=0, description="a positive integer (hvae: units of the top layer z2)")
+    hidden2: int = Field(256, gt=0, description="a positive integer (hvae: width between z2 and the rest)")
     activation: Activation = "silu"
 
     @field_validator("hidden", "channels")
@@ -145,6 +150,10 @@ class TrainConfig(_Frozen):
     nproc: int = Field(1, ge=1, description="an integer >= 1 (processes under torchrun)")
     compile: bool = False
     precision: Precision = "fp32"
+    kl_warmup: float = Field(
+        0.0, ge=0, description="a number of epochs >= 0 (the KL term's weight rises from 0 to 1 over them)"
+    )
+    ema: float = Field(0.0, ge=0, lt=1, description="0 (off) or an averaging decay in (0, 1), e.g. 0.999")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Self:

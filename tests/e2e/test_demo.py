@@ -31,7 +31,8 @@ from mnist_vae.data.pictures import load_digit
 from mnist_vae.demo import page as work
 from mnist_vae.demo.latents import latent_model
 from mnist_vae.evaluation.figures import reconstruct
-from mnist_vae.models.vae import VAE, build_model
+from mnist_vae.models.families import build_model
+from mnist_vae.models.vae import VAE
 from mnist_vae.models.weights import save_model
 from mnist_vae.serving.scoring import score_pixels
 

@@ -120,7 +120,7 @@ import torch
 import torch.distributed as dist
 from mnist_vae.training import distributed
 from mnist_vae.config import ModelConfig, TrainConfig
-from mnist_vae.models.vae import build_model
+from mnist_vae.models.families import build_model
 from mnist_vae.training.trainer import Trainer
 
 rank, world = distributed.init("cpu")

@@ -187,7 +187,7 @@ def test_gate_follows_validation_when_test_disagrees(
     from mnist_vae.config import load_params
     from mnist_vae.data.dataset import load_dataset
     from mnist_vae.evaluation.metrics import evaluate_model
-    from mnist_vae.models.vae import build_model
+    from mnist_vae.models.families import build_model
     from mnist_vae.models.weights import save_model
     from mnist_vae.paths import Paths
     from mnist_vae.stages import evaluate
@@ -259,7 +259,7 @@ _TRAIN_AND_REPORT_THREADS = """
 import sys
 import numpy as np
 from mnist_vae.config import TrainConfig, ModelConfig
-from mnist_vae.models.vae import build_model
+from mnist_vae.models.families import build_model
 from mnist_vae.training.trainer import train_epochs
 images = np.random.default_rng(0).integers(0, 256, (6000, 28, 28), dtype=np.uint8)
 cfg = TrainConfig(device="cpu", epochs=int(sys.argv[1]), threads="auto", validation=0)

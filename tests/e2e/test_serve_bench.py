@@ -18,7 +18,7 @@ import pytest
 
 from mnist_vae import procs
 from mnist_vae.config import ModelConfig
-from mnist_vae.models.vae import build_model
+from mnist_vae.models.families import build_model
 from mnist_vae.models.weights import save_model
 from mnist_vae.serving.pyfunc import save_pyfunc
 from mnist_vae.serving.server import serve

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from mnist_vae.cli import app
 from mnist_vae.config import ModelConfig
-from mnist_vae.models.vae import VAE, build_model
+from mnist_vae.models.families import build_model
+from mnist_vae.models.vae import VAE
 from mnist_vae.models.weights import save_model
 from mnist_vae.serving.scoring import ScoreInputError, score_file
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from mnist_vae.cli import app
 from mnist_vae.config import ModelConfig
-from mnist_vae.models.vae import build_model
+from mnist_vae.models.families import build_model
 from mnist_vae.models.weights import save_model
 
 REFUSED = "http://127.0.0.1:9"  # the discard port: nothing listens, so connecting is refused

@@ -21,7 +21,8 @@ from mnist_vae.demo import page as work
 from mnist_vae.demo.latents import LatentLayer, OneLayer, UnknownFamilyError, latent_model
 from mnist_vae.demo.server import DemoStartError, check_port, login_from_env
 from mnist_vae.evaluation.figures import reconstruct, sample
-from mnist_vae.models.vae import VAE, build_model
+from mnist_vae.models.families import build_model
+from mnist_vae.models.vae import VAE
 from mnist_vae.serving.scores import image_noise
 
 

@@ -11,7 +11,7 @@ import pytest
 from mnist_vae import progress as progress_module
 from mnist_vae.config import EvaluateConfig, ModelConfig
 from mnist_vae.evaluation import metrics as evaluate
-from mnist_vae.models.vae import build_model
+from mnist_vae.models.families import build_model
 
 
 @pytest.mark.parametrize(("progress", "lines"), [(None, 3), (False, 0)])

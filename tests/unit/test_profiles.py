@@ -11,7 +11,7 @@ import torch
 
 from mnist_vae.config import Params, load_params
 from mnist_vae.evaluation.metrics import evaluate_model
-from mnist_vae.models.vae import build_model
+from mnist_vae.models.families import build_model
 from mnist_vae.stages.profiles import PROFILES, dvc_arguments, overrides
 from mnist_vae.training.trainer import train_epochs
 

@@ -49,7 +49,7 @@ def test_rollback_undoes_a_promotion_by_the_gate(
     """The gate moves champion from version 1 to 3 and records it as any promotion: `models` says
     the gate moved it, and one rollback returns to version 1."""
     from mnist_vae.config import EvaluateConfig, ModelConfig, TrainConfig
-    from mnist_vae.models.vae import build_model
+    from mnist_vae.models.families import build_model
     from mnist_vae.training.trainer import train_epochs
 
     images, labels = tiny_images(128)
@@ -92,7 +92,7 @@ def test_loading_a_logged_model_leaves_no_copy_behind(
     import torch
 
     from mnist_vae.config import ModelConfig
-    from mnist_vae.models.vae import build_model
+    from mnist_vae.models.families import build_model
     from mnist_vae.models.weights import save_model
 
     model = build_model(ModelConfig(preset="mlp", hidden=(8,), latent=2), seed=0)
@@ -112,7 +112,7 @@ def test_the_gate_compares_one_protocol_only(client: MlflowClient, tiny_images, 
     """A binarised candidate never displaces a grey champion, however it scores; without a
     validation split no candidate is compared; each version records its protocol."""
     from mnist_vae.config import EvaluateConfig, ModelConfig
-    from mnist_vae.models.vae import build_model
+    from mnist_vae.models.families import build_model
 
     images, labels = tiny_images(64)
 
@@ -149,7 +149,7 @@ def test_without_a_validation_split_only_the_first_version_becomes_champion(
     client: MlflowClient, tiny_images, monkeypatch
 ) -> None:
     from mnist_vae.config import EvaluateConfig, ModelConfig
-    from mnist_vae.models.vae import build_model
+    from mnist_vae.models.families import build_model
 
     images, labels = tiny_images(64)
     untrained = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=2), seed=0)

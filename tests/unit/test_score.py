@@ -19,7 +19,8 @@ from mnist_vae.cli import app
 from mnist_vae.config import ModelConfig
 from mnist_vae.data.pictures import ImageError
 from mnist_vae.errors import UserError
-from mnist_vae.models.vae import VAE, build_model
+from mnist_vae.models.families import build_model
+from mnist_vae.models.vae import VAE
 from mnist_vae.models.weights import save_model
 from mnist_vae.serving.pyfunc import ServedVAE
 from mnist_vae.serving.scoring import ScoreInputError, read_images, score_file, score_pixels

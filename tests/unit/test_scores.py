@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from mnist_vae.config import ModelConfig
+from mnist_vae.models.families import build_model
 from mnist_vae.models.objectives import neg_elbo
-from mnist_vae.models.vae import VAE, build_model
+from mnist_vae.models.vae import VAE
 from mnist_vae.serving.pyfunc import ServedVAE
 from mnist_vae.serving.scores import image_noise, png_bits, score_batch
 from mnist_vae.serving.scoring import score_pixels

@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 
 from mnist_vae.config import ModelConfig
 from mnist_vae.evaluation.figures import reconstruct
-from mnist_vae.models.vae import build_model
+from mnist_vae.models.families import build_model
 from mnist_vae.models.weights import save_model
 from mnist_vae.serving.inputs import as_batch
 from mnist_vae.serving.pyfunc import WEIGHTS_FILE, ServedVAE, _load_pyfunc, signature

@@ -12,7 +12,7 @@ from torch._dynamo.exc import TorchDynamoException
 
 from mnist_vae.config import ConfigError, ModelConfig, TrainConfig
 from mnist_vae.errors import UserError
-from mnist_vae.models.vae import build_model
+from mnist_vae.models.families import build_model
 from mnist_vae.training import trainer as train_module
 from mnist_vae.training.threads import available_cores
 from mnist_vae.training.trainer import (

@@ -156,10 +156,10 @@ def measure_in_process(
 
         def forward(t: torch.Tensor = tensor) -> None:
             with torch.inference_mode():
-                vae.pixel_means(vae.decode(vae.encode(t)[0]))
+                vae.pixel_means(vae.reconstruct(t))
 
         layers: list[tuple[str, str, Callable[[], object]]] = [
-            ("forward", "model encode + decode(mu) + sigmoid, torch tensor in", forward),
+            ("forward", "model reconstruct (posterior means) + sigmoid, torch tensor in", forward),
             ("served_predict", "ServedVAE.predict (validation + forward)", partial(served.predict, arr)),
             (
                 "pyfunc_predict",

@@ -34,9 +34,10 @@ from mnist_vae.bench.report import write_json as write_json  # re-exported: the 
 from mnist_vae.config import Device, EvaluateConfig, ModelConfig, TrainConfig
 from mnist_vae.data.dataset import ImageData
 from mnist_vae.evaluation.metrics import evaluate_model
+from mnist_vae.models.families import build_model
 from mnist_vae.models.networks import N_PIXELS
 from mnist_vae.models.objectives import training_loss
-from mnist_vae.models.vae import VAE, build_model
+from mnist_vae.models.vae import VAE
 from mnist_vae.training.trainer import resolve_device, train_epochs
 
 if TYPE_CHECKING:

@@ -1,11 +1,11 @@
 """The latent layers of a model family, as the demo page reads and writes them.
 
 The page never calls a network directly: it asks a :class:`LatentModel` for the posterior of each
-latent layer, decodes a code given for every layer, scores images and draws from the prior. The
-one-layer VAE of :mod:`mnist_vae.models.vae` is :class:`OneLayer`. A family with several latent
-layers (a ladder or a hierarchical VAE) gets an adapter of its own here, returned by
-:func:`latent_model`; the page then shows one group of sliders per layer, and nothing else of the
-page changes.
+latent layer, decodes a code given for every layer, scores images and draws from the prior.
+:class:`Layers` reads both families of :mod:`mnist_vae.models` (the one-layer VAE and the
+two-layer hierarchical VAE) through their ``layers``; the page shows one group of sliders per
+layer, and nothing else of the page changes. A family without those methods gets an adapter of its
+own here, returned by :func:`latent_model`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 
 from mnist_vae.errors import UserError
 from mnist_vae.evaluation.figures import sample
-from mnist_vae.models.objectives import kl_per_unit
 from mnist_vae.models.vae import VAE
 from mnist_vae.serving.scoring import score_pixels
 
@@ -69,32 +68,36 @@ class LatentModel(Protocol):
         ...
 
 
-class OneLayer:
-    """The project's VAE: one diagonal Gaussian latent layer ``z`` under a standard normal prior."""
+class Layers:
+    """Any model of :mod:`mnist_vae.models`, read through its latent layers: the one-layer VAE's
+    ``z``, or the hierarchical VAE's ``z2`` (top) and ``z1``."""
 
     def __init__(self, model: VAE) -> None:
         self.model = model.eval()
-        self._layers = (LatentLayer("z", model.latent_dim),)
+        self._layers = tuple(LatentLayer(name, size) for name, size in model.layers)
 
     @property
     def layers(self) -> tuple[LatentLayer, ...]:
         return self._layers
 
     def describe(self) -> str:
-        return f"VAE, one latent layer z of {self.model.latent_dim} units"
+        if len(self._layers) == 1:
+            return f"VAE, one latent layer z of {self._layers[0].size} units"
+        parts = ", ".join(f"{layer.name} of {layer.size} units" for layer in self._layers)
+        return f"hierarchical VAE, {len(self._layers)} latent layers: {parts}"
 
     @torch.inference_mode()
     def posterior_means(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [self.model.encode(x)[0]]
+        return [mu for mu, _ in self.model.layer_posteriors(x)]
 
     @torch.inference_mode()
     def kl_per_unit(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [kl_per_unit(*self.model.encode(x))]
+        return self.model.layer_kl(x)
 
     @torch.inference_mode()
     def decode(self, code: Sequence[torch.Tensor]) -> torch.Tensor:
-        assert len(code) == 1, f"one latent layer, got a code of {len(code)}"
-        return self.model.pixel_means(self.model.decode(code[0]))
+        assert len(code) == len(self._layers), f"{len(self._layers)} latent layers, got a code of {len(code)}"
+        return self.model.pixel_means(self.model.decode_layers(list(code)))
 
     def neg_elbo(self, pixels: np.ndarray, seed: int) -> np.ndarray:
         return score_pixels(self.model, pixels, seed=seed)["neg_elbo"]
@@ -103,14 +106,18 @@ class OneLayer:
         return sample(self.model, n, seed=seed)
 
 
+# The one-layer VAE's adapter, by its earlier name.
+OneLayer = Layers
+
+
 def latent_model(model: object) -> LatentModel:
     """The adapter of ``model``'s family; a new family adds its branch here.
 
     Raises:
         UnknownFamilyError: No adapter knows the model's class.
     """
-    if isinstance(model, VAE):
-        return OneLayer(model)
+    if isinstance(model, VAE):  # both families of mnist_vae.models
+        return Layers(model)
     raise UnknownFamilyError(
         f"the demo knows no latent layers of a {type(model).__name__}; expected an mnist-vae VAE"
     )

@@ -14,7 +14,6 @@ import torch
 from mnist_vae.atomic import atomic_open
 from mnist_vae.data.dataset import DATASETS, DatasetInfo
 from mnist_vae.models.networks import N_PIXELS
-from mnist_vae.models.objectives import kl_per_unit
 from mnist_vae.models.vae import VAE
 
 if TYPE_CHECKING:
@@ -98,16 +97,14 @@ def reconstruct(model: VAE, images: np.ndarray, device: torch.device | str = "cp
     x = torch.as_tensor(np.asarray(images).reshape(len(images), N_PIXELS), device=device).float()
     if np.asarray(images).dtype == np.uint8:
         x = x / 255.0
-    mu, _ = model.encode(x)
-    return model.pixel_means(model.decode(mu)).cpu().numpy()
+    return model.pixel_means(model.reconstruct(x)).cpu().numpy()
 
 
 @torch.no_grad()
 def sample(model: VAE, n: int, seed: int = 0, device: torch.device | str = "cpu") -> np.ndarray:
     """Decodes ``n`` draws from the prior N(0, I) into images in [0, 1]."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    z = torch.randn(n, model.latent_dim, generator=generator, device=device)
-    return model.pixel_means(model.decode(z)).cpu().numpy()
+    return model.pixel_means(model.sample(n, generator=generator, device=device)).cpu().numpy()
 
 
 @torch.no_grad()
@@ -119,32 +116,35 @@ def latent_traversal(
     span: float = 3.0,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Decodes one image's posterior mean with single latent units swept over [-span, span].
+    """Decodes one image's posterior means with single latent units swept over [-span, span].
 
-    Uses the units with the largest KL for this image (the ones the model uses to encode it); each
-    row of the result is one unit, each column one step.
+    Uses the units with the largest KL for this image (the ones the model uses to encode it), of
+    whichever latent layer; each row of the result is one unit, each column one step.
     """
     x = torch.as_tensor(image.reshape(1, N_PIXELS), device=device).float() / 255.0
-    mu, logvar = model.encode(x)
-    active = kl_per_unit(mu, logvar).squeeze(0).argsort(descending=True)
+    means = [mu for mu, _ in model.layer_posteriors(x)]
+    kl = torch.cat([unit_kl.squeeze(0) for unit_kl in model.layer_kl(x)])
+    starts = np.cumsum([0] + [mu.shape[-1] for mu in means])
     rows = []
-    for unit in active[: min(dims, model.latent_dim)].tolist():
-        z = mu.repeat(steps, 1)
-        z[:, unit] = torch.linspace(-span, span, steps, device=device)
-        rows.append(model.pixel_means(model.decode(z)).cpu().numpy())
+    for unit in kl.argsort(descending=True)[: min(dims, len(kl))].tolist():
+        layer = int(np.searchsorted(starts, unit, side="right")) - 1
+        codes = [mu.repeat(steps, 1) for mu in means]
+        codes[layer][:, unit - starts[layer]] = torch.linspace(-span, span, steps, device=device)
+        rows.append(model.pixel_means(model.decode_layers(codes)).cpu().numpy())
     return np.concatenate(rows)
 
 
 @torch.no_grad()
 def latent_projection(
-    model: VAE, images: np.ndarray, device: torch.device | str = "cpu"
+    model: VAE, images: np.ndarray, device: torch.device | str = "cpu", layer: int = 0
 ) -> tuple[np.ndarray, float]:
-    """Posterior means of uint8 images on their first two principal components.
+    """Posterior means of uint8 images in latent layer ``layer`` (the code, by default) on their
+    first two principal components.
 
     Returns the (N, 2) points and the share of the means' variance those two components explain.
     """
     x = torch.as_tensor(images.reshape(len(images), N_PIXELS), device=device).float() / 255.0
-    mu = torch.cat([model.encode(chunk)[0] for chunk in x.split(1000)]).double()
+    mu = torch.cat([model.layer_posteriors(chunk)[layer][0] for chunk in x.split(1000)]).double()
     centred = mu - mu.mean(0)
     _, singular, basis = torch.linalg.svd(centred, full_matrices=False)
     explained = (singular[:2].square().sum() / singular.square().sum()).item()
@@ -183,14 +183,18 @@ def write_figures(
     steps = 11
     traversal = latent_traversal(model, images[0], steps=steps, device=device)
     paths.append(write_png(out_dir / "traversal.png", image_grid(traversal, columns=steps)))
-    if labels is not None:
-        points, explained = latent_projection(model, images[:latent_points], device)
+    if labels is None:
+        return paths
+    for layer, (name, units) in enumerate(model.layers):
+        # The code (the only layer, or the top one) in latent.png, any other in latent_<name>.png.
+        points, explained = latent_projection(model, images[:latent_points], device, layer)
+        which = "" if len(model.layers) == 1 else f"layer {name}, "
         paths.append(
             write_scatter(
-                out_dir / "latent.png",
+                out_dir / ("latent.png" if layer == 0 else f"latent_{name}.png"),
                 points,
                 labels[:latent_points],
-                f"posterior means of {len(points):,} {dataset.title} test images, {model.latent_dim}-D "
+                f"posterior means of {len(points):,} {dataset.title} test images, {which}{units}-D "
                 f"latent space projected on 2 principal components ({explained:.0%} of the variance)",
                 dataset,
             )

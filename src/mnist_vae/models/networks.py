@@ -33,7 +33,9 @@ class Architecture:
     """Everything needed to rebuild a :class:`VAE`; saved beside its weights.
 
     ``kind`` mlp uses ``hidden``; conv uses ``channels``, ``blocks``, ``dense`` and
-    ``pixel_bias``. Files written before the conv preset existed lack the conv keys and load as mlp;
+    ``pixel_bias``; hvae (:class:`mnist_vae.models.hvae.HVAE`) those of conv (or, without
+    ``channels``, mlp's ``hidden``) for its image-side networks, plus ``latent2`` and ``hidden2``.
+    Files written before the conv preset existed lack the conv keys and load as mlp;
     conv files written before ``pixel_bias`` existed load without it.
     """
 
@@ -42,11 +44,13 @@ class Architecture:
     activation: str | None
     likelihood: Likelihood
     sigma_head: bool
-    kind: Literal["mlp", "conv"] = "mlp"
+    kind: Literal["mlp", "conv", "hvae"] = "mlp"
     channels: tuple[int, ...] = ()
     blocks: int = 0
     dense: int = 0
     pixel_bias: bool = False  # conv: a learned bias per output pixel on the decoder's logits
+    latent2: int = 0  # hvae: units of the top latent layer z2 (``latent`` is z1's)
+    hidden2: int = 0  # hvae: width of the layers between z2 and the rest
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -67,18 +71,21 @@ class Architecture:
             # ReLU between hidden layers, raw output compared to the pixels by MSE. (A purely
             # linear version levels off at a loss of 0.0512, above the tutorial's 0.0477.)
             return cls(hidden=(256, 64), latent=10, activation="relu", likelihood="gaussian", sigma_head=True)
-        if cfg.preset == "conv":
+        if cfg.preset in ("conv", "hvae"):
+            hvae = cfg.preset == "hvae"
             return cls(
                 hidden=(),
                 latent=cfg.latent,
                 activation=cfg.activation,
                 likelihood="bernoulli",
                 sigma_head=False,
-                kind="conv",
+                kind="hvae" if hvae else "conv",
                 channels=cfg.channels,
                 blocks=cfg.blocks,
                 dense=cfg.dense,
                 pixel_bias=True,
+                latent2=cfg.latent2 if hvae else 0,
+                hidden2=cfg.hidden2 if hvae else 0,
             )
         return cls(
             hidden=cfg.hidden,
@@ -129,33 +136,43 @@ def _side(arch: Architecture) -> int:
     return 28 >> len(arch.channels)
 
 
+def conv_trunk(arch: Architecture) -> tuple[list[nn.Module], int]:
+    """The convolutional encoder up to its last hidden layer: the layers and their output width."""
+    activation = _conv_activation(arch)
+    act = _ACTIVATIONS[activation]
+    layers: list[nn.Module] = []
+    width = 1
+    for channels in arch.channels:
+        layers += [nn.Conv2d(width, channels, 3, stride=2, padding=1), act()]
+        layers += [_Residual(channels, activation) for _ in range(arch.blocks)]
+        width = channels
+    features = width * _side(arch) ** 2
+    layers.append(nn.Flatten())
+    if arch.blocks:  # the last block ends on a convolution: activate before the dense layer
+        layers.append(act())
+    if arch.dense:
+        layers += [nn.Linear(features, arch.dense), act()]
+        features = arch.dense
+    return layers, features
+
+
+def as_images(x: torch.Tensor) -> torch.Tensor:
+    """Flat (..., 784) images as a channels-last (N, 1, 28, 28) batch for the convolutions."""
+    return x.reshape(-1, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+
+
 class ConvEncoder(nn.Module):
     """(B, 784) -> (B, 2 * latent): stride-2 convolutions, each followed by ``blocks`` residual blocks
     (none by default), then an optional dense layer."""
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
-        activation = _conv_activation(arch)
-        act = _ACTIVATIONS[activation]
-        layers: list[nn.Module] = []
-        width = 1
-        for channels in arch.channels:
-            layers += [nn.Conv2d(width, channels, 3, stride=2, padding=1), act()]
-            layers += [_Residual(channels, activation) for _ in range(arch.blocks)]
-            width = channels
-        features = width * _side(arch) ** 2
-        layers.append(nn.Flatten())
-        if arch.blocks:  # the last block ends on a convolution: activate before the dense layer
-            layers.append(act())
-        if arch.dense:
-            layers += [nn.Linear(features, arch.dense), act()]
-            features = arch.dense
+        layers, features = conv_trunk(arch)
         layers.append(nn.Linear(features, 2 * arch.latent))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        images = x.reshape(-1, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-        return self.net(images).reshape(*x.shape[:-1], -1)
+        return self.net(as_images(x)).reshape(*x.shape[:-1], -1)
 
 
 class ConvDecoder(nn.Module):

@@ -14,9 +14,11 @@ Every model is measured under the Bernoulli likelihood on grey levels; the tutor
 preset is *trained* on its squared error with the KL divided by the number of pixels
 (:func:`training_loss`), and its output read as pixel probabilities for the measure.
 
-``model`` below is a :class:`mnist_vae.models.vae.VAE`, or anything with its ``encode``, ``decode``,
-``arch`` and ``loss_scale`` (:class:`VAE` here); tests/unit/test_objectives_math.py pins each term against
-``torch.distributions`` and against the exact likelihood by numerical integration.
+A model family says how its latent variables are drawn and what they cost (:class:`Draw`); the
+estimators below take ``model``, anything with the methods of :class:`VAE` here (both families of
+:mod:`mnist_vae.models` have them). tests/unit/test_objectives_math.py pins each term against
+``torch.distributions`` and against the exact likelihood by numerical integration, for one latent
+layer and for two.
 """
 
 from __future__ import annotations
@@ -37,17 +39,37 @@ _PROB_FLOOR = 1e-4
 _LOG_2PI = math.log(2 * math.pi)
 
 
+@dataclass
+class Draw:
+    """What a model gives for draws of its latent variables from the posterior, per image: the
+    decoder's output there, the ELBO's KL term, and ``log p(z) - log q(z | x)`` at the draw.
+
+    Each family computes these its own way (:class:`mnist_vae.models.vae.VAE`: one Gaussian layer,
+    the KL in closed form; :class:`mnist_vae.models.hvae.HVAE`: two layers, the KL of the lower
+    one in closed form given the upper one's draw); everything below is written once on top.
+    """
+
+    out: torch.Tensor  # (..., B, 784) decoder output
+    kl: torch.Tensor  # (..., B) nats
+    log_ratio: torch.Tensor  # (..., B) log p(z) - log q(z | x), all layers
+
+
 class VAE(Protocol):
-    """What the objective needs of a model (:class:`mnist_vae.models.vae.VAE` has it)."""
+    """What the objective needs of a model (both families in :mod:`mnist_vae.models` have it)."""
 
     arch: Architecture
 
     @property
     def loss_scale(self) -> float: ...
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @property
+    def noise_dim(self) -> int: ...
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor: ...
+    def posterior(self, x: torch.Tensor) -> object: ...
+
+    def draw(self, posterior: object, eps: torch.Tensor) -> Draw: ...
+
+    def log_weights(self, posterior: object, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def posterior_sample(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -64,6 +86,23 @@ def kl_per_unit(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(q(z | x) || p(z)) per image, in nats: the units' KL summed."""
     return kl_per_unit(mu, logvar).sum(-1)
+
+
+def gaussian_kl_per_unit(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) of each unit: the KL of a lower latent
+    layer against its prior given the layer above."""
+    return 0.5 * (
+        logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).square()) * torch.exp(-logvar_p) - 1.0
+    )
+
+
+def gaussian_kl(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
+    """:func:`gaussian_kl_per_unit` summed over the units, in nats."""
+    return gaussian_kl_per_unit(mu_q, logvar_q, mu_p, logvar_p).sum(-1)
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
@@ -119,19 +158,17 @@ class ElboTerms:
         return self.recon + self.kl
 
 
-def elbo_terms(
-    model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
-) -> ElboTerms:
-    """The negative ELBO's terms of images ``x`` whose posterior is (mu, logvar), at the draw eps."""
-    out = model.decode(posterior_sample(mu, logvar, eps))
-    return ElboTerms(recon=reconstruction_nll(model, out, x), kl=kl_divergence(mu, logvar), out=out)
+def elbo_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor, posterior: object = None) -> ElboTerms:
+    """The negative ELBO's terms of images ``x`` at the draw ``eps`` (B, ``model.noise_dim``) from
+    their posterior (``model.posterior(x)`` unless given)."""
+    draw = model.draw(model.posterior(x) if posterior is None else posterior, eps)
+    return ElboTerms(recon=reconstruction_nll(model, draw.out, x), kl=draw.kl, out=draw.out)
 
 
 def neg_elbo(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Per-image negative ELBO in nats of images ``x`` (B, 784) with one draw per image from
-    ``eps`` (B, latent): the ``score`` output, validation's and the gate's measure."""
-    mu, logvar = model.encode(x)
-    return elbo_terms(model, x, mu, logvar, eps).neg_elbo
+    ``eps`` (B, ``model.noise_dim``): the ``score`` output, validation's and the gate's measure."""
+    return elbo_terms(model, x, eps).neg_elbo
 
 
 def tutorial_loss(model: VAE, out: torch.Tensor, x: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
@@ -140,13 +177,10 @@ def tutorial_loss(model: VAE, out: torch.Tensor, x: torch.Tensor, kl: torch.Tens
     return (squared_error(model, out, x) + kl) / N_PIXELS
 
 
-def log_importance_weights(
-    model: VAE, x: torch.Tensor, out: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
-) -> torch.Tensor:
-    """``log p(x | z) + log p(z) - log q(z | x)`` of k draws ``z = mu + sigma * eps`` per image:
-    eps (k, B, latent), ``out`` the decoder's output at those draws (k, B, 784); returns (k, B)."""
-    z = posterior_sample(mu, logvar, eps)
-    return -reconstruction_nll(model, out, x) + standard_normal_log_prob(z) - posterior_log_prob(eps, logvar)
+def log_importance_weights(model: VAE, x: torch.Tensor, draw: Draw) -> torch.Tensor:
+    """``log p(x | z) + log p(z) - log q(z | x)`` of each draw: ``draw`` holds k draws per image
+    (decoder output (k, B, 784) and latent log ratio (k, B)); returns (k, B)."""
+    return draw.log_ratio - reconstruction_nll(model, draw.out, x)
 
 
 def iw_bound(log_w: torch.Tensor) -> torch.Tensor:
@@ -154,22 +188,22 @@ def iw_bound(log_w: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def iw_log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk_rows: int = 1 << 16) -> torch.Tensor:
     """Estimates log p(x) per image with k importance samples (Burda et al. 2015, eq. 8).
 
-    A lower bound that tightens as k grows; at k = 1 its mean is the ELBO. Draws are decoded
-    ``chunk_rows`` (sample, image) rows at a time, to bound memory. The draws are made chunk by chunk,
-    and torch's CPU generator does not always give one call the numbers of two calls of half its
-    size: another ``chunk_rows`` may give other draws, and so another estimate of the same value.
+    A lower bound that tightens as k grows; at k = 1 its mean is the ELBO. The encoder runs once per
+    image; draws are decoded ``chunk_rows`` (sample, image) rows at a time, to bound memory. The
+    draws are made chunk by chunk, and torch's CPU generator does not always give one call the
+    numbers of two calls of half its size: another ``chunk_rows`` may give other draws, and so
+    another estimate of the same value.
     """
-    mu, logvar = model.encode(x)
-    log_w = torch.empty(k, x.shape[0], device=x.device, dtype=mu.dtype)
+    posterior = model.posterior(x)
+    log_w = torch.empty(k, x.shape[0], device=x.device, dtype=x.dtype)
     chunk = max(1, chunk_rows // x.shape[0])  # samples decoded at once
     for start in range(0, k, chunk):
-        eps = torch.randn(min(chunk, k - start), *mu.shape, device=x.device, dtype=mu.dtype)
-        out = model.decode(posterior_sample(mu, logvar, eps))
-        log_w[start : start + len(eps)] = log_importance_weights(model, x, out, mu, logvar, eps)
+        eps = torch.randn(min(chunk, k - start), x.shape[0], model.noise_dim, device=x.device, dtype=x.dtype)
+        log_w[start : start + len(eps)] = model.log_weights(posterior, eps, x)
     return iw_bound(log_w)
 
 
@@ -183,24 +217,27 @@ class LossTerms:
     out: torch.Tensor  # (B, 784) decoder output
 
 
-def training_loss(net: nn.Module, x: torch.Tensor, iw_samples: int = 1) -> LossTerms:
+def training_loss(net: nn.Module, x: torch.Tensor, iw_samples: int = 1, kl_weight: float = 1.0) -> LossTerms:
     """The training objective of a batch: the negative ELBO, or the IWAE bound with k samples.
 
     For the default preset ``loss`` is the mean over the batch of -log p(x | z) + KL (nats per
     image). For the seed it is the tutorial's ``MSE(mean) + KL / (batch * 784)``; both are
     ``mean(recon + kl) / scale``. With ``iw_samples`` k > 1 (Bernoulli likelihood only) it is minus
     the importance-weighted bound (:func:`iw_bound`), which the ELBO equals at k = 1.
+    ``kl_weight`` < 1 (the KL warm-up's first epochs) scales the KL term, or the latent log ratio
+    of the IWAE weights; the reported ``kl`` is always the whole term.
 
     ``net`` may be a VAE or a DistributedDataParallel wrapper of one: the forward pass goes through
     ``net(...)`` so that DDP sees it.
     """
     vae = cast(VAE, getattr(net, "module", net))
-    out, mu, logvar, eps = net(x, iw_samples)
-    kl = kl_divergence(mu, logvar)
+    draw: Draw = net(x, iw_samples)
     if iw_samples > 1:
         assert vae.arch.likelihood == "bernoulli", "the IWAE bound needs the Bernoulli likelihood"
-        log_w = log_importance_weights(vae, x, out, mu, logvar, eps)
-        recon = reconstruction_nll(vae, out[0], x)
-        return LossTerms(loss=-iw_bound(log_w).mean(), recon=recon, kl=kl, out=out[0])
-    recon = training_reconstruction(vae, out, x)
-    return LossTerms(loss=(recon + kl).mean() / vae.loss_scale, recon=recon, kl=kl, out=out)
+        log_w = kl_weight * draw.log_ratio - reconstruction_nll(vae, draw.out, x)
+        recon = reconstruction_nll(vae, draw.out[0], x)
+        return LossTerms(loss=-iw_bound(log_w).mean(), recon=recon, kl=draw.kl[0], out=draw.out[0])
+    recon = training_reconstruction(vae, draw.out, x)
+    kl = draw.kl
+    objective = recon + kl if kl_weight == 1.0 else recon + kl_weight * kl
+    return LossTerms(loss=objective.mean() / vae.loss_scale, recon=recon, kl=kl, out=draw.out)

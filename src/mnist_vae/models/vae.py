@@ -15,15 +15,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mnist_vae.config import ModelConfig
 from mnist_vae.models.networks import N_PIXELS, Architecture, ConvDecoder, ConvEncoder, mlp
-from mnist_vae.models.objectives import posterior_sample
+from mnist_vae.models.objectives import (
+    Draw,
+    kl_divergence,
+    kl_per_unit,
+    log_importance_weights,
+    posterior_log_prob,
+    posterior_sample,
+    standard_normal_log_prob,
+)
 
 # Bounds on the mean pixel that starts the output bias (a logit of -6.9 to 6.9): the border pixels
 # of MNIST are 0 in every image.
 _MEAN_FLOOR = 1e-3
 
-__all__ = ["N_PIXELS", "VAE", "build_model"]
+__all__ = ["N_PIXELS", "VAE"]
 
 
 class VAE(nn.Module):
@@ -32,6 +39,10 @@ class VAE(nn.Module):
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
         self.arch = arch
+        self._build(arch)
+
+    def _build(self, arch: Architecture) -> None:
+        """Makes the networks: :class:`mnist_vae.models.hvae.HVAE` has its own."""
         if arch.kind == "conv":
             self.encoder: nn.Module = ConvEncoder(arch)
             self.decoder: nn.Module = ConvDecoder(arch)
@@ -79,28 +90,67 @@ class VAE(nn.Module):
         """Returns the decoder's raw output: logits (Bernoulli) or pixel means (Gaussian)."""
         return self.decoder(z)
 
-    def forward(
-        self, x: torch.Tensor, samples: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encodes, draws z and decodes: returns (decoder output, mu, logvar, eps).
+    @property
+    def noise_dim(self) -> int:
+        """Standard normal numbers per posterior draw (eps of :meth:`draw`)."""
+        return self.arch.latent
 
-        With ``samples`` k > 1, eps and the output get a leading dimension of k posterior draws.
-        Training calls the model through this method (DistributedDataParallel needs it to).
+    @property
+    def layers(self) -> tuple[tuple[str, int], ...]:
+        """The latent layers, each (name, units), the code of :meth:`encode` first."""
+        return (("z", self.arch.latent),)
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the encoder says of images ``x``, computed once for any number of draws."""
+        return self.encode(x)
+
+    def draw(self, posterior: object, eps: torch.Tensor) -> Draw:
+        """Decodes ``z = mu + sigma * eps``; eps (..., B, latent) may hold k draws per image."""
+        mu, logvar = posterior  # type: ignore[misc]
+        z = posterior_sample(mu, logvar, eps)
+        log_ratio = standard_normal_log_prob(z) - posterior_log_prob(eps, logvar)
+        return Draw(
+            out=self.decode(z), kl=kl_divergence(mu, logvar).expand(eps.shape[:-1]), log_ratio=log_ratio
+        )
+
+    def log_weights(self, posterior: object, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x, z) - log q(z | x)`` of the draws eps (k, B, noise_dim): (k, B)."""
+        return log_importance_weights(self, x, self.draw(posterior, eps))
+
+    def forward(self, x: torch.Tensor, samples: int = 1) -> Draw:
+        """Encodes and draws: one draw per image, or with ``samples`` k > 1 a leading dimension of
+        k draws. Training calls the model through this method (DistributedDataParallel needs it to).
         """
-        mu, logvar = self.encode(x)
-        shape = mu.shape if samples == 1 else (samples, *mu.shape)
-        eps = torch.randn(shape, device=mu.device, dtype=mu.dtype)
-        return self.decode(posterior_sample(mu, logvar, eps)), mu, logvar, eps
+        posterior = self.posterior(x)
+        shape = (*x.shape[:-1], self.noise_dim) if samples == 1 else (samples, *x.shape[:-1], self.noise_dim)
+        return self.draw(posterior, torch.randn(shape, device=x.device, dtype=x.dtype))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's output at the posterior mean of every latent layer: the reconstruction a
+        user sees."""
+        return self.decode(self.encode(x)[0])
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
+        """The decoder's output at ``n`` draws of the code from its prior."""
+        return self.decode(torch.randn(n, self.arch.latent, generator=generator, device=device))
+
+    def decode_layers(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """The decoder's output at a code of each latent layer, in the order of :attr:`layers`."""
+        (z,) = codes
+        return self.decode(z)
+
+    def layer_posteriors(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each latent layer's posterior (mean, log-variance), in the order of :attr:`layers`."""
+        return [self.encode(x)]
+
+    def layer_kl(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each unit's KL term per image, layer by layer: (B, units) each."""
+        return [kl_per_unit(*self.encode(x))]
 
     def pixel_means(self, out: torch.Tensor) -> torch.Tensor:
         """Turns decoder output into grey levels in [0, 1]."""
         if self.arch.likelihood == "bernoulli":
             return torch.sigmoid(out)
         return out.clamp(0.0, 1.0)
-
-
-def build_model(cfg: ModelConfig, seed: int | None = None) -> VAE:
-    """Builds the VAE that ``model`` in params.yaml describes; ``seed`` fixes its initial weights."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return VAE(Architecture.from_config(cfg))

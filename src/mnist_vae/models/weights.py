@@ -11,6 +11,7 @@ import torch
 
 from mnist_vae.atomic import atomic_write
 from mnist_vae.errors import UserError, first_line
+from mnist_vae.models.families import from_architecture
 from mnist_vae.models.networks import Architecture
 from mnist_vae.models.vae import VAE
 
@@ -43,7 +44,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> VAE:
         what = f"a dict of {sorted(ckpt)}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
         raise ModelFileError(f"{path} is not a mnist-vae model: it holds {what}; {_EXPECTED}")
     try:
-        model = VAE(Architecture.from_dict(ckpt["architecture"]))
+        model = from_architecture(Architecture.from_dict(ckpt["architecture"]))
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a foreign or damaged state
         raise ModelFileError(

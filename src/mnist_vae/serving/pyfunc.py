@@ -65,14 +65,14 @@ class ServedVAE:
         with torch.inference_mode():
             if output == "sample":
                 n = _int_param(params, "n", 16, 1, MAX_SAMPLES)
-                z = torch.randn(n, self.model.latent_dim, generator=torch.Generator().manual_seed(seed))
-                return self.model.pixel_means(self.model.decode(z)).numpy()
+                samples = self.model.sample(n, generator=torch.Generator().manual_seed(seed))
+                return self.model.pixel_means(samples).numpy()
             if output == "score":
                 latents, complexity = _bool_param(params, "latents"), _bool_param(params, "complexity")
                 return pd.DataFrame(score_batch(self.model, x, seed, latents, complexity))
-            mu, logvar = self.model.encode(x)
             if output == "reconstruction":
-                return self.model.pixel_means(self.model.decode(mu)).numpy()
+                return self.model.pixel_means(self.model.reconstruct(x)).numpy()
+            mu, logvar = self.model.encode(x)
             return pd.DataFrame(torch.cat([mu, logvar], dim=1).numpy(), columns=self._latent_columns)
 
 

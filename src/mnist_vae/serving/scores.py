@@ -83,15 +83,15 @@ def score_batch(
 ) -> dict[str, np.ndarray]:
     """The score columns of a batch ``x`` of (B, 784) float32 grey levels in [0, 1]: ``neg_elbo``,
     then ``png_bits`` and ``corrected_bits`` with ``complexity``, then ``mu_i`` with ``latents``."""
-    mu, logvar = model.encode(x)
-    scores = elbo_terms(model, x, mu, logvar, image_noise(x, seed, model.latent_dim)).neg_elbo.numpy()
+    posterior = model.posterior(x)
+    scores = elbo_terms(model, x, image_noise(x, seed, model.noise_dim), posterior).neg_elbo.numpy()
     out = {SCORE: scores}
     if complexity:
         bits = png_bits(x)
         out[PNG_BITS] = bits
         out[CORRECTED] = (scores / math.log(2) - bits).astype(np.float32)
     if latents:
-        means = mu.numpy()
+        means = model.encode(x)[0].numpy()
         out.update({f"mu_{i}": means[:, i] for i in range(model.latent_dim)})
     return out
 

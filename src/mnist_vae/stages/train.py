@@ -27,7 +27,7 @@ from mnist_vae import procs, tracking
 from mnist_vae.atomic import atomic_write
 from mnist_vae.config import Params
 from mnist_vae.data.dataset import ImageData, load_dataset
-from mnist_vae.models.vae import build_model
+from mnist_vae.models.families import build_model
 from mnist_vae.models.weights import save_model
 from mnist_vae.paths import Paths, project_root
 from mnist_vae.registry import provenance
@@ -125,7 +125,7 @@ def run(params: Params, paths: Paths | None = None, progress: bool | None = None
                 )
                 metrics.send(stats)
         metrics.flush()
-        save_model(trainer.model, paths.model)
+        save_model(trainer.result, paths.model)
         atomic_write(paths.history, _history_csv(history))
         with tracking.artifact_errors():
             mlflow.set_tag(tracking.MODEL_MD5_TAG, tracking.file_md5(paths.model))

@@ -368,7 +368,7 @@ def _train_trial(
     import mlflow
     import optuna
 
-    from mnist_vae.models.vae import build_model
+    from mnist_vae.models.families import build_model
     from mnist_vae.training.trainer import Trainer
 
     params = _trial_params(settings, overrides)

@@ -112,9 +112,9 @@ def test_nan_loss_names_epoch_and_step_and_fails_the_run(
     real = train_module.training_loss
     calls = {"n": 0}
 
-    def poisoned(model, x, k=1):
+    def poisoned(model, x, k=1, kl_weight=1.0):
         calls["n"] += 1
-        terms = real(model, x, k)
+        terms = real(model, x, k, kl_weight)
         if calls["n"] == 20:  # epoch 2 (16 steps per epoch), its 4th step
             terms.loss = terms.loss * float("nan")
         return terms
@@ -173,9 +173,9 @@ def _stop_in_epoch_2(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loss turns NaN in epoch 2: the stage fails with the checkpoint of epoch 1 kept."""
     real, calls = train_module.training_loss, {"n": 0}
 
-    def poisoned(model, x, k=1):
+    def poisoned(model, x, k=1, kl_weight=1.0):
         calls["n"] += 1
-        terms = real(model, x, k)
+        terms = real(model, x, k, kl_weight)
         if calls["n"] == 20:
             terms.loss = terms.loss * float("nan")
         return terms

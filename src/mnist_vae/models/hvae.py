@@ -37,7 +37,7 @@ from mnist_vae.models.networks import (
     mlp,
 )
 from mnist_vae.models.objectives import (
-    Draw,
+    Latents,
     gaussian_kl,
     gaussian_kl_per_unit,
     kl_divergence,
@@ -127,7 +127,7 @@ class HVAE(VAE):
     def _decode_pair(self, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.decoder(torch.cat([z1, t], dim=-1))
 
-    def draw(self, posterior: object, eps: torch.Tensor) -> Draw:
+    def latents(self, posterior: object, eps: torch.Tensor) -> Latents:
         assert isinstance(posterior, TwoLayerPosterior)
         l2 = self.arch.latent2
         eps2, eps1 = eps[..., :l2], eps[..., l2:]
@@ -144,7 +144,7 @@ class HVAE(VAE):
             - posterior_log_prob(eps1, logvar_q)
         )
         kl = kl_divergence(posterior.mu2, posterior.logvar2) + gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
-        return Draw(out=self._decode_pair(z1, t), kl=kl, log_ratio=log_ratio)
+        return Latents(decoder_input=torch.cat([z1, t], dim=-1), kl=kl, log_ratio=log_ratio)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder's output at top-layer codes z2, the lower layer at its prior mean."""

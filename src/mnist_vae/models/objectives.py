@@ -54,6 +54,16 @@ class Draw:
     log_ratio: torch.Tensor  # (..., B) log p(z) - log q(z | x), all layers
 
 
+@dataclass
+class Latents:
+    """A :class:`Draw` before decoding: the decoder's input at the draw (z, or the lower layer's z
+    beside the top-down features), the KL term and the latent log ratio."""
+
+    decoder_input: torch.Tensor  # (..., B, inputs)
+    kl: torch.Tensor  # (..., B) nats
+    log_ratio: torch.Tensor  # (..., B)
+
+
 class VAE(Protocol):
     """What the objective needs of a model (both families in :mod:`mnist_vae.models` have it)."""
 

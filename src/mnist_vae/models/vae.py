@@ -12,17 +12,20 @@ the difference. What a model is trained and measured by lives in :mod:`.objectiv
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
 from mnist_vae.models.networks import N_PIXELS, Architecture, ConvDecoder, ConvEncoder, mlp
 from mnist_vae.models.objectives import (
     Draw,
+    Latents,
     kl_divergence,
     kl_per_unit,
-    log_importance_weights,
     posterior_log_prob,
     posterior_sample,
+    reconstruction_nll,
     standard_normal_log_prob,
 )
 
@@ -100,22 +103,34 @@ class VAE(nn.Module):
         """The latent layers, each (name, units), the code of :meth:`encode` first."""
         return (("z", self.arch.latent),)
 
-    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(self, x: torch.Tensor) -> Any:
         """What the encoder says of images ``x``, computed once for any number of draws."""
         return self.encode(x)
 
-    def draw(self, posterior: object, eps: torch.Tensor) -> Draw:
-        """Decodes ``z = mu + sigma * eps``; eps (..., B, latent) may hold k draws per image."""
-        mu, logvar = posterior  # type: ignore[misc]
+    def latents(self, posterior: object, eps: torch.Tensor) -> Latents:
+        """The draw ``z = mu + sigma * eps`` (eps (..., B, latent) may hold k draws per image), as
+        the decoder's input, with its KL term and latent log ratio; nothing decoded yet."""
+        mu, logvar = cast(tuple[torch.Tensor, torch.Tensor], posterior)
         z = posterior_sample(mu, logvar, eps)
         log_ratio = standard_normal_log_prob(z) - posterior_log_prob(eps, logvar)
-        return Draw(
-            out=self.decode(z), kl=kl_divergence(mu, logvar).expand(eps.shape[:-1]), log_ratio=log_ratio
+        return Latents(
+            decoder_input=z, kl=kl_divergence(mu, logvar).expand(eps.shape[:-1]), log_ratio=log_ratio
         )
+
+    def draw(self, posterior: object, eps: torch.Tensor) -> Draw:
+        """The draws of :meth:`latents`, decoded."""
+        latents = self.latents(posterior, eps)
+        return Draw(out=self.decoder(latents.decoder_input), kl=latents.kl, log_ratio=latents.log_ratio)
+
+    def likelihood_nll(self, decoder_input: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-log p(x | z) in nats of images ``x`` at the decoder's inputs (..., B, inputs): the
+        cost of the importance-weighted estimate, written for speed where the family allows."""
+        return reconstruction_nll(self, self.decoder(decoder_input), x)
 
     def log_weights(self, posterior: object, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``log p(x, z) - log q(z | x)`` of the draws eps (k, B, noise_dim): (k, B)."""
-        return log_importance_weights(self, x, self.draw(posterior, eps))
+        latents = self.latents(posterior, eps)
+        return latents.log_ratio - self.likelihood_nll(latents.decoder_input, x)
 
     def forward(self, x: torch.Tensor, samples: int = 1) -> Draw:
         """Encodes and draws: one draw per image, or with ``samples`` k > 1 a leading dimension of

@@ -9,7 +9,7 @@ Inference runs the other way and shares the generative path, as in the Ladder VA
 al. 2016) and the IAF paper's top-down ResNet VAE (Kingma et al. 2016): the conv encoder reads x
 once (bottom-up features h), ``q(z2 | x)`` comes from h, and ``q(z1 | x, z2)`` is the prior
 ``p(z1 | z2)`` corrected by h and the top-down features: its mean and log-variance are the prior's
-plus a learned shift. At the start the shift is small, so the lower layer's KL starts near zero.
+plus a learned shift.
 
 For one draw, the ELBO's KL term is ``KL(q(z2 | x) || p(z2)) + KL(q(z1 | x, z2) || p(z1 | z2))``,
 both in closed form (the second at the drawn z2); the importance weight's latent part is
@@ -78,12 +78,10 @@ class HVAE(VAE):
         # Top-down: z2 -> features t -> p(z1 | z2).
         self.down = nn.Sequential(nn.Linear(l2, width), act(), nn.Linear(width, width), act())
         self.prior1 = nn.Linear(width, 2 * l1)
-        # q(z1 | x, z2) = p(z1 | z2) shifted by shift_h(h) + shift_t(t); starts near the prior.
+        # q(z1 | x, z2) = p(z1 | z2) shifted by shift_h(h) + shift_t(t). (Started near zero, the
+        # shift left z1 unused for epochs: 1.7 nats behind the one-layer VAE after 8 epochs.)
         self.shift_h = nn.Linear(features, 2 * l1)
         self.shift_t = nn.Linear(width, 2 * l1, bias=False)
-        for layer in (self.shift_h, self.shift_t):
-            nn.init.normal_(layer.weight, std=1e-3)
-        nn.init.zeros_(self.shift_h.bias)
         below = dataclasses.replace(arch, latent=l1 + width)  # the decoder reads [z1, t]
         if arch.channels:
             self.decoder = ConvDecoder(below)
@@ -183,7 +181,8 @@ class HVAE(VAE):
         self, n: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu"
     ) -> torch.Tensor:
         """Ancestral samples: z2 from its prior, then z1 from p(z1 | z2); the decoder's output."""
-        z2 = torch.randn(n, self.arch.latent2, generator=generator, device=device)
+        dtype = next(self.parameters()).dtype
+        z2 = torch.randn(n, self.arch.latent2, generator=generator, device=device, dtype=dtype)
         t, mu_p, logvar_p = self._top_down(z2)
-        eps = torch.randn(n, self.arch.latent, generator=generator, device=device)
+        eps = torch.randn(n, self.arch.latent, generator=generator, device=device, dtype=dtype)
         return self._decode_pair(mu_p + torch.exp(0.5 * logvar_p) * eps, t)

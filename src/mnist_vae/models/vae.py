@@ -149,7 +149,8 @@ class VAE(nn.Module):
         self, n: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu"
     ) -> torch.Tensor:
         """The decoder's output at ``n`` draws of the code from its prior."""
-        return self.decode(torch.randn(n, self.arch.latent, generator=generator, device=device))
+        dtype = next(self.parameters()).dtype
+        return self.decode(torch.randn(n, self.arch.latent, generator=generator, device=device, dtype=dtype))
 
     def decode_layers(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """The decoder's output at a code of each latent layer, in the order of :attr:`layers`."""

@@ -33,6 +33,7 @@ from mnist_vae.paths import Paths, project_root
 from mnist_vae.registry import provenance
 from mnist_vae.stages import runner
 from mnist_vae.training import checkpoint, distributed
+from mnist_vae.training.flops import training_flops
 from mnist_vae.training.trainer import EpochStats, Trainer
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ def run(params: Params, paths: Paths | None = None, progress: bool | None = None
                 run_name=provenance.run_name(params),
                 tags=provenance.dvc_tags(),
             )
+        # The budget in machine-independent units: one step's forward and backward pass, counted.
+        flops = training_flops(trainer.model, params.train, len(trainer.data))
+        log.info("training budget: %.3g floating-point operations (forward and backward)", flops)
         with _failed_on_error():
             mlflow.log_params({k: _param_value(v) for k, v in _read_params(params).items()})
             mlflow.set_tags(
@@ -97,6 +101,7 @@ def run(params: Params, paths: Paths | None = None, progress: bool | None = None
                     "train.device_used": str(trainer.device),
                     "model.parameters": str(sum(p.numel() for p in trainer.model.parameters())),
                     "train.processes": str(world),
+                    "train.flops": f"{flops:.3g}",
                 }
             )
             x_train, y_train, x_val, y_val = data.split(params.train.validation)

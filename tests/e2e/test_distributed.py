@@ -26,21 +26,30 @@ def _train(root: Path, env: dict[str, str], *overrides: str) -> subprocess.Compl
     return result
 
 
+# The one-layer VAE of the test project's params, and the two-layer family on the same networks.
+FAMILIES = {"vae": (), "hvae": ("model.preset=hvae", "model.latent2=4", "model.hidden2=32")}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_two_gloo_processes_match_one(
     tmp_path: Path,
     make_project: Callable[..., dict[str, str]],
     history_losses: Callable[[Path], list[float]],
     project_runs: Callable[..., tuple],
+    family: str,
 ) -> None:
     single, double = tmp_path / "single", tmp_path / "double"
     # 1024 images to train on, 100 held out. The margin is thin: 924 training images give 4.6 % in
     # epoch 3 (old and new code alike), these 1.7 %.
-    _train(single, make_project(single, n_train=1124, validation=100))
-    _train(double, make_project(double, n_train=1124, validation=100), "train.nproc=2")
+    _train(single, make_project(single, n_train=1124, validation=100), *FAMILIES[family])
+    _train(double, make_project(double, n_train=1124, validation=100), "train.nproc=2", *FAMILIES[family])
 
     one, two = history_losses(single), history_losses(double)
     assert len(one) == len(two) == 3
-    for a, b in zip(one, two, strict=True):
+    # The two-layer model's first epoch falls fastest (from about 550 nats to 30) and its average
+    # depends most on the draws: it is compared from epoch 2 on (1.7 % and 0.2 % apart there).
+    first = 0 if family == "vae" else 1
+    for a, b in zip(one[first:], two[first:], strict=True):
         assert abs(a - b) / a < RELATIVE_TOLERANCE, (one, two)
     assert two[-1] < two[0]
 

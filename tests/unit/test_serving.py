@@ -21,10 +21,14 @@ from mnist_vae.serving.pyfunc import WEIGHTS_FILE, ServedVAE, _load_pyfunc, sign
 LATENT = 3
 
 
-# Both presets a user registers: every output works for the MLP and the convolutional model.
+# The presets a user registers: every output works for the MLP, the convolutional model and the
+# two-layer HVAE (whose `latent` output is its top layer z2's posterior, LATENT units here).
 PRESETS = {
     "mlp": ModelConfig(preset="mlp", hidden=(16,), latent=LATENT),
     "conv": ModelConfig(preset="conv", channels=(4, 8), blocks=1, dense=16, latent=LATENT),
+    "hvae": ModelConfig(
+        preset="hvae", channels=(4, 8), blocks=1, dense=16, latent=5, latent2=LATENT, hidden2=8
+    ),
 }
 
 

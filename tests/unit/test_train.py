@@ -14,6 +14,8 @@ from mnist_vae.config import ConfigError, ModelConfig, TrainConfig
 from mnist_vae.errors import UserError
 from mnist_vae.models.families import build_model
 from mnist_vae.training import trainer as train_module
+from mnist_vae.models.objectives import training_loss
+from mnist_vae.training.flops import step_flops, training_flops
 from mnist_vae.training.threads import available_cores
 from mnist_vae.training.trainer import (
     DeviceError,
@@ -35,13 +37,14 @@ def images(tiny_images: Callable[..., tuple[np.ndarray, np.ndarray]]) -> np.ndar
 TINY = {
     "mlp": ModelConfig(preset="mlp", hidden=(32,), latent=4),
     "conv": ModelConfig(preset="conv", channels=(4, 8), blocks=1, dense=32, latent=4),
+    "hvae": ModelConfig(preset="hvae", channels=(4, 8), blocks=1, dense=32, latent=4, latent2=2, hidden2=8),
 }
 
 
 @pytest.fixture(params=sorted(TINY))
 def losses(images: np.ndarray, request: pytest.FixtureRequest) -> Losses:
     """``losses(cfg)``: the per-epoch training loss of a tiny model of each preset trained with
-    ``cfg``: every switch works for the MLP and the convolutional VAE alike."""
+    ``cfg``: every switch works for the MLP, the convolutional VAE and the two-layer HVAE alike."""
 
     def train(cfg: TrainConfig) -> list[float]:
         model = build_model(TINY[request.param], seed=cfg.seed)
@@ -50,9 +53,14 @@ def losses(images: np.ndarray, request: pytest.FixtureRequest) -> Losses:
     return train
 
 
+@pytest.mark.parametrize("averaged", [False, True], ids=["plain", "ema-warmup"])
 @pytest.mark.parametrize("preset", sorted(TINY))
-def test_a_resumed_trainer_ends_where_an_uninterrupted_one_does(images: np.ndarray, preset: str) -> None:
+def test_a_resumed_trainer_ends_where_an_uninterrupted_one_does(
+    images: np.ndarray, preset: str, averaged: bool
+) -> None:
     cfg = TrainConfig(device="cpu", epochs=3, batch_size=32, lr=3e-3, seed=4, threads=1)
+    if averaged:  # the averaged weights and the KL warm-up's step count resume too
+        cfg = cfg.replace(ema=0.9, kl_warmup=2)
     straight = Trainer(build_model(TINY[preset], seed=0), images, cfg)
     expected = [s.loss for s in straight.epochs()]
     first = Trainer(build_model(TINY[preset], seed=0), images, cfg.replace(epochs=3))
@@ -65,6 +73,9 @@ def test_a_resumed_trainer_ends_where_an_uninterrupted_one_does(images: np.ndarr
     assert [s.loss for s in stats] == expected
     x = torch.from_numpy(images[:4].reshape(4, 784)).float() / 255
     assert torch.equal(resumed.model.encode(x)[0], straight.model.encode(x)[0])
+    assert torch.equal(resumed.result.encode(x)[0], straight.result.encode(x)[0])
+    if averaged:  # the result is the average, not the last weights
+        assert not torch.equal(resumed.result.encode(x)[0], resumed.model.encode(x)[0])
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(
@@ -230,3 +241,36 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error(
         r"train.batch_size\)$",
     ):
         Trainer(model, images[:100], TrainConfig(device="cpu", epochs=1, batch_size=128))
+
+
+def test_kl_warmup_weighs_the_kl_term_from_zero_to_one(images: np.ndarray) -> None:
+    """Over the first ``kl_warmup`` epochs the KL term's weight rises linearly to 1, then stays; the
+    loss the trainer minimises at weight w is recon + w * KL."""
+    cfg = TrainConfig(device="cpu", epochs=3, batch_size=32, seed=0, threads=1, kl_warmup=2)
+    trainer = Trainer(build_model(TINY["conv"], seed=0), images, cfg)
+    weights = []
+    for step in (0, 3, 7, 8, 20):
+        trainer.step = step
+        weights.append(trainer.kl_weight())
+    assert weights == pytest.approx([1 / 8, 4 / 8, 1.0, 1.0, 1.0])
+    x = torch.from_numpy(images[:8].reshape(8, 784)).float() / 255
+    torch.manual_seed(0)
+    full = training_loss(trainer.model, x)
+    torch.manual_seed(0)
+    half = training_loss(trainer.model, x, kl_weight=0.5)
+    assert half.loss.item() == pytest.approx((full.recon + 0.5 * full.kl).mean().item(), rel=1e-6)
+
+
+def test_training_flops_count_forward_and_backward() -> None:
+    """A linear layer's step costs 2 * in * out operations per row forward and twice that backward
+    (the input's gradient and the weights'), except the first, whose input (the images) needs no
+    gradient; the hierarchical model costs more than the one-layer model with the same networks."""
+    mlp = build_model(ModelConfig(preset="mlp", hidden=(16,), latent=4), seed=0)
+    batch = 8
+    first = 2 * batch * 784 * 16
+    forward = first + 2 * batch * (16 * 8 + 4 * 16 + 16 * 784)
+    assert step_flops(mlp, batch) == 3 * forward - first
+    cfg = TrainConfig(batch_size=8, epochs=5)
+    assert training_flops(mlp, cfg, 100) == (3 * forward - first) * (100 // 8) * 5
+    conv, hvae = (build_model(TINY[p], seed=0) for p in ("conv", "hvae"))
+    assert step_flops(hvae, batch) > step_flops(conv, batch)

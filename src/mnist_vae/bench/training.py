@@ -4,8 +4,8 @@ Rows (issue 4): (a) the tutorial's loop as published (torchvision MNIST + ToTens
 DataLoader with batch 32, the seed model, Adam 1e-3); (b) this project's trainer, seed preset, batch
 32, Adam 1e-3 at a constant rate, fp32 without compile, torch's default threads, and (b2) the same with
 ``torch.compile``; (c) this project's trainer at its fastest settings; (d) each preset's time to reach
-a fixed test negative ELBO (rows d-mlp and d-conv: conv at batch 256 and lr 3e-3 as in params.yaml,
-mlp at batch 128 and lr 1e-3, both with the cosine schedule); (e0)-(e2) one default-preset training
+a fixed test negative ELBO (rows d-mlp, d-conv and d-hvae: conv and hvae at batch 256 and lr 3e-3
+as in params.yaml, mlp at batch 128 and lr 1e-3, all with the cosine schedule); (e0)-(e2) one default-preset training
 alone and two at once, with ``train.threads: auto`` and with torch's default threads, each training a
 process of its own. Speeds of (a)-(c) are training samples per second after a warm-up, the median of
 several timed windows; the windows of (a)-(c) take turns, so a shared machine whose speed drifts slows
@@ -199,10 +199,12 @@ class RowDTraining(TypedDict):
 
 
 # Row (d)'s presets with the training settings each is run with: conv as in params.yaml, mlp as
-# when it was the default (batch 128, lr 1e-3). Both decay the learning rate over max_epochs_d.
+# when it was the default (batch 128, lr 1e-3), the two-layer hvae with conv's settings and
+# networks. All decay the learning rate over max_epochs_d.
 ROW_D: dict[str, tuple[ModelConfig, RowDTraining]] = {
     "mlp": (ModelConfig(preset="mlp"), {"batch_size": 128, "lr": 1e-3}),
     "conv": (ModelConfig(), {"batch_size": 256, "lr": 3e-3}),
+    "hvae": (ModelConfig(preset="hvae"), {"batch_size": 256, "lr": 3e-3}),
 }
 
 

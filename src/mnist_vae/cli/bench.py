@@ -65,7 +65,7 @@ def bench(
 
     Rows: (a) the tutorial's loop (torchvision MNIST, ToTensor, DataLoader, batch 32); (b) this
     trainer, seed preset, batch 32; (b2) the same with torch.compile; (c) this trainer at its
-    fastest settings; (d) each preset's (mlp, conv) training time to a test negative ELBO; (e0)-(e2)
+    fastest settings; (d) each preset's (mlp, conv, hvae) training time to a test negative ELBO; (e0)-(e2)
     one default-preset training alone and two at once, with threads auto and with torch's default
     threads. Prints a table with each row's ratio to (a), writes JSON and logs an MLflow run. About
     ten minutes on a 2-core CPU.

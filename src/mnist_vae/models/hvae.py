@@ -90,6 +90,11 @@ class HVAE(VAE):
         self.to(memory_format=torch.channels_last)
 
     @property
+    def latent_dim(self) -> int:
+        """Units of the code (:meth:`encode`, the served ``latent`` output): the top layer z2."""
+        return self.arch.latent2
+
+    @property
     def noise_dim(self) -> int:
         return self.arch.latent2 + self.arch.latent
 

@@ -58,6 +58,7 @@ class VAE(nn.Module):
 
     @property
     def latent_dim(self) -> int:
+        """Units of the code (:meth:`encode`, the served ``latent`` output)."""
         return self.arch.latent
 
     @property

@@ -224,3 +224,24 @@ class ConvDecoder(nn.Module):
         h = self.body(h.contiguous(memory_format=torch.channels_last))
         logits = h.reshape(*z.shape[:-1], N_PIXELS)
         return logits if self.pixel_bias is None else logits + self.pixel_bias
+
+    @staticmethod
+    def to_phase_order(images: torch.Tensor) -> torch.Tensor:
+        """Flat (..., 784) images with their pixels in :meth:`phase_logits`' order: pixel
+        (2i + a, 2j + b) at ((i * 14 + j) * 2 + a) * 2 + b, the 2x2 block of each position together.
+        """
+        return images.reshape(*images.shape[:-1], 14, 2, 14, 2).transpose(-3, -2).reshape(images.shape)
+
+    def phase_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits of :meth:`forward`, pixels in the order of :meth:`to_phase_order`.
+
+        The last convolution writes each position's 2x2 block as 4 channels, and a channels-last
+        batch already holds them in this order: without the pixel shuffle, that rearranges every
+        decoded image, a sum over the pixels (the Bernoulli log-likelihood) costs one
+        rearrangement of the images it is compared with, made once for all their draws.
+        """
+        assert isinstance(self.body[-1], nn.PixelShuffle), "the last layer upsamples sub-pixel"
+        h = self.head(z.reshape(-1, z.shape[-1])).reshape(-1, *self.shape)
+        h = self.body[:-1](h.contiguous(memory_format=torch.channels_last))
+        logits = h.permute(0, 2, 3, 1).reshape(*z.shape[:-1], N_PIXELS)
+        return logits if self.pixel_bias is None else logits + self.to_phase_order(self.pixel_bias)

@@ -79,6 +79,10 @@ class VAE(Protocol):
 
     def draw(self, posterior: object, eps: torch.Tensor) -> Draw: ...
 
+    def latents(self, posterior: object, eps: torch.Tensor) -> Latents: ...
+
+    def likelihood_nll(self, decoder_input: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
+
     def log_weights(self, posterior: object, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -175,10 +179,14 @@ def elbo_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor, posterior: object
     return ElboTerms(recon=reconstruction_nll(model, draw.out, x), kl=draw.kl, out=draw.out)
 
 
-def neg_elbo(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def neg_elbo(model: VAE, x: torch.Tensor, eps: torch.Tensor, posterior: object = None) -> torch.Tensor:
     """Per-image negative ELBO in nats of images ``x`` (B, 784) with one draw per image from
-    ``eps`` (B, ``model.noise_dim``): the ``score`` output, validation's and the gate's measure."""
-    return elbo_terms(model, x, eps).neg_elbo
+    ``eps`` (B, ``model.noise_dim``): the ``score`` output, validation's and the gate's measure.
+
+    The terms of :func:`elbo_terms` without the decoder's image: ``model.likelihood_nll`` is the
+    likelihood term the importance-weighted estimate uses, the faster one where a family has it."""
+    latents = model.latents(model.posterior(x) if posterior is None else posterior, eps)
+    return model.likelihood_nll(latents.decoder_input, x) + latents.kl
 
 
 def tutorial_loss(model: VAE, out: torch.Tensor, x: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:

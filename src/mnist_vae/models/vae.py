@@ -125,7 +125,14 @@ class VAE(nn.Module):
 
     def likelihood_nll(self, decoder_input: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """-log p(x | z) in nats of images ``x`` at the decoder's inputs (..., B, inputs): the
-        cost of the importance-weighted estimate, written for speed where the family allows."""
+        cost of the importance-weighted estimate, written for speed where the family allows.
+
+        A conv decoder's logits are compared with the images in the decoder's own pixel order
+        (:meth:`ConvDecoder.phase_logits`): the same sum over the pixels, without rearranging
+        each of the k draws' images."""
+        if isinstance(self.decoder, ConvDecoder) and self.arch.likelihood == "bernoulli":
+            logits = self.decoder.phase_logits(decoder_input)
+            return reconstruction_nll(self, logits, ConvDecoder.to_phase_order(x))
         return reconstruction_nll(self, self.decoder(decoder_input), x)
 
     def log_weights(self, posterior: object, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Per-image scores, computed in one place for the served model's ``score`` output and for
 ``mnist-vae score`` (in this process or on Spark).
 
-- ``neg_elbo``: the negative ELBO of an image in nats (:func:`mnist_vae.models.objectives.elbo_terms`)
+- ``neg_elbo``: the negative ELBO of an image in nats (:func:`mnist_vae.models.objectives.neg_elbo`)
   with one posterior draw ``z = mu + sigma * eps``. ``eps`` is a function of the seed and of the
   image's own bytes (:func:`image_noise`), never of a stream shared by a batch: an image scores the
   same alone, in any batch, in any order and in any Spark partition.
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from mnist_vae.models.networks import N_PIXELS
-from mnist_vae.models.objectives import elbo_terms
+from mnist_vae.models.objectives import neg_elbo
 from mnist_vae.models.vae import VAE
 
 SCORE = "neg_elbo"
@@ -84,7 +84,7 @@ def score_batch(
     """The score columns of a batch ``x`` of (B, 784) float32 grey levels in [0, 1]: ``neg_elbo``,
     then ``png_bits`` and ``corrected_bits`` with ``complexity``, then ``mu_i`` with ``latents``."""
     posterior = model.posterior(x)
-    scores = elbo_terms(model, x, image_noise(x, seed, model.noise_dim), posterior).neg_elbo.numpy()
+    scores = neg_elbo(model, x, image_noise(x, seed, model.noise_dim), posterior).numpy()
     out = {SCORE: scores}
     if complexity:
         bits = png_bits(x)

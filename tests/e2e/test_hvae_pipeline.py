@@ -49,6 +49,7 @@ def project(
     """The two stages run on a tiny hvae in a project of its own; returns its root and the env."""
     root = tmp_path_factory.mktemp("hvae")
     write_dataset(root / "data" / "mnist.npz", 512 + 64)
+    (root / "params.yaml").write_text((repo_root / "params.yaml").read_text())  # for the CLI
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

@@ -13,8 +13,8 @@ from torch._dynamo.exc import TorchDynamoException
 from mnist_vae.config import ConfigError, ModelConfig, TrainConfig
 from mnist_vae.errors import UserError
 from mnist_vae.models.families import build_model
-from mnist_vae.training import trainer as train_module
 from mnist_vae.models.objectives import training_loss
+from mnist_vae.training import trainer as train_module
 from mnist_vae.training.flops import step_flops, training_flops
 from mnist_vae.training.threads import available_cores
 from mnist_vae.training.trainer import (

@@ -5,9 +5,9 @@ DataLoader with batch 32, the seed model, Adam 1e-3); (b) this project's trainer
 32, Adam 1e-3 at a constant rate, fp32 without compile, torch's default threads, and (b2) the same with
 ``torch.compile``; (c) this project's trainer at its fastest settings; (d) each preset's time to reach
 a fixed test negative ELBO (rows d-mlp, d-conv and d-hvae: conv and hvae at batch 256 and lr 3e-3
-as in params.yaml, mlp at batch 128 and lr 1e-3, all with the cosine schedule); (e0)-(e2) one default-preset training
-alone and two at once, with ``train.threads: auto`` and with torch's default threads, each training a
-process of its own. Speeds of (a)-(c) are training samples per second after a warm-up, the median of
+as in params.yaml, mlp at batch 128 and lr 1e-3, all with the cosine schedule); (e0)-(e2) one
+default-preset training alone and two at once, with ``train.threads: auto`` and with torch's
+default threads, each training a process of its own. Speeds of (a)-(c) are training samples per second after a warm-up, the median of
 several timed windows; the windows of (a)-(c) take turns, so a shared machine whose speed drifts slows
 all rows alike. Each of (a)-(c) also reports its loss after the same number of training samples, so a
 faster row that learns worse shows it. (d) reports the speed over its epochs, (e0)-(e2) the trainings'

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import cast
 
@@ -119,6 +119,26 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.lr
 
 
+_Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+
+def _ema_update(decay: float) -> Callable[[_Tensors, _Tensors, torch.Tensor | int], None]:
+    """The averaging step of ``train.ema``: ``average += (1 - d) (weights - average)`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` after n updates.
+
+    A fixed decay of 0.999 keeps the random initial weights in the average for thousands of steps
+    (still 46% of it after 784 steps: a validation negative ELBO of 204 nats where the weights
+    themselves scored 100); the rising decay follows the weights closely early on and averages over
+    about 1/(1 - decay) steps later.
+    """
+
+    def update(average: _Tensors, current: _Tensors, updates: torch.Tensor | int) -> None:
+        n = int(updates)
+        torch._foreach_lerp_(average, current, 1.0 - min(decay, (1 + n) / (10 + n)))
+
+    return update
+
+
 def train_epochs(
     model: VAE,
     images: np.ndarray,
@@ -197,9 +217,7 @@ class Trainer:
         # Polyak averaging (train.ema): a running average of the weights after each step, which
         # validation, the saved model and everything after use; training goes on with the raw ones.
         self.average = (
-            torch.optim.swa_utils.AveragedModel(
-                model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
-            )
+            torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True)
             if cfg.ema
             else None
         )

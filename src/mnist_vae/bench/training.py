@@ -1,17 +1,17 @@
 """Training speed, measured side by side against the tutorial's loop on the same machine and data.
 
 Rows (issue 4): (a) the tutorial's loop as published (torchvision MNIST + ToTensor, a shuffling
-DataLoader with batch 32, the seed model, Adam 1e-3); (b) this project's trainer, seed preset, batch
-32, Adam 1e-3 at a constant rate, fp32 without compile, torch's default threads, and (b2) the same with
-``torch.compile``; (c) this project's trainer at its fastest settings; (d) each preset's time to reach
-a fixed test negative ELBO (rows d-mlp, d-conv and d-hvae: conv and hvae at batch 256 and lr 3e-3
-as in params.yaml, mlp at batch 128 and lr 1e-3, all with the cosine schedule); (e0)-(e2) one
-default-preset training alone and two at once, with ``train.threads: auto`` and with torch's
-default threads, each training a process of its own. Speeds of (a)-(c) are training samples per second after a warm-up, the median of
-several timed windows; the windows of (a)-(c) take turns, so a shared machine whose speed drifts slows
-all rows alike. Each of (a)-(c) also reports its loss after the same number of training samples, so a
-faster row that learns worse shows it. (d) reports the speed over its epochs, (e0)-(e2) the trainings'
-summed speed in their second epoch (the first warms up).
+DataLoader with batch 32, the seed model, Adam 1e-3); (b) this project's trainer, seed preset, batch 32,
+Adam 1e-3 at a constant rate, fp32 without compile, torch's default threads, and (b2) the same with
+``torch.compile``; (c) this project's trainer at its fastest settings; (d) each preset's time to reach a
+fixed test negative ELBO (rows d-mlp, d-conv and d-hvae: conv and hvae at batch 256 and lr 3e-3 as in
+params.yaml, mlp at batch 128 and lr 1e-3, all with the cosine schedule); (e0)-(e2) one default-preset
+training alone and two at once, with ``train.threads: auto`` and with torch's default threads, each
+training a process of its own. Speeds of (a)-(c) are training samples per second after a warm-up, the
+median of several timed windows; the windows of (a)-(c) take turns, so a shared machine whose speed
+drifts slows all rows alike. Each of (a)-(c) also reports its loss after the same number of training
+samples, so a faster row that learns worse shows it. (d) reports the speed over its epochs, (e0)-(e2)
+the trainings' summed speed in their second epoch (the first warms up).
 
 Over 300 lines because its four rows (the tutorial's loop, the trainer, several trainings at
 once and time to a target) share their settings and timing code, which a split would repeat.

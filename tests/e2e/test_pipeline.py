@@ -16,10 +16,10 @@ import yaml
 pytestmark = pytest.mark.slow
 
 # A small budget: enough steps that the model clearly beats the mean image, a minute on 2 cores.
-# The default preset (conv), narrowed; one thread, whatever else runs beside it (`threads: auto`
+# The default preset (hvae), narrowed; one thread, whatever else runs beside it (`threads: auto`
 # takes a share of the cores, and another thread count sums in another order: other weights).
 SMALL = {
-    "model": {"channels": [8, 16], "blocks": 1, "dense": 128, "latent": 8},
+    "model": {"channels": [8, 16], "blocks": 1, "dense": 128, "latent": 8, "latent2": 4, "hidden2": 32},
     "train": {"epochs": 3, "limit": 8000, "validation": 1000, "batch_size": 64, "lr": 0.004, "threads": 1},
     "evaluate": {"limit": 1000, "iw_samples": 4},
 }
@@ -179,7 +179,7 @@ def test_mlflow_run_has_epochs_params_tags_and_artifacts(
         history = client.get_metric_history(run.info.run_id, metric)
         assert [m.step for m in history] == [1, 2, 3], metric
     assert run.data.params["train.epochs"] == "3"
-    assert run.data.params["model.preset"] == "conv"
+    assert run.data.params["model.preset"] == "hvae"
     assert run.data.params["model.channels"] == "8,16"
     assert run.data.metrics["test_neg_elbo"] > 0
     assert len(run.data.tags["mlflow.source.git.commit"]) >= 40

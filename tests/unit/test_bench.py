@@ -72,15 +72,16 @@ def test_rows_measured_side_by_side_keep_torchs_threads(data: ImageData) -> None
         torch.set_num_threads(default)
 
 
-def test_row_d_trains_the_conv_preset_as_params_yaml_does(repo_root) -> None:
+def test_row_d_trains_the_default_preset_as_params_yaml_does(repo_root) -> None:
     import yaml
 
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    conv, settings = ROW_D["conv"]
-    assert conv == ModelConfig(
+    hvae, settings = ROW_D["hvae"]
+    assert hvae == ModelConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in params["model"].items()}
     )
     assert settings == {"batch_size": params["train"]["batch_size"], "lr": params["train"]["lr"]}
+    assert ROW_D["conv"][0].preset == "conv" and ROW_D["conv"][1] == settings
     assert ROW_D["mlp"][0].preset == "mlp"
 
 

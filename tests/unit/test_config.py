@@ -14,7 +14,7 @@ from mnist_vae.stages.profiles import PROFILES
 
 def test_project_params_file_is_valid(repo_root: Path) -> None:
     params = load_params(repo_root / "params.yaml")
-    assert params.model.preset == "conv"
+    assert params.model.preset == "hvae"
     assert params.flat()["train.epochs"] == params.train.epochs
 
 

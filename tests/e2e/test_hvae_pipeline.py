@@ -76,7 +76,8 @@ def test_the_stages_record_and_register_a_two_layer_model(project: tuple[Path, d
     assert {"latent.png", "latent_z1.png", "traversal.png", "samples.png"} <= set(figures)
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    store = env["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     version = client.get_model_version_by_alias("mnist-vae", "champion")
     run = client.get_run(version.run_id)
     assert run.data.params["model.preset"] == "hvae"

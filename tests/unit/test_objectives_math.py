@@ -15,6 +15,7 @@ moves every comparison by far more than its tolerance.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -318,26 +319,15 @@ def test_iw_estimate_at_k1_has_the_elbo_as_its_mean(exact: Exact) -> None:
     assert ((mean - exact.elbo).abs() < 4 * se).all(), (mean, exact.elbo, se)
 
 
-def test_iw_estimate_tightens_towards_exact_log_likelihood(exact: Exact) -> None:
+def test_iw_estimate_tightens_towards_exact_log_likelihood(
+    exact: Exact, assert_iw_tightens: Callable[..., None]
+) -> None:
     """The gap log p(x) - estimate, averaged over images and repeated draws, falls from k = 1 to 10 to
     100 by more than 3 standard errors at each step, is never below -4 standard errors (the estimate
     is a lower bound on average; 4 rather than 3 as the error is itself estimated from as few as 10
     repeats of a skewed estimator), and at k = 1000 is within 0.05 nats of zero."""
     model, x = exact.model, exact.x
-    repeats = {1: 500, 10: 600, 100: 60, 1000: 10}
-    torch.manual_seed(23)
-    gaps: dict[int, tuple[float, float]] = {}
-    for k, r in repeats.items():
-        estimates = iw_log_likelihood(model, x.repeat(r, 1), k).reshape(r, len(x)).to(F64)
-        mean, se = _mean_and_se((exact.log_px - estimates).mean(1))
-        gaps[k] = (float(mean), float(se))
-    for k, (gap, se) in gaps.items():
-        assert gap > -4 * se, f"k={k}: the estimate is above log p(x) by {-gap:.4f} nats (se {se:.4f})"
-    for k in (1, 10):
-        (gap, se), (next_gap, next_se) = gaps[k], gaps[10 * k]
-        assert gap - next_gap > 3 * math.hypot(se, next_se), f"k={k} -> {10 * k}: {gaps}"
-    gap, se = gaps[1000]
-    assert se < 0.02 and abs(gap) < 0.05, gaps
+    assert_iw_tightens(model, x, exact.log_px, {1: 500, 10: 600, 100: 60, 1000: 10}, seed=23)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -470,3 +470,40 @@ def http_server() -> Callable[..., contextlib.AbstractContextManager[str]]:
 def venv_bin() -> Path:
     """The folder of this interpreter's console scripts (mlflow, dvc, mnist-vae)."""
     return VENV_BIN
+
+
+def _trained_and_registered(
+    root: Path, repo_root: Path, venv_bin: Path, overrides: list[str]
+) -> dict[str, str]:
+    """The train and evaluate stages run in this process on a tiny dataset in ``root`` (the repo's
+    params.yaml, copied for the CLI, with ``overrides``), into a store of the project's own; returns
+    the environment for processes on that store: the venv's commands first on PATH, tracking and
+    registry on the store whatever earlier tests left in os.environ."""
+    from mnist_vae.config import load_params
+    from mnist_vae.stages import evaluate, train
+
+    _write_dataset(root / "data" / "mnist.npz", 512 + 64)
+    (root / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        params = load_params(repo_root / "params.yaml", overrides)
+        train.run(params, progress=False)
+        evaluate.run(params)
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    full_env = {**os.environ, **env, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
+    full_env.pop("MLFLOW_REGISTRY_URI", None)
+    return full_env
+
+
+@pytest.fixture(scope="session")
+def trained_and_registered() -> Callable[..., dict[str, str]]:
+    """``trained_and_registered(root, repo_root, venv_bin, overrides)``: a trained, evaluated and
+    registered tiny project (:func:`_trained_and_registered`)."""
+    return _trained_and_registered

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,9 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-
-from mnist_vae.config import load_params
-from mnist_vae.stages import evaluate, train
 
 pytestmark = pytest.mark.slow
 
@@ -44,28 +40,11 @@ def project(
     tmp_path_factory: pytest.TempPathFactory,
     repo_root: Path,
     venv_bin: Path,
-    write_dataset: Callable[..., Path],
+    trained_and_registered: Callable[..., dict[str, str]],
 ) -> tuple[Path, dict[str, str]]:
     """The two stages run on a tiny hvae in a project of its own; returns its root and the env."""
     root = tmp_path_factory.mktemp("hvae")
-    write_dataset(root / "data" / "mnist.npz", 512 + 64)
-    (root / "params.yaml").write_text((repo_root / "params.yaml").read_text())  # for the CLI
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        params = load_params(repo_root / "params.yaml", TINY)
-        train.run(params, progress=False)
-        evaluate.run(params)
-    import mlflow
-
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    full_env = {**os.environ, **env, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
-    full_env.pop("MLFLOW_REGISTRY_URI", None)
-    return root, full_env
+    return root, trained_and_registered(root, repo_root, venv_bin, TINY)
 
 
 def test_the_stages_record_and_register_a_two_layer_model(project: tuple[Path, dict[str, str]]) -> None:

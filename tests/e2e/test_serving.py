@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,9 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-
-from mnist_vae.config import load_params
-from mnist_vae.stages import evaluate, train
 
 pytestmark = pytest.mark.slow
 
@@ -37,29 +33,11 @@ def registered(
     tmp_path_factory: pytest.TempPathFactory,
     repo_root: Path,
     venv_bin: Path,
-    write_dataset: Callable[..., Path],
+    trained_and_registered: Callable[..., dict[str, str]],
 ) -> dict[str, str]:
-    """Trains, evaluates and registers a tiny model in a store of its own; returns the env."""
-    root = tmp_path_factory.mktemp("serve")
-    write_dataset(root / "data" / "mnist.npz", 512 + 64)
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        params = load_params(repo_root / "params.yaml", TINY)
-        train.run(params, progress=False)
-        evaluate.run(params)
-    import mlflow
-
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    # The server runs `uvicorn` from PATH: the venv's, as with an activated venv. Registry and
-    # tracking follow this store only, whatever earlier tests left in os.environ.
-    server_env = {**os.environ, **env, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
-    server_env.pop("MLFLOW_REGISTRY_URI", None)
-    return server_env
+    """Trains, evaluates and registers a tiny model in a store of its own; returns the env (the
+    server runs `uvicorn` from PATH: the venv's, as with an activated venv)."""
+    return trained_and_registered(tmp_path_factory.mktemp("serve"), repo_root, venv_bin, TINY)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,13 @@ side by side in one run on the same images and the same draws.
 
     python benchmarks/eval_speed.py --old-src /tmp/old-eval/src [--model models/model.pt]
         [--data data/mnist.npz] [--images 1000] [--k 5000] [--rounds 1] [--threads 2]
+        [--precision fp32 auto]
 
 Each side runs in its own process with its own ``PYTHONPATH`` (``--old-src``, then this checkout's
-``src``), one after the other, ``--rounds`` times: both binarise the first ``--images`` test images
-once from torch seed 0, seed torch with 0 again and estimate in batches of 1000 images, as
-``mnist-vae evaluate --binarize`` does, each with its own chunk of decoded rows. Prints seconds,
+``src`` once per ``--precision``), one after the other, ``--rounds`` times: each binarises the
+first ``--images`` test images once from torch seed 0, seeds torch with 0 again and estimates in
+batches of 1000 images, as ``mnist-vae evaluate --binarize`` does, each with its own chunk of
+drawn rows (the same 4096 by default, so the same draws). Prints seconds,
 decoded rows/s and GFLOP/s (FLOPs of one decoder row counted by torch's FlopCounterMode), the
 speed-up and both mean estimates with their difference.
 """
@@ -35,6 +37,10 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     model = load_model(Path(args.model)).eval()
+    if args.precision != ["-"]:  # this checkout: the decoder's precision (older code has FP32 only)
+        from mnist_vae.models.estimate import for_estimate
+
+        model = for_estimate(model, args.precision[0])
     with np.load(args.data) as data:
         images = data["x_test"][: args.images].reshape(-1, 784)
     torch.manual_seed(0)
@@ -73,6 +79,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--old-chunk-rows", type=int, default=4096)
     parser.add_argument("--chunk-rows", type=int, default=0, help="0: this checkout's IW_CHUNK_ROWS")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32", "auto"],
+        help="this checkout's sides, one per precision: fp32, bf16 or auto (bf16 where the CPU has it "
+        "natively)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -83,19 +96,21 @@ def main() -> None:
 
     flops = flops_per_row(args.model)
     rows = args.images * args.k
-    sides = {
-        "old": (args.old_src, args.old_chunk_rows),
-        "new": (str(ROOT / "src"), args.chunk_rows or IW_CHUNK_ROWS),
-    }
+    from mnist_vae.models.estimate import resolve
+
+    sides = {"old": (args.old_src, args.old_chunk_rows, "-")}
+    for precision in args.precision:
+        name = f"new {resolve(precision)}"
+        sides[name] = (str(ROOT / "src"), args.chunk_rows or IW_CHUNK_ROWS, precision)
     print(
         f"k = {args.k}, {args.images} images, {args.threads} threads, {flops / 1e6:.3f} MFLOP per decoder row"
     )
     results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     for _ in range(args.rounds):
-        for name, (src, chunk) in sides.items():
+        for name, (src, chunk, precision) in sides.items():
             command = [sys.executable, __file__, "--worker", "--old-src", "-", "--model", args.model]
             command += ["--data", args.data, "--images", str(args.images), "--k", str(args.k)]
-            command += ["--threads", str(args.threads), "--chunk-rows", str(chunk)]
+            command += ["--threads", str(args.threads), "--chunk-rows", str(chunk), "--precision", precision]
             env = {**os.environ, "PYTHONPATH": src}
             done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -108,9 +123,13 @@ def main() -> None:
                 flush=True,
             )
     old = min(r["seconds"] for r in results["old"])
-    new = min(r["seconds"] for r in results["new"])
-    difference = results["new"][-1]["mean"] - results["old"][-1]["mean"]
-    print(f"speed-up (best of {args.rounds}): {old / new:.2f}x; estimate new - old: {difference:+.5f} nats")
+    for name in list(sides)[1:]:
+        new = min(r["seconds"] for r in results[name])
+        difference = results[name][-1]["mean"] - results["old"][-1]["mean"]
+        print(
+            f"{name}: speed-up (best of {args.rounds}) {old / new:.2f}x; "
+            f"estimate {name} - old: {difference:+.5f} nats"
+        )
 
 
 if __name__ == "__main__":

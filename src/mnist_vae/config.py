@@ -28,6 +28,7 @@ Preset = Literal["conv", "mlp", "seed", "hvae"]
 Activation = Literal["relu", "silu", "gelu", "elu", "tanh"]
 Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["constant", "cosine", "burda"]
+EstimatePrecision = Literal["auto", "fp32", "bf16"]
 Objective = Literal["elbo", "iwae"]
 Precision = Literal["fp32", "tf32", "bf16"]
 
@@ -187,6 +188,9 @@ class EvaluateConfig(_Frozen):
     seed: int = Field(0, ge=0, description="an integer >= 0")
     n_images: int = Field(8, ge=1, le=32, description="an integer in 1..32")
     binarize: bool = False
+    # The decoder's precision in the importance-weighted estimate (mnist_vae.models.precision):
+    # auto is bf16 on a CPU with native bf16 dot products, else fp32.
+    precision: EstimatePrecision = "auto"
 
 
 AUTO_MODEL_NAME = "auto"

@@ -107,6 +107,23 @@ def test_evaluate_a_weights_file_writes_metrics_and_rgb_figures(project: Path) -
             assert (picture.format, picture.mode) == ("PNG", "RGB")
 
 
+def test_evaluate_says_which_precision_the_estimate_ran_in(project: Path) -> None:
+    """An untrained two-stage conv model: bf16 asked, bf16 run (a CPU without native bf16 emulates
+    it); fp32 the same draws exactly. The two estimates are close, not equal."""
+    save_model(
+        build_model(ModelConfig(preset="conv", channels=(4, 8), dense=16, latent=3), seed=0),
+        project / "models" / "conv.pt",
+    )
+    estimates = {}
+    for precision in ("fp32", "bf16"):
+        out = project / f"eval-{precision}"
+        args = ("models/conv.pt", "--limit", "10", "--iw-samples", "8", "--precision", precision)
+        result = ok("evaluate", *args, "--out", str(out))
+        assert f"(nll_iw: k = 8, {precision})" in result.output
+        estimates[precision] = json.loads((out / "metrics.json").read_text())["nll_iw"]
+    assert 0 < abs(estimates["bf16"] - estimates["fp32"]) < 0.05
+
+
 def test_reconstruct_and_sample_with_a_weights_file(
     project: Path, stroke_picture: Callable[..., Path]
 ) -> None:
@@ -133,6 +150,10 @@ def test_reconstruct_and_sample_with_a_weights_file(
         (["evaluate", "models/model.pt", "--data", "missing.npz"], "mnist-vae download"),
         (["evaluate", "models/model.pt", "--digits", "11"], "--digits"),
         (["evaluate", "models/model.pt", "--iw-samples", "0"], "evaluate.iw_samples"),
+        (
+            ["evaluate", "models/model.pt", "--precision", "fp16"],
+            "evaluate.precision: expected one of auto, fp32, bf16, got 'fp16'",
+        ),
         (["evaluate", "notes.txt"], "notes.txt is not a mnist-vae model: it is not a torch zip archive"),
         (["train", "--set", "train.epochs=0"], "train.epochs"),
         (["train", "--set", "epochs"], "section.key=value"),

@@ -56,6 +56,17 @@ IwOption = Annotated[
     ),
 ]
 
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        help="The decoder's precision in the nll_iw estimate: fp32, bf16, or auto (bf16 on a CPU with "
+        "native bf16 dot products, about 2x faster and within about 0.002 nats; else fp32). "
+        "Default: evaluate.precision.",
+        show_default=False,
+    ),
+]
+
 
 def _parse_digits(text: str | None) -> list[int] | None:
     if text is None:
@@ -67,7 +78,12 @@ def _parse_digits(text: str | None) -> list[int] | None:
 
 
 def _test_set(
-    params: Path, data: Path | None, limit: int | None, digits: str | None, iw_samples: int | None
+    params: Path,
+    data: Path | None,
+    limit: int | None,
+    digits: str | None,
+    iw_samples: int | None,
+    precision: str | None = None,
 ) -> "tuple[EvaluateConfig, np.ndarray, np.ndarray, DatasetInfo]":
     """``evaluate`` of the params file with the command-line values (validated like the file), the
     test images and labels it selects, and what the dataset is called."""
@@ -76,7 +92,7 @@ def _test_set(
 
     resolved = load_params(params)
     chosen = _parse_digits(digits)
-    changes = {"limit": limit, "iw_samples": iw_samples}
+    changes = {"limit": limit, "iw_samples": iw_samples, "precision": precision}
     cfg = resolved.evaluate.replace(**{k: v for k, v in changes.items() if v is not None})
     test = load_dataset(dataset_path(resolved, data))
     images, labels = select(test.x_test, test.y_test, cfg.limit, chosen)
@@ -171,6 +187,7 @@ def evaluate(
     limit: LimitOption = None,
     digits: DigitsOption = None,
     iw_samples: IwOption = None,
+    precision: PrecisionOption = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -189,11 +206,12 @@ def evaluate(
     from mnist_vae.evaluation.figures import write_figures
     from mnist_vae.evaluation.metrics import evaluate_model
 
-    cfg, images, labels, dataset = _test_set(params, data, limit, digits, iw_samples)
+    cfg, images, labels, dataset = _test_set(params, data, limit, digits, iw_samples, precision)
     vae = load_model(model)
     evaluation = evaluate_model(vae, images, labels, cfg, progress=None)
     console = Console()
-    console.print(f"{model} on {evaluation.n_images} test images:", highlight=False)
+    estimator = f"nll_iw: k = {cfg.iw_samples}, {evaluation.precision}"
+    console.print(f"{model} on {evaluation.n_images} test images ({estimator}):", highlight=False)
     console.print(metrics_table(evaluation))
     console.print(_digits_table(evaluation, _counts(labels)))
     if out is not None:
@@ -214,6 +232,7 @@ def compare(
     limit: LimitOption = None,
     digits: DigitsOption = None,
     iw_samples: IwOption = None,
+    precision: PrecisionOption = None,
 ) -> None:
     """Evaluate two models on the same images with the same random draws; show B - A.
 
@@ -223,7 +242,7 @@ def compare(
     """
     from mnist_vae.evaluation.metrics import evaluate_model
 
-    cfg, images, labels, _ = _test_set(params, data, limit, digits, iw_samples)
+    cfg, images, labels, _ = _test_set(params, data, limit, digits, iw_samples, precision)
     results = []
     for reference in (model_a, model_b):
         vae = load_model(reference)

@@ -135,6 +135,24 @@ def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
 
 
+# Pixels whose (1 + exp(-|logit|)) are multiplied before one logarithm: each factor is in (1, 2],
+# so a product is at most 2^16, far from float32's range, and exact to its rounding.
+_LOG_GROUP = 16
+
+
+def summed_bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:func:`bernoulli_nll` computed for speed: the same sum over the pixels, to float rounding.
+
+    Per pixel, ``softplus(l) - x l = max(l, 0) - x l + log(1 + exp(-|l|))``; the logarithm is taken
+    once per 16 pixels, of the product of their ``1 + exp(-|l|)``. One exponential and a sixteenth
+    of a logarithm per pixel instead of the two transcendental functions of softplus: about 2.5x
+    faster on a CPU. The pixel count must be a multiple of 16 (784 is 49 x 16).
+    """
+    factors = torch.exp(-logits.abs()).add(1.0)
+    log_sum = factors.unflatten(-1, (-1, _LOG_GROUP)).prod(-1).log().sum(-1)
+    return log_sum + logits.clamp(min=0).sum(-1) - torch.linalg.vecdot(logits, x)
+
+
 def reconstruction_nll(model: VAE, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log p(x | z) in nats per image, the measure every preset is compared on: a Bernoulli
     likelihood on the decoder's logits, or on the seed's output read as pixel probabilities
@@ -211,14 +229,17 @@ def iw_log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk_rows: int = 1 <
     """Estimates log p(x) per image with k importance samples (Burda et al. 2015, eq. 8).
 
     A lower bound that tightens as k grows; at k = 1 its mean is the ELBO. The encoder runs once per
-    image; draws are decoded ``chunk_rows`` (sample, image) rows at a time, to bound memory. The
-    draws are made chunk by chunk, and torch's CPU generator does not always give one call the
-    numbers of two calls of half its size: another ``chunk_rows`` may give other draws, and so
-    another estimate of the same value.
+    image; draws are made ``chunk_rows`` (sample, image) rows at a time, to bound memory (the
+    decoder takes them in smaller pieces, see ``VAE.likelihood_nll``). torch's CPU generator does not
+    always give one call the numbers of two calls of half its size: another ``chunk_rows`` may give
+    other draws, and so another estimate of the same value.
+
+    ``model`` may be :func:`mnist_vae.models.estimate.for_estimate`'s copy of a model, whose decoder
+    computes the same likelihood faster.
     """
     posterior = model.posterior(x)
     log_w = torch.empty(k, x.shape[0], device=x.device, dtype=x.dtype)
-    chunk = max(1, chunk_rows // x.shape[0])  # samples decoded at once
+    chunk = max(1, chunk_rows // x.shape[0])  # samples drawn at once
     for start in range(0, k, chunk):
         eps = torch.randn(min(chunk, k - start), x.shape[0], model.noise_dim, device=x.device, dtype=x.dtype)
         log_w[start : start + len(eps)] = model.log_weights(posterior, eps, x)

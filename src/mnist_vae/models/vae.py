@@ -12,7 +12,7 @@ the difference. What a model is trained and measured by lives in :mod:`.objectiv
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -27,7 +27,22 @@ from mnist_vae.models.objectives import (
     posterior_sample,
     reconstruction_nll,
     standard_normal_log_prob,
+    summed_bernoulli_nll,
 )
+
+# Rows decoded at once by likelihood_nll: small enough for each layer's output to stay in the
+# CPU's caches. On 2 cores 1024 rows decoded the binarized-conv network faster than 4096 (about
+# 1.2x in FP32, 1.3x in bf16), with the same draws and so the same estimate.
+DECODE_ROWS = 1024
+
+
+class _PhaseDecoder(Protocol):
+    """A decoder whose logits come in its own pixel order, and the images put in that order."""
+
+    def phase_logits(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    def to_phase_order(self, images: torch.Tensor) -> torch.Tensor: ...
+
 
 # Bounds on the mean pixel that starts the output bias (a logit of -6.9 to 6.9): the border pixels
 # of MNIST are 0 in every image.
@@ -124,16 +139,27 @@ class VAE(nn.Module):
         return Draw(out=self.decoder(latents.decoder_input), kl=latents.kl, log_ratio=latents.log_ratio)
 
     def likelihood_nll(self, decoder_input: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """-log p(x | z) in nats of images ``x`` at the decoder's inputs (..., B, inputs): the
-        cost of the importance-weighted estimate, written for speed where the family allows.
+        """-log p(x | z) in nats of images ``x`` (B, 784) at the decoder's inputs (..., B, inputs):
+        the cost of the importance-weighted estimate, written for speed where the family allows.
 
         A conv decoder's logits are compared with the images in the decoder's own pixel order
-        (:meth:`ConvDecoder.phase_logits`): the same sum over the pixels, without rearranging
-        each of the k draws' images."""
-        if isinstance(self.decoder, ConvDecoder) and self.arch.likelihood == "bernoulli":
-            logits = self.decoder.phase_logits(decoder_input)
-            return reconstruction_nll(self, logits, ConvDecoder.to_phase_order(x))
-        return reconstruction_nll(self, self.decoder(decoder_input), x)
+        (:meth:`ConvDecoder.phase_logits`, or the :class:`~mnist_vae.models.estimate.BlockDecoder`
+        of an estimate's copy): the same sum over the pixels, without rearranging each of the k
+        draws' images, decoded about :data:`DECODE_ROWS` rows at a time; the Bernoulli sum is
+        :func:`summed_bernoulli_nll`'s."""
+        if self.arch.likelihood != "bernoulli":
+            return reconstruction_nll(self, self.decoder(decoder_input), x)
+        if not hasattr(self.decoder, "phase_logits"):
+            return summed_bernoulli_nll(self.decoder(decoder_input), x)
+        decoder = cast(_PhaseDecoder, self.decoder)
+        target = decoder.to_phase_order(x)
+        if decoder_input.dim() == target.dim():  # one draw per image: pieces of images
+            pieces = zip(decoder_input.split(DECODE_ROWS), target.split(DECODE_ROWS), strict=True)
+            return torch.cat([summed_bernoulli_nll(decoder.phase_logits(z), t) for z, t in pieces])
+        draws = max(1, DECODE_ROWS // target[..., 0].numel())  # draws of every image per piece
+        return torch.cat(
+            [summed_bernoulli_nll(decoder.phase_logits(z), target) for z in decoder_input.split(draws)]
+        )
 
     def log_weights(self, posterior: object, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``log p(x, z) - log q(z | x)`` of the draws eps (k, B, noise_dim): (k, B)."""

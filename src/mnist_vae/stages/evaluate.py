@@ -72,6 +72,8 @@ def run(params: Params, paths: Paths | None = None) -> Evaluation:
             # Evaluation settings are tags, not params: a re-evaluation with other settings
             # writes into the same run, and MLflow forbids changing a param's value.
             mlflow.set_tags({f"evaluate.{k}": str(v) for k, v in params.evaluate.to_dict().items()})
+            # What evaluate.precision (auto by default) meant on this machine.
+            mlflow.set_tag("evaluate.precision_used", evaluation.precision)
             with tracking.artifact_errors(), tracking.server_errors(f"register versions of model {name!r}"):
                 mlflow.log_dict(evaluation.to_json(), "metrics.json")
                 for figure in figures:

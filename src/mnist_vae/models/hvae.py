@@ -23,6 +23,7 @@ one-layer VAE's code in :mod:`.vae` and :mod:`.objectives`, through the methods 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -56,6 +57,18 @@ class TwoLayerPosterior:
 
     def __init__(self, mu2: torch.Tensor, logvar2: torch.Tensor, shift_h: torch.Tensor) -> None:
         self.mu2, self.logvar2, self.shift_h = mu2, logvar2, shift_h
+
+
+class _AtMean(NamedTuple):
+    """An image's posterior, and at z2's posterior mean: the top-down features t, p(z1 | z2) and
+    q(z1 | x, z2)."""
+
+    post: TwoLayerPosterior
+    t: torch.Tensor
+    mu_p: torch.Tensor
+    logvar_p: torch.Tensor
+    mu_q: torch.Tensor
+    logvar_q: torch.Tensor
 
 
 class HVAE(VAE):
@@ -159,28 +172,28 @@ class HVAE(VAE):
         z2, z1 = codes
         return self._decode_pair(z1, self.down(z2))
 
-    def layer_posteriors(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """q(z2 | x), then q(z1 | x, z2) at z2's posterior mean."""
+    def _at_mean(self, x: torch.Tensor) -> _AtMean:
         post = self.posterior(x)
         t, mu_p, logvar_p = self._top_down(post.mu2)
-        return [(post.mu2, post.logvar2), self._lower_posterior(post, t, mu_p, logvar_p)]
+        return _AtMean(post, t, mu_p, logvar_p, *self._lower_posterior(post, t, mu_p, logvar_p))
+
+    def layer_posteriors(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """q(z2 | x), then q(z1 | x, z2) at z2's posterior mean."""
+        at = self._at_mean(x)
+        return [(at.post.mu2, at.post.logvar2), (at.mu_q, at.logvar_q)]
 
     def layer_kl(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each unit's KL term per image, layer by layer (z1's at z2's posterior mean)."""
-        post = self.posterior(x)
-        t, mu_p, logvar_p = self._top_down(post.mu2)
-        mu_q, logvar_q = self._lower_posterior(post, t, mu_p, logvar_p)
+        at = self._at_mean(x)
         return [
-            kl_per_unit(post.mu2, post.logvar2),
-            gaussian_kl_per_unit(mu_q, logvar_q, mu_p, logvar_p),
+            kl_per_unit(at.post.mu2, at.post.logvar2),
+            gaussian_kl_per_unit(at.mu_q, at.logvar_q, at.mu_p, at.logvar_p),
         ]
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The decoder's output at z2's posterior mean and z1's posterior mean given it."""
-        post = self.posterior(x)
-        t, mu_p, logvar_p = self._top_down(post.mu2)
-        mu_q, _ = self._lower_posterior(post, t, mu_p, logvar_p)
-        return self._decode_pair(mu_q, t)
+        at = self._at_mean(x)
+        return self._decode_pair(at.mu_q, at.t)
 
     def sample(
         self, n: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu"

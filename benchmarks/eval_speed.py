@@ -10,9 +10,13 @@ Each side runs in its own process with its own ``PYTHONPATH`` (``--old-src``, th
 first ``--images`` test images once from torch seed 0, seeds torch with 0 again and estimates in
 batches of ``--batch`` images (100: the binarised profiles' ``evaluate.batch_size``), as
 ``mnist-vae evaluate --binarize`` does, each with its own chunk of drawn rows (the same 4096 by
-default, so the same draws). Prints seconds,
-decoded rows/s and GFLOP/s (FLOPs of one decoder row counted by torch's FlopCounterMode), the
-speed-up and both mean estimates with their difference.
+default, so the same draws). Prints seconds, decoded rows/s and GFLOP/s (FLOPs of one decoder
+row counted by torch's FlopCounterMode), the speed-up and both mean estimates with their
+difference.
+
+With ``--score``, the sides time ``mnist-vae score``'s work instead (``score_pixels``: one draw per
+image, from the image's own bytes) on the first ``--images`` training images, in FP32, after a
+warm-up on 1000 of them; the mean is the mean score.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One side: times the estimate with whatever ``mnist_vae`` its PYTHONPATH gives."""
+    """One side: times the estimate (or with ``--score`` the scores) with whatever ``mnist_vae``
+    its PYTHONPATH gives."""
     import numpy as np
     import torch
 
@@ -39,6 +44,17 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     model = load_model(Path(args.model)).eval()
+    if args.score:
+        from mnist_vae.serving.scoring import score_pixels
+
+        with np.load(args.data) as data:
+            pixels = data["x_train"][: args.images].reshape(-1, 784)
+        score_pixels(model, pixels[:1000])  # warm-up: oneDNN makes its kernels on the first call
+        start = time.perf_counter()
+        scores = score_pixels(model, pixels)["neg_elbo"]
+        seconds = time.perf_counter() - start
+        print(json.dumps({"seconds": seconds, "mean": float(np.mean(scores, dtype=np.float64))}))
+        return
     if args.precision != ["-"]:  # this checkout: the decoder's precision (older code has FP32 only)
         from mnist_vae.models.estimate import for_estimate
 
@@ -89,6 +105,12 @@ def main() -> None:
         help="this checkout's sides, one per precision: fp32, bf16 or auto (bf16 where the CPU has it "
         "natively)",
     )
+    parser.add_argument(
+        "--score",
+        action="store_true",
+        help="time `mnist-vae score`'s scoring of the first --images training images instead (one "
+        "draw per image; --k, --batch and --precision do not apply)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -98,22 +120,23 @@ def main() -> None:
     from mnist_vae.evaluation.metrics import IW_CHUNK_ROWS
 
     flops = flops_per_row(args.model)
-    rows = args.images * args.k
+    rows = args.images * (1 if args.score else args.k)
     from mnist_vae.models.estimate import resolve
 
     sides = {"old": (args.old_src, args.old_chunk_rows, "-")}
-    for precision in args.precision:
+    for precision in ["fp32"] if args.score else args.precision:
         name = f"new {resolve(precision)}"
         sides[name] = (str(ROOT / "src"), args.chunk_rows or IW_CHUNK_ROWS, precision)
     print(
-        f"k = {args.k}, {args.images} images, {args.threads} threads, {flops / 1e6:.3f} MFLOP per decoder row"
+        f"{'scores' if args.score else f'k = {args.k}'}, {args.images} images, {args.threads} threads, "
+        f"{flops / 1e6:.3f} MFLOP per decoder row"
     )
     results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     for _ in range(args.rounds):
         for name, (src, chunk, precision) in sides.items():
             command = [sys.executable, __file__, "--worker", "--old-src", "-", "--model", args.model]
             command += ["--data", args.data, "--images", str(args.images), "--k", str(args.k)]
-            command += ["--batch", str(args.batch)]
+            command += ["--batch", str(args.batch)] + (["--score"] if args.score else [])
             command += ["--threads", str(args.threads), "--chunk-rows", str(chunk), "--precision", precision]
             env = {**os.environ, "PYTHONPATH": src}
             done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)

@@ -132,6 +132,7 @@ def main() -> None:
         f"{flops / 1e6:.3f} MFLOP per decoder row"
     )
     results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    measure = "mean score" if args.score else "mean log p(x)"
     for _ in range(args.rounds):
         for name, (src, chunk, precision) in sides.items():
             command = [sys.executable, __file__, "--worker", "--old-src", "-", "--model", args.model]
@@ -145,7 +146,7 @@ def main() -> None:
             seconds = result["seconds"]
             print(
                 f"{name}: {seconds:.1f} s, {rows / seconds:,.0f} rows/s, "
-                f"{rows * flops / seconds / 1e9:.1f} GFLOP/s, mean log p(x) {result['mean']:.4f} "
+                f"{rows * flops / seconds / 1e9:.1f} GFLOP/s, {measure} {result['mean']:.4f} "
                 f"(chunk {chunk} rows, {src})",
                 flush=True,
             )

@@ -14,19 +14,19 @@ logits with two wider convolutions and no copy between them:
   4 x 4 (each 2x2 block of the 14x14 grid, times the 4 sub-pixels of the 28x28 image).
 
 About 16% more multiply-adds than the plain layers (1.54 M against 1.33 M a row on the
-binarized-conv network), but in shapes that run several times faster. The logits come out in the
-decoder's own pixel order (:meth:`BlockDecoder.to_phase_order`); the images are put in that order
-once per batch, as :meth:`~.networks.ConvDecoder.phase_logits` does.
+binarized-conv network), in shapes that oneDNN runs about twice as fast per multiply-add. The
+logits come out in the decoder's own pixel order (:meth:`BlockDecoder.to_phase_order`); the images
+are put in that order once per batch, as :meth:`~.networks.ConvDecoder.phase_logits` does.
 
 ``bf16``: on a CPU with native bfloat16 dot products (AVX512-BF16 or AMX) the decoder's layers hold
-bf16 weights and compute with float32 accumulation inside each layer, about twice as fast again; the
-pixel bias (with the last convolution's bias folded in) stays float32, as do the encoder (run once
-per image), the latents, the log-likelihood sum and the log-sum-exp. On the binarized-conv model the
-estimate moves by about 0.002 nats per image on the same draws (docs/performance.md). ``auto`` (the
-default) is ``bf16`` on such a CPU and ``fp32`` elsewhere: without native support bf16 is emulated,
-and slower.
+bf16 weights and compute with float32 accumulation inside each layer, about 1.6x as fast again;
+the pixel bias (with the last convolution's bias folded in) stays float32, as do the encoder (run
+once per image), the latents, the log-likelihood sum and the log-sum-exp. On the binarized-conv
+model the estimate moves by 0.0025 nats on the same draws (the mean over 1000 images;
+docs/performance.md). ``auto`` (the default) is ``bf16`` on such a CPU and ``fp32`` elsewhere:
+without native support bf16 is emulated, and slower.
 
-The rewrite covers the conv decoder of every profile and of the default (two stages, no residual
+The rewrite covers the conv decoder of the conv and hvae profiles and of the default (two stages, no residual
 blocks); any other conv decoder runs its own layers, in the asked precision; the MLP presets run in
 FP32 whatever is asked.
 """
@@ -214,7 +214,7 @@ def reuse_freed_memory() -> bool:
     Each piece of the estimate allocates and frees layer outputs of several MB (8 MB for the
     upsampled blocks of 1000 rows). glibc maps such blocks fresh from the kernel by default, and
     zero-filling their pages on first touch cost more than the layers that wrote them: the
-    binarized-conv estimate ran 1.4x (bf16) faster with this on a 2-core VM (docs/performance.md).
+    binarized-conv estimate ran 1.45x (bf16) faster with this on a 2-core VM (docs/performance.md).
     Elsewhere (macOS, musl) nothing changes.
     """
     try:

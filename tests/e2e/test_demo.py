@@ -315,7 +315,8 @@ def _chromium():
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
-def _wait(condition, timeout: float = 30.0, what: str = "the page"):
+def _wait(condition, timeout: float = 90.0, what: str = "the page"):
+    # Generous: beside the other e2e worker on 2 cores, an upload's round trip once took over 30 s.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = condition()
